@@ -1,0 +1,353 @@
+//! HTTP surface: `app(state) -> Router`, extractors for the two kinds of credentials,
+//! and the JSON body extractor that turns serde's complaints into 400/413/422.
+
+pub mod device;
+pub mod ops;
+pub mod service;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use axum::routing::{get, post, put};
+use axum::Router;
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{verify_api_key, DeviceClaims, DeviceTokens};
+use crate::config::Config;
+use crate::delivery::DeliveryRouter;
+use crate::error::AppError;
+use crate::metrics::Metrics;
+use crate::registry::SessionRegistry;
+use crate::session::SessionConfig;
+use crate::store::{ApiKeyRecord, Store};
+
+/// Everything a handler may need; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub store: Arc<dyn Store>,
+    pub tokens: DeviceTokens,
+    pub router: DeliveryRouter,
+    pub registry: Arc<SessionRegistry>,
+    pub metrics: Metrics,
+    pub session_cfg: Arc<SessionConfig>,
+    pub publish_limiter: Arc<RateLimiter>,
+    pub connect_limiter: Arc<RateLimiter>,
+    /// Cancelled when the gateway begins to shut down.
+    pub shutdown: CancellationToken,
+    /// Live WebSocket sessions, awaited on shutdown.
+    pub sessions: TaskTracker,
+}
+
+pub fn app(state: AppState) -> Router {
+    let limits = &state.config.limits;
+    let publish = Router::new()
+        .route("/v1/messages", post(service::publish))
+        .layer(DefaultBodyLimit::max(limits.max_message_bytes));
+    let api = Router::new()
+        .route("/v1/messages/{id}", get(service::message_status))
+        .route(
+            "/v1/devices/{id}",
+            get(service::get_device).delete(service::delete_device),
+        )
+        .route("/v1/users/{user}/devices", get(service::user_devices))
+        .route("/v1/tokens", post(service::mint_token))
+        .route("/v1/me/devices/{device_id}", put(device::register_device))
+        .route("/v1/me/sync", get(device::sync))
+        .route("/v1/me/ack", post(device::ack))
+        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+        .merge(publish)
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            Duration::from_millis(limits.request_timeout_ms),
+        ));
+    Router::new()
+        .merge(api)
+        .route("/v1/connect", get(device::connect))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .fallback(ops::not_found)
+        .method_not_allowed_fallback(ops::method_not_allowed)
+        .with_state(state)
+}
+
+/// Identifiers (device ids, users, topics) are 1–128 characters of `[A-Za-z0-9._:@-]`,
+/// so they are safe in URLs, NATS subjects and logs.
+pub fn validate_id(value: &str) -> Result<(), String> {
+    if value.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if value.len() > herald_protocol::MAX_ID_LEN {
+        return Err(format!(
+            "is {} bytes long; the maximum is {}",
+            value.len(),
+            herald_protocol::MAX_ID_LEN
+        ));
+    }
+    if let Some(c) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '@' | '-')))
+    {
+        return Err(format!(
+            "contains {c:?}; only letters, digits and . _ : @ - are allowed"
+        ));
+    }
+    Ok(())
+}
+
+pub fn require_id(field: &str, value: &str) -> Result<(), AppError> {
+    validate_id(value).map_err(|m| AppError::invalid(field, m))
+}
+
+fn bearer(parts: &Parts) -> Option<&str> {
+    let value = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// A service caller, authenticated by API key.
+pub struct ServiceAuth(pub ApiKeyRecord);
+
+impl FromRequestParts<AppState> for ServiceAuth {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
+        let token = bearer(parts).ok_or_else(|| {
+            AppError::Unauthorized(
+                "missing credentials: send `Authorization: Bearer <api-key>`".into(),
+            )
+        })?;
+        if let Some(key) = verify_api_key(state.store.as_ref(), token).await? {
+            return Ok(ServiceAuth(key));
+        }
+        if state.tokens.verify(token).is_ok() {
+            return Err(AppError::Forbidden(
+                "a device token cannot call service routes; use an API key".into(),
+            ));
+        }
+        Err(AppError::Unauthorized("invalid or revoked API key".into()))
+    }
+}
+
+/// A device, authenticated by its JWT (`sub` = user).
+pub struct DeviceAuth(pub DeviceClaims);
+
+impl FromRequestParts<AppState> for DeviceAuth {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
+        let query_token = parts.uri.query().and_then(|q| {
+            url_param(q, "access_token").filter(|_| parts.uri.path() == "/v1/connect")
+        });
+        let token = bearer(parts)
+            .map(str::to_owned)
+            .or(query_token)
+            .ok_or_else(|| {
+                AppError::Unauthorized(
+                    "missing credentials: send `Authorization: Bearer <device-token>`".into(),
+                )
+            })?;
+        match state.tokens.verify(&token) {
+            Ok(claims) => Ok(DeviceAuth(claims)),
+            Err(e) => {
+                if verify_api_key(state.store.as_ref(), &token)
+                    .await?
+                    .is_some()
+                {
+                    Err(AppError::Forbidden(
+                        "an API key cannot call device routes; use a device token".into(),
+                    ))
+                } else {
+                    Err(AppError::Unauthorized(e.to_string()))
+                }
+            }
+        }
+    }
+}
+
+fn url_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == name).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// JSON body whose rejections are Herald errors: 400 when it is not JSON at all (or
+/// lacks a JSON content type), 413 too large, 422 naming the field when the JSON does
+/// not fit the schema. Parsing in two steps keeps "not JSON" and "wrong JSON" apart.
+pub struct ApiJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for ApiJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, AppError> {
+        let is_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json") || v.contains("+json"));
+        if !is_json {
+            return Err(AppError::Malformed(
+                "send the body with `Content-Type: application/json`".into(),
+            ));
+        }
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    AppError::TooLarge(
+                        "request body is larger than the configured limit (limits.max_message_bytes for messages)".into(),
+                    )
+                } else {
+                    AppError::Malformed(rejection.body_text())
+                }
+            })?;
+        let value: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| AppError::Malformed(format!("malformed JSON: {e}")))?;
+        serde_path_to_error::deserialize::<_, T>(value)
+            .map(ApiJson)
+            .map_err(|e| {
+                let path = e.path().to_string();
+                let field = if path.is_empty() || path == "." {
+                    "body".to_owned()
+                } else {
+                    path
+                };
+                AppError::invalid(field, e.into_inner().to_string())
+            })
+    }
+}
+
+/// Query string with Herald errors (422 naming the parameter).
+pub struct ApiQuery<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiQuery<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, AppError> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(ApiQuery(v)),
+            Err(QueryRejection::FailedToDeserializeQueryString(e)) => {
+                let text = e.body_text();
+                let detail = text
+                    .split_once("query string: ")
+                    .map(|(_, d)| d.to_owned())
+                    .unwrap_or(text);
+                Err(AppError::invalid("query", detail))
+            }
+            Err(other) => Err(AppError::Malformed(other.body_text())),
+        }
+    }
+}
+
+/// Token buckets keyed by API key id or client IP.
+pub struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+/// Past this many tracked keys, idle (full) buckets are forgotten.
+const MAX_BUCKETS: usize = 100_000;
+
+impl RateLimiter {
+    pub fn new(rate_per_sec: u32, burst: u32) -> RateLimiter {
+        RateLimiter {
+            rate: rate_per_sec.max(1) as f64,
+            burst: burst.max(1) as f64,
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Ok, or how many whole seconds to wait.
+    pub fn check(&self, key: &str) -> Result<(), u64> {
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap();
+        if buckets.len() > MAX_BUCKETS {
+            let (rate, burst) = (self.rate, self.burst);
+            buckets.retain(|_, (tokens, at)| {
+                *tokens + now.duration_since(*at).as_secs_f64() * rate < burst
+            });
+        }
+        let (tokens, at) = buckets.entry(key.to_owned()).or_insert((self.burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(self.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(((1.0 - *tokens) / self.rate).ceil().max(1.0) as u64)
+        }
+    }
+
+    pub fn check_ip(&self, ip: IpAddr) -> Result<(), u64> {
+        self.check(&ip.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_validated() {
+        assert!(validate_id("device-1.a_b:c@d").is_ok());
+        assert!(validate_id("").is_err());
+        assert!(validate_id("a b").is_err());
+        assert!(validate_id(&"x".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn rate_limiter_allows_burst_then_refuses() {
+        let rl = RateLimiter::new(1, 3);
+        assert!(rl.check("k").is_ok());
+        assert!(rl.check("k").is_ok());
+        assert!(rl.check("k").is_ok());
+        assert_eq!(rl.check("k"), Err(1));
+        assert!(rl.check("other").is_ok());
+    }
+
+    #[test]
+    fn query_params_are_decoded() {
+        assert_eq!(
+            url_param("a=1&access_token=x%2Ey", "access_token").as_deref(),
+            Some("x.y")
+        );
+        assert_eq!(url_param("a=1", "access_token"), None);
+    }
+}

@@ -1,0 +1,226 @@
+//! Service routes (API key): publish, message status, devices, tokens.
+
+use std::time::Instant;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::Json;
+use herald_protocol::{
+    DeviceInfo, DeviceList, MessageStatus, PublishRequest, PublishResponse, TokenRequest,
+    TokenResponse,
+};
+
+use super::{require_id, ApiJson, AppState, ServiceAuth};
+use crate::clock::{now_ms, rfc3339};
+use crate::error::AppError;
+use crate::registry::KickReason;
+use crate::store::{MessagePayload, NewMessage, PublishOutcome};
+
+const IDEMPOTENCY_WINDOW_MS: i64 = 24 * 3600 * 1000;
+
+pub async fn publish(
+    State(state): State<AppState>,
+    ServiceAuth(key): ServiceAuth,
+    headers: HeaderMap,
+    ApiJson(req): ApiJson<PublishRequest>,
+) -> Result<impl IntoResponse, AppError> {
+    state
+        .publish_limiter
+        .check(&key.id)
+        .map_err(|retry_after_s| AppError::RateLimited { retry_after_s })?;
+    if state.shutdown.is_cancelled() {
+        return Err(AppError::Unavailable);
+    }
+    let idempotency_key = idempotency_key(&headers, &req)?;
+    require_id(&format!("to.{}", req.to.kind()), req.to.value())?;
+    if !req.data.is_object() {
+        return Err(AppError::invalid("data", "must be a JSON object"));
+    }
+    let delivery = &state.config.delivery;
+    let ttl = req.ttl_seconds.unwrap_or(delivery.default_ttl_seconds);
+    if ttl == 0 || ttl > delivery.max_ttl_seconds {
+        return Err(AppError::invalid(
+            "ttl_seconds",
+            format!("must be between 1 and {}", delivery.max_ttl_seconds),
+        ));
+    }
+    if let Some(c) = &req.collapse_key {
+        if c.is_empty() || c.len() > 64 {
+            return Err(AppError::invalid("collapse_key", "must be 1 to 64 bytes"));
+        }
+    }
+    if let Some(n) = &req.notification {
+        for (field, value) in [("title", &n.title), ("body", &n.body), ("sound", &n.sound)] {
+            if value.as_ref().is_some_and(|v| v.len() > 4096) {
+                return Err(AppError::invalid(
+                    format!("notification.{field}"),
+                    "must be at most 4096 bytes",
+                ));
+            }
+        }
+    }
+
+    let now = now_ms();
+    let msg = NewMessage {
+        id: format!("msg_{}", uuid::Uuid::now_v7().simple()),
+        api_key_id: key.id.clone(),
+        target: req.to.clone(),
+        payload: MessagePayload {
+            data: req.data,
+            notification: req.notification,
+            push: req.push,
+            push_content: req.push_content,
+            priority: req.priority,
+            collapse_key: req.collapse_key,
+        },
+        created_at: now,
+        expires_at: now + (ttl as i64) * 1000,
+        idempotency_key,
+        idempotency_since: now - IDEMPOTENCY_WINDOW_MS,
+        max_recipients: state.config.limits.max_recipients,
+    };
+    let message_id = msg.id.clone();
+    let response = match state.store.publish(msg).await? {
+        PublishOutcome::Created { entries } => {
+            let recipients = entries.len() as u64;
+            state.metrics.published.inc();
+            state.metrics.inbox_entries.inc_by(recipients);
+            state.router.route(entries, Instant::now());
+            PublishResponse {
+                message_id,
+                recipients,
+                duplicate: false,
+            }
+        }
+        PublishOutcome::Duplicate {
+            message_id,
+            recipients,
+        } => PublishResponse {
+            message_id,
+            recipients,
+            duplicate: true,
+        },
+    };
+    Ok((StatusCode::ACCEPTED, Json(response)))
+}
+
+fn idempotency_key(headers: &HeaderMap, req: &PublishRequest) -> Result<Option<String>, AppError> {
+    let header = match headers.get("idempotency-key") {
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| AppError::invalid("Idempotency-Key", "must be visible ASCII"))?
+                .to_owned(),
+        ),
+        None => None,
+    };
+    let key = match (header, &req.idempotency_key) {
+        (Some(h), Some(b)) if &h != b => {
+            return Err(AppError::invalid(
+                "idempotency_key",
+                "differs from the Idempotency-Key header; send one or make them equal",
+            ))
+        }
+        (Some(h), _) => Some(h),
+        (None, b) => b.clone(),
+    };
+    if let Some(k) = &key {
+        if k.is_empty() || k.len() > 255 || k.chars().any(|c| c.is_control()) {
+            return Err(AppError::invalid(
+                "idempotency_key",
+                "must be 1 to 255 printable characters",
+            ));
+        }
+    }
+    Ok(key)
+}
+
+pub async fn message_status(
+    State(state): State<AppState>,
+    ServiceAuth(_): ServiceAuth,
+    Path(id): Path<String>,
+) -> Result<Json<MessageStatus>, AppError> {
+    let (msg, rows) = state
+        .store
+        .message(&id)
+        .await?
+        .ok_or_else(|| AppError::NotFound(format!("no message {id}")))?;
+    let now = now_ms();
+    Ok(Json(MessageStatus {
+        message_id: msg.id,
+        to: msg.target,
+        data: msg.payload.data,
+        notification: msg.payload.notification,
+        push: msg.payload.push,
+        push_content: msg.payload.push_content,
+        priority: msg.payload.priority,
+        collapse_key: msg.payload.collapse_key,
+        created_at: rfc3339(msg.created_at),
+        expires_at: rfc3339(msg.expires_at),
+        deliveries: rows.iter().map(|r| r.to_wire(now)).collect(),
+    }))
+}
+
+pub async fn get_device(
+    State(state): State<AppState>,
+    ServiceAuth(_): ServiceAuth,
+    Path(id): Path<String>,
+) -> Result<Json<DeviceInfo>, AppError> {
+    let device = state
+        .store
+        .device(&id)
+        .await?
+        .ok_or_else(|| AppError::NotFound(format!("no device {id}")))?;
+    let online = state.registry.is_online(&id);
+    Ok(Json(device.to_wire(online)))
+}
+
+pub async fn user_devices(
+    State(state): State<AppState>,
+    ServiceAuth(_): ServiceAuth,
+    Path(user): Path<String>,
+) -> Result<Json<DeviceList>, AppError> {
+    let devices = state.store.user_devices(&user).await?;
+    Ok(Json(DeviceList {
+        devices: devices
+            .iter()
+            .map(|d| d.to_wire(state.registry.is_online(&d.id)))
+            .collect(),
+    }))
+}
+
+pub async fn delete_device(
+    State(state): State<AppState>,
+    ServiceAuth(_): ServiceAuth,
+    Path(id): Path<String>,
+) -> Result<StatusCode, AppError> {
+    if !state.store.delete_device(&id).await? {
+        return Err(AppError::NotFound(format!("no device {id}")));
+    }
+    state.registry.kick(&id, KickReason::Deleted);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn mint_token(
+    State(state): State<AppState>,
+    ServiceAuth(_): ServiceAuth,
+    ApiJson(req): ApiJson<TokenRequest>,
+) -> Result<Json<TokenResponse>, AppError> {
+    require_id("user", &req.user)?;
+    let auth = &state.config.auth;
+    let ttl = req.ttl_seconds.unwrap_or(auth.default_token_ttl_seconds);
+    if ttl == 0 || ttl > auth.max_token_ttl_seconds {
+        return Err(AppError::invalid(
+            "ttl_seconds",
+            format!("must be between 1 and {}", auth.max_token_ttl_seconds),
+        ));
+    }
+    let (token, exp) = state.tokens.mint(&req.user, ttl).map_err(|e| match e {
+        crate::auth::TokenError::CannotMint(m) => AppError::Conflict(m),
+        other => AppError::Internal(anyhow::anyhow!(other.to_string())),
+    })?;
+    Ok(Json(TokenResponse {
+        token,
+        expires_at: rfc3339(exp as i64 * 1000),
+    }))
+}

@@ -1,0 +1,319 @@
+//! Settings: defaults, then a TOML file, then `HERALD_*` environment variables.
+//!
+//! Env names are the upper-cased TOML path joined by `__` below the top level, e.g.
+//! `HERALD_LISTEN`, `HERALD_DATA_DIR`, `HERALD_LIMITS__MAX_MESSAGE_BYTES`,
+//! `HERALD_AUTH__JWT_ISSUER`. Every setting can be overridden that way.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the HTTP/WebSocket server binds.
+    pub listen: SocketAddr,
+    /// Where the embedded SQLite store lives.
+    pub data_dir: PathBuf,
+    /// Which store to use: "sqlite" (embedded default).
+    pub store: String,
+    /// Public base URL printed in examples (defaults to http://{listen}).
+    pub public_url: Option<String>,
+    pub auth: AuthConfig,
+    pub delivery: DeliveryConfig,
+    pub limits: LimitsConfig,
+    pub push: PushConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `HS256` (secret generated on first start, or `jwt_secret`), `RS256` or `ES256`
+    /// (`jwt_public_key_file`; Herald then cannot mint tokens itself).
+    pub jwt_algorithm: String,
+    /// HS256 secret; when unset, one is generated and kept in the store.
+    pub jwt_secret: Option<String>,
+    /// PEM public key for RS256/ES256.
+    pub jwt_public_key_file: Option<PathBuf>,
+    pub jwt_issuer: String,
+    pub jwt_audience: String,
+    /// Lifetime of tokens minted by `POST /v1/tokens` and `herald token mint`.
+    pub default_token_ttl_seconds: u64,
+    pub max_token_ttl_seconds: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// A live message not acked within this is handed to push and the session closed.
+    pub ack_timeout_ms: u64,
+    /// Server heartbeat; a client silent for two of them is dropped.
+    pub heartbeat_ms: u64,
+    pub default_ttl_seconds: u64,
+    pub max_ttl_seconds: u64,
+    /// Frames queued per session before it is treated as a slow consumer.
+    pub session_queue: usize,
+    /// Entries per replay page on connect and max `limit` of `/v1/me/sync`.
+    pub replay_batch: u32,
+    /// `reconnect.after_ms` sent to clients on graceful shutdown.
+    pub shutdown_reconnect_ms: u64,
+    /// How often expired inbox entries are marked and old ones deleted.
+    pub sweep_interval_ms: u64,
+    /// How long acked/expired entries are kept after expiry, for status queries.
+    pub retention_seconds: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest `POST /v1/messages` body (413 past it).
+    pub max_message_bytes: usize,
+    /// Largest WebSocket frame/message a client may send.
+    pub max_ws_frame_bytes: usize,
+    /// Largest request body of other routes.
+    pub max_body_bytes: usize,
+    /// Sustained publishes per second per API key, and the burst above it.
+    pub publish_rate_per_key: u32,
+    pub publish_burst_per_key: u32,
+    /// New WebSocket connections per second per client IP, and burst.
+    pub connect_rate_per_ip: u32,
+    pub connect_burst_per_ip: u32,
+    /// Recipients one publish may fan out to (topics).
+    pub max_recipients: usize,
+    pub request_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PushConfig {
+    /// Use recording stub providers for APNs and FCM (tests, demo).
+    pub stub: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8080".parse().unwrap(),
+            data_dir: PathBuf::from("herald-data"),
+            store: "sqlite".into(),
+            public_url: None,
+            auth: AuthConfig::default(),
+            delivery: DeliveryConfig::default(),
+            limits: LimitsConfig::default(),
+            push: PushConfig::default(),
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            jwt_algorithm: "HS256".into(),
+            jwt_secret: None,
+            jwt_public_key_file: None,
+            jwt_issuer: "herald".into(),
+            jwt_audience: "herald-device".into(),
+            default_token_ttl_seconds: 3600,
+            max_token_ttl_seconds: 30 * 24 * 3600,
+        }
+    }
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            ack_timeout_ms: 10_000,
+            heartbeat_ms: 25_000,
+            default_ttl_seconds: 24 * 3600,
+            max_ttl_seconds: 28 * 24 * 3600,
+            session_queue: 1024,
+            replay_batch: 500,
+            shutdown_reconnect_ms: 1_000,
+            sweep_interval_ms: 30_000,
+            retention_seconds: 24 * 3600,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_message_bytes: 64 * 1024,
+            max_ws_frame_bytes: 16 * 1024,
+            max_body_bytes: 16 * 1024,
+            publish_rate_per_key: 2_000,
+            publish_burst_per_key: 4_000,
+            connect_rate_per_ip: 1_000,
+            connect_burst_per_ip: 2_000,
+            max_recipients: 200_000,
+            request_timeout_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+}
+
+impl Config {
+    /// Defaults, overridden by `file` (if given), overridden by `HERALD_*` variables.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut value = toml::Value::try_from(Config::default()).expect("defaults serialize");
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            let overlay: toml::Value =
+                text.parse()
+                    .map_err(|e: toml::de::Error| ConfigError::Parse {
+                        path: path.to_owned(),
+                        message: e.to_string(),
+                    })?;
+            merge(&mut value, overlay);
+            // Validate the file alone first so errors name the file.
+            value
+                .clone()
+                .try_into::<Config>()
+                .map_err(|e| ConfigError::Parse {
+                    path: path.to_owned(),
+                    message: e.to_string(),
+                })?;
+        }
+        let mut vars: Vec<(String, String)> = std::env::vars()
+            .filter(|(k, _)| k.starts_with("HERALD_"))
+            .collect();
+        vars.sort();
+        for (var, raw) in vars {
+            let path: Vec<String> = var["HERALD_".len()..]
+                .split("__")
+                .map(|s| s.to_ascii_lowercase())
+                .collect();
+            if !path_exists(&value, &path) {
+                // Unknown HERALD_* variables (e.g. HERALD_LOG) are not ours to judge.
+                continue;
+            }
+            set_path(&mut value, &path, parse_env_value(&raw));
+            value
+                .clone()
+                .try_into::<Config>()
+                .map_err(|e| ConfigError::Env {
+                    var: var.clone(),
+                    message: e.to_string(),
+                })?;
+        }
+        value.try_into::<Config>().map_err(|e| ConfigError::Parse {
+            path: file.map(Path::to_owned).unwrap_or_default(),
+            message: e.to_string(),
+        })
+    }
+
+    pub fn public_url(&self, bound: SocketAddr) -> String {
+        self.public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{bound}"))
+    }
+}
+
+fn merge(base: &mut toml::Value, overlay: toml::Value) {
+    match (base, overlay) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(existing) => merge(existing, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
+
+/// Optional settings are absent from the serialized defaults, so a known top-level
+/// or section key counts even when it has no value yet.
+fn path_exists(value: &toml::Value, path: &[String]) -> bool {
+    const OPTIONAL: &[&str] = &["public_url", "auth.jwt_secret", "auth.jwt_public_key_file"];
+    let joined = path.join(".");
+    if OPTIONAL.contains(&joined.as_str()) {
+        return true;
+    }
+    let mut cur = value;
+    for key in path {
+        match cur.get(key) {
+            Some(v) => cur = v,
+            None => return false,
+        }
+    }
+    true
+}
+
+fn set_path(value: &mut toml::Value, path: &[String], new: toml::Value) {
+    let mut cur = value;
+    for key in &path[..path.len() - 1] {
+        let table = cur.as_table_mut().expect("path_exists checked tables");
+        cur = table
+            .entry(key.clone())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+    }
+    if let Some(t) = cur.as_table_mut() {
+        t.insert(path[path.len() - 1].clone(), new);
+    }
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    if let Ok(i) = raw.parse::<i64>() {
+        return toml::Value::Integer(i);
+    }
+    match raw {
+        "true" => toml::Value::Boolean(true),
+        "false" => toml::Value::Boolean(false),
+        _ => toml::Value::String(raw.to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_env_override_defaults() {
+        let dir = std::env::temp_dir().join(format!("herald-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("herald.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:9999\"\n[limits]\nmax_message_bytes = 1000\n",
+        )
+        .unwrap();
+        let cfg = Config::load(Some(&file)).unwrap();
+        assert_eq!(cfg.listen.port(), 9999);
+        assert_eq!(cfg.limits.max_message_bytes, 1000);
+        assert_eq!(cfg.delivery.ack_timeout_ms, 10_000);
+
+        std::fs::write(&file, "colour = 1\n").unwrap();
+        let err = Config::load(Some(&file)).unwrap_err().to_string();
+        assert!(err.contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn env_values_are_typed() {
+        let mut v = toml::Value::try_from(Config::default()).unwrap();
+        let path = vec!["limits".to_string(), "max_message_bytes".to_string()];
+        assert!(path_exists(&v, &path));
+        set_path(&mut v, &path, parse_env_value("123"));
+        let cfg: Config = v.try_into().unwrap();
+        assert_eq!(cfg.limits.max_message_bytes, 123);
+    }
+}

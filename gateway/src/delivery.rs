@@ -1,0 +1,95 @@
+//! After a publish commits: hand each inbox entry to its live session, or to push.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use herald_protocol::PushPolicy;
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
+
+use crate::clock::now_ms;
+use crate::metrics::Metrics;
+use crate::push::dispatcher::PushDispatcher;
+use crate::registry::{KickReason, SessionEvent, SessionRegistry};
+use crate::store::{InboxEntry, Store};
+
+#[derive(Clone)]
+pub struct DeliveryRouter {
+    pub registry: Arc<SessionRegistry>,
+    pub store: Arc<dyn Store>,
+    pub push: PushDispatcher,
+    pub metrics: Metrics,
+    pub sent: SentRecorder,
+}
+
+impl DeliveryRouter {
+    /// Routes committed entries. Never blocks on a session: a full queue means the
+    /// session is a slow consumer; it is closed and will catch up by replay.
+    pub fn route(&self, entries: Vec<InboxEntry>, committed_at: Instant) {
+        for entry in entries {
+            let policy = entry.message.payload.push;
+            let mut live = false;
+            if let Some(handle) = self.registry.get(&entry.device_id) {
+                match handle
+                    .events
+                    .try_send(SessionEvent::Deliver(entry.clone(), committed_at))
+                {
+                    Ok(()) => {
+                        live = true;
+                        self.metrics.session_queue_depth.inc();
+                    }
+                    Err(TrySendError::Full(_)) => handle.kick(KickReason::SlowConsumer),
+                    Err(TrySendError::Closed(_)) => {}
+                }
+            }
+            let push = match policy {
+                PushPolicy::Always => true,
+                PushPolicy::Fallback => !live,
+                PushPolicy::Never => false,
+            };
+            if push {
+                self.push.enqueue(&self.store, entry);
+            }
+        }
+    }
+
+    /// Entries a session sent but that were not acked in time.
+    pub fn ack_timed_out(&self, entries: Vec<InboxEntry>) {
+        for entry in entries {
+            if entry.message.payload.push == PushPolicy::Fallback {
+                self.push.enqueue(&self.store, entry);
+            }
+        }
+    }
+}
+
+/// Coalesces "written to a live session" marks into few store writes, so live
+/// delivery does not pay one database write per message.
+#[derive(Clone)]
+pub struct SentRecorder {
+    tx: mpsc::Sender<(String, i64, i64)>,
+}
+
+impl SentRecorder {
+    pub fn start(store: Arc<dyn Store>) -> SentRecorder {
+        let (tx, mut rx) = mpsc::channel::<(String, i64, i64)>(65_536);
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(1024);
+            while rx.recv_many(&mut batch, 1024).await > 0 {
+                if let Err(e) = store.mark_sent(&batch, now_ms()).await {
+                    tracing::warn!(error = %e, "cannot record sent marks");
+                }
+                batch.clear();
+                // Let marks accumulate a little between writes under load.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        SentRecorder { tx }
+    }
+
+    /// Best effort: `sent_at` is informational (the ack is what counts), so under
+    /// extreme load a mark is dropped rather than queued without bound.
+    pub fn record(&self, device_id: &str, from: i64, to: i64) {
+        let _ = self.tx.try_send((device_id.to_owned(), from, to));
+    }
+}

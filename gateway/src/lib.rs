@@ -1,0 +1,195 @@
+//! Herald gateway: REST publish, durable per-device inboxes, live WebSocket delivery
+//! with acks, and push fallback. See ARCHITECTURE.md for the map.
+
+pub mod api;
+pub mod auth;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod delivery;
+pub mod error;
+pub mod metrics;
+pub mod push;
+pub mod registry;
+pub mod session;
+pub mod store;
+pub mod testing;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use herald_protocol::PushProviderKind;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::{AppState, RateLimiter};
+use crate::auth::DeviceTokens;
+use crate::clock::now_ms;
+use crate::config::Config;
+use crate::delivery::{DeliveryRouter, SentRecorder};
+use crate::metrics::Metrics;
+use crate::push::dispatcher::{PushDispatcher, PushSettings};
+use crate::push::stub::StubProvider;
+use crate::push::PushProvider;
+use crate::registry::SessionRegistry;
+use crate::session::SessionConfig;
+use crate::store::sqlite::SqliteStore;
+use crate::store::Store;
+
+/// Opens the store named by the config and applies its migrations.
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    match config.store.as_str() {
+        "sqlite" => Ok(Arc::new(SqliteStore::open(&config.data_dir).await?)),
+        other => anyhow::bail!("store {other:?} is not supported; use \"sqlite\""),
+    }
+}
+
+/// A built gateway: store open, port bound, background tasks running.
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+}
+
+impl Application {
+    /// Builds with the push providers the config names (stubs if `push.stub`).
+    pub async fn build(config: Config) -> anyhow::Result<Application> {
+        let providers: Vec<Arc<dyn PushProvider>> = if config.push.stub {
+            vec![
+                Arc::new(StubProvider::new(PushProviderKind::Apns)),
+                Arc::new(StubProvider::new(PushProviderKind::Fcm)),
+            ]
+        } else {
+            Vec::new()
+        };
+        Application::build_with(config, providers).await
+    }
+
+    pub async fn build_with(
+        config: Config,
+        providers: Vec<Arc<dyn PushProvider>>,
+    ) -> anyhow::Result<Application> {
+        let store = open_store(&config).await?;
+        let listener = TcpListener::bind(config.listen).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on {}: {e}; choose another address with --listen or HERALD_LISTEN",
+                config.listen
+            )
+        })?;
+        let tokens = DeviceTokens::from_config(&config.auth, store.as_ref()).await?;
+        let metrics = Metrics::new();
+        let shutdown = CancellationToken::new();
+        let registry = Arc::new(SessionRegistry::new(config.delivery.session_queue));
+        let push = PushDispatcher::start(
+            store.clone(),
+            providers,
+            metrics.clone(),
+            PushSettings::default(),
+            shutdown.clone(),
+        );
+        let router = DeliveryRouter {
+            registry: registry.clone(),
+            store: store.clone(),
+            push,
+            metrics: metrics.clone(),
+            sent: SentRecorder::start(store.clone()),
+        };
+        let d = &config.delivery;
+        let session_cfg = SessionConfig {
+            heartbeat: Duration::from_millis(d.heartbeat_ms),
+            ack_timeout: Duration::from_millis(d.ack_timeout_ms),
+            replay_batch: d.replay_batch,
+            shutdown_reconnect_ms: d.shutdown_reconnect_ms,
+        };
+        let l = &config.limits;
+        let state = AppState {
+            publish_limiter: Arc::new(RateLimiter::new(
+                l.publish_rate_per_key,
+                l.publish_burst_per_key,
+            )),
+            connect_limiter: Arc::new(RateLimiter::new(
+                l.connect_rate_per_ip,
+                l.connect_burst_per_ip,
+            )),
+            config: Arc::new(config),
+            store,
+            tokens,
+            router,
+            registry,
+            metrics,
+            session_cfg: Arc::new(session_cfg),
+            shutdown,
+            sessions: TaskTracker::new(),
+        };
+        spawn_sweeper(&state);
+        Ok(Application { listener, state })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.local_addr().port()
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` resolves, then: refuses new work, tells every client to
+    /// reconnect elsewhere, lets in-flight requests (and their commits) finish.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let state = self.state.clone();
+        let token = state.shutdown.clone();
+        let app = api::app(self.state);
+        let signal_token = token.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            signal_token.cancel();
+        });
+        let graceful_token = token.clone();
+        axum::serve(
+            self.listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { graceful_token.cancelled().await })
+        .await?;
+        state.sessions.close();
+        if tokio::time::timeout(Duration::from_secs(10), state.sessions.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("sessions did not close within 10 s; exiting anyway");
+        }
+        Ok(())
+    }
+}
+
+/// Deletes inbox entries long past their expiry, so the store does not grow forever.
+fn spawn_sweeper(state: &AppState) {
+    let store = state.store.clone();
+    let shutdown = state.shutdown.clone();
+    let every = Duration::from_millis(state.config.delivery.sweep_interval_ms.max(100));
+    let retention_ms = state.config.delivery.retention_seconds as i64 * 1000;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    match store.sweep(now_ms(), retention_ms).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(deleted = n, "swept expired inbox entries"),
+                        Err(e) => tracing::warn!(error = %e, "sweep failed"),
+                    }
+                }
+                _ = shutdown.cancelled() => break,
+            }
+        }
+    });
+}

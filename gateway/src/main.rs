@@ -1,0 +1,65 @@
+use clap::Parser;
+use herald_gateway::cli::{self, Cli, Command};
+use herald_gateway::Application;
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
+                .unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
+        .init();
+    if let Err(e) = run(Cli::parse()).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let cfg = cli.global.load_config()?;
+    match cli.command {
+        Command::Serve => {
+            let app = Application::build(cfg).await?;
+            let addr = app.local_addr();
+            let base = app.state().config.public_url(addr);
+            cli::first_start_banner(app.state().store.as_ref(), &app.state().tokens, &base).await?;
+            tracing::info!(%addr, data_dir = %app.state().config.data_dir.display(), "herald listening");
+            // A stable line on stdout, after the banner, for scripts and tests.
+            println!("herald listening on {base}");
+            app.run_until_stopped(shutdown_signal()).await?;
+            tracing::info!("herald stopped");
+        }
+        Command::Keys { action } => cli::run_keys(&cfg, action).await?,
+        Command::Token { action } => cli::run_token(&cfg, action).await?,
+        Command::Migrate => {
+            herald_gateway::open_store(&cfg).await?;
+            eprintln!("store at {} is up to date", cfg.data_dir.display());
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+    tracing::info!("shutdown requested: telling clients to reconnect, finishing in-flight work");
+}

@@ -1,0 +1,121 @@
+//! Prometheus metrics, exposed on `GET /metrics`.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub connections: IntGauge,
+    pub connections_total: IntCounter,
+    pub published: IntCounter,
+    pub inbox_entries: IntCounter,
+    pub delivered_live: IntCounter,
+    pub replayed: IntCounter,
+    pub acked: IntCounter,
+    pub pushes: IntCounterVec,
+    pub sessions_closed: IntCounterVec,
+    pub publish_to_deliver: Histogram,
+    pub session_queue_depth: IntGauge,
+    pub push_queue_depth: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new_custom(Some("herald".into()), None).expect("registry");
+        let connections = IntGauge::new("connections", "Live WebSocket sessions").unwrap();
+        let connections_total =
+            IntCounter::new("connections_total", "WebSocket sessions opened").unwrap();
+        let published = IntCounter::new("published_total", "Messages accepted (202)").unwrap();
+        let inbox_entries =
+            IntCounter::new("inbox_entries_total", "Inbox entries created by publishes").unwrap();
+        let delivered_live = IntCounter::new(
+            "delivered_live_total",
+            "Inbox entries written to a live session as they were published",
+        )
+        .unwrap();
+        let replayed = IntCounter::new(
+            "replayed_total",
+            "Inbox entries sent from the store (catch-up on connect or gap fill)",
+        )
+        .unwrap();
+        let acked = IntCounter::new("acked_total", "Inbox entries acknowledged").unwrap();
+        let pushes = IntCounterVec::new(
+            Opts::new("pushes_total", "Push attempts by provider and outcome"),
+            &["provider", "outcome"],
+        )
+        .unwrap();
+        let sessions_closed = IntCounterVec::new(
+            Opts::new(
+                "sessions_closed_total",
+                "WebSocket sessions closed, by reason",
+            ),
+            &["reason"],
+        )
+        .unwrap();
+        let publish_to_deliver = Histogram::with_opts(
+            HistogramOpts::new(
+                "publish_to_deliver_seconds",
+                "Time from publish commit to the live frame being written",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+        )
+        .unwrap();
+        let session_queue_depth = IntGauge::new(
+            "session_queue_depth",
+            "Frames waiting in session send queues, summed",
+        )
+        .unwrap();
+        let push_queue_depth =
+            IntGauge::new("push_queue_depth", "Pushes waiting for a worker").unwrap();
+        for c in [
+            Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(connections_total.clone()),
+            Box::new(published.clone()),
+            Box::new(inbox_entries.clone()),
+            Box::new(delivered_live.clone()),
+            Box::new(replayed.clone()),
+            Box::new(acked.clone()),
+            Box::new(pushes.clone()),
+            Box::new(sessions_closed.clone()),
+            Box::new(publish_to_deliver.clone()),
+            Box::new(session_queue_depth.clone()),
+            Box::new(push_queue_depth.clone()),
+        ] {
+            registry.register(c).expect("unique metric");
+        }
+        Metrics {
+            registry,
+            connections,
+            connections_total,
+            published,
+            inbox_entries,
+            delivered_live,
+            replayed,
+            acked,
+            pushes,
+            sessions_closed,
+            publish_to_deliver,
+            session_queue_depth,
+            push_queue_depth,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding");
+        String::from_utf8(buf).expect("utf8 metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

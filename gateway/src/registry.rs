@@ -1,0 +1,158 @@
+//! Who is connected to this node: device id → live session.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::InboxEntry;
+
+/// What the rest of the gateway can tell a session.
+#[derive(Debug)]
+pub enum SessionEvent {
+    /// A freshly committed inbox entry, with the instant the publish committed.
+    Deliver(InboxEntry, Instant),
+}
+
+/// Why a session was told to go away from outside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KickReason {
+    /// Its send queue was full: it reads slower than messages arrive.
+    SlowConsumer,
+    /// The same device connected again.
+    Replaced,
+    /// The device was deleted.
+    Deleted,
+    /// An operator or test asked.
+    Kicked,
+}
+
+#[derive(Clone)]
+pub struct SessionHandle {
+    pub session_id: u64,
+    pub events: mpsc::Sender<SessionEvent>,
+    kill: CancellationToken,
+    reason: std::sync::Arc<Mutex<Option<KickReason>>>,
+}
+
+impl SessionHandle {
+    pub fn kick(&self, reason: KickReason) {
+        self.reason.lock().unwrap().get_or_insert(reason);
+        self.kill.cancel();
+    }
+}
+
+/// The receiving half held by the session itself.
+pub struct SessionInbox {
+    pub session_id: u64,
+    pub events: mpsc::Receiver<SessionEvent>,
+    pub kill: CancellationToken,
+    reason: std::sync::Arc<Mutex<Option<KickReason>>>,
+}
+
+impl SessionInbox {
+    pub fn kick_reason(&self) -> Option<KickReason> {
+        *self.reason.lock().unwrap()
+    }
+}
+
+const SHARDS: usize = 64;
+
+/// Sharded so that 100k sessions connecting at once do not queue on one lock.
+pub struct SessionRegistry {
+    shards: Vec<Mutex<HashMap<String, SessionHandle>>>,
+    next_id: AtomicU64,
+    queue_capacity: usize,
+}
+
+impl SessionRegistry {
+    pub fn new(queue_capacity: usize) -> SessionRegistry {
+        SessionRegistry {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            next_id: AtomicU64::new(1),
+            queue_capacity,
+        }
+    }
+
+    fn shard(&self, device_id: &str) -> &Mutex<HashMap<String, SessionHandle>> {
+        // FNV-1a: cheap and good enough to spread device ids.
+        let mut h: u64 = 0xcbf29ce484222325;
+        for b in device_id.bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+        &self.shards[(h as usize) % SHARDS]
+    }
+
+    /// Registers a new session for `device_id`, replacing (and kicking) an older one.
+    pub fn register(&self, device_id: &str) -> SessionInbox {
+        let (tx, rx) = mpsc::channel(self.queue_capacity);
+        let kill = CancellationToken::new();
+        let reason = std::sync::Arc::new(Mutex::new(None));
+        let session_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let handle = SessionHandle {
+            session_id,
+            events: tx,
+            kill: kill.clone(),
+            reason: reason.clone(),
+        };
+        let old = self
+            .shard(device_id)
+            .lock()
+            .unwrap()
+            .insert(device_id.to_owned(), handle);
+        if let Some(old) = old {
+            old.kick(KickReason::Replaced);
+        }
+        SessionInbox {
+            session_id,
+            events: rx,
+            kill,
+            reason,
+        }
+    }
+
+    /// Removes the entry only if it still belongs to `session_id`.
+    pub fn deregister(&self, device_id: &str, session_id: u64) {
+        let mut shard = self.shard(device_id).lock().unwrap();
+        if shard.get(device_id).map(|h| h.session_id) == Some(session_id) {
+            shard.remove(device_id);
+        }
+    }
+
+    pub fn get(&self, device_id: &str) -> Option<SessionHandle> {
+        self.shard(device_id)
+            .lock()
+            .unwrap()
+            .get(device_id)
+            .cloned()
+    }
+
+    pub fn is_online(&self, device_id: &str) -> bool {
+        self.shard(device_id)
+            .lock()
+            .unwrap()
+            .contains_key(device_id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().unwrap().len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn kick(&self, device_id: &str, reason: KickReason) -> bool {
+        match self.get(device_id) {
+            Some(h) => {
+                h.kick(reason);
+                true
+            }
+            None => false,
+        }
+    }
+}

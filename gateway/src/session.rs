@@ -1,0 +1,405 @@
+//! One device's live WebSocket session.
+//!
+//! Written over any `Stream + Sink` of WebSocket messages so it can be driven without
+//! a socket. The order of operations is what makes replay → live gap-free:
+//! 1. register in the `SessionRegistry` (from now on every commit is also queued here),
+//! 2. replay the store after the client's cursor,
+//! 3. forward queued entries, skipping seqs already sent and filling any gap from the
+//!    store (two publishes can reach the queue out of seq order).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use herald_protocol::{ClientFrame, ServerFrame};
+use tokio::time::{interval_at, Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::now_ms;
+use crate::delivery::DeliveryRouter;
+use crate::registry::{KickReason, SessionEvent, SessionInbox};
+use crate::store::InboxEntry;
+
+pub struct SessionConfig {
+    pub heartbeat: Duration,
+    pub ack_timeout: Duration,
+    pub replay_batch: u32,
+    pub shutdown_reconnect_ms: u64,
+}
+
+/// Why a session ended (metrics label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    ClientClosed,
+    HeartbeatTimeout,
+    AckTimeout,
+    SlowConsumer,
+    Replaced,
+    Deleted,
+    Kicked,
+    Shutdown,
+    ProtocolError,
+    StoreError,
+    SocketError,
+}
+
+impl CloseReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            CloseReason::ClientClosed => "client_closed",
+            CloseReason::HeartbeatTimeout => "heartbeat_timeout",
+            CloseReason::AckTimeout => "ack_timeout",
+            CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::Replaced => "replaced",
+            CloseReason::Deleted => "deleted",
+            CloseReason::Kicked => "kicked",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::ProtocolError => "protocol_error",
+            CloseReason::StoreError => "store_error",
+            CloseReason::SocketError => "socket_error",
+        }
+    }
+}
+
+struct Session<'a, S> {
+    socket: S,
+    device_id: String,
+    router: &'a DeliveryRouter,
+    cfg: &'a SessionConfig,
+    /// Highest seq written to the socket.
+    last_sent: i64,
+    /// Written but not yet acked, oldest first, with when they were written.
+    unacked: VecDeque<(InboxEntry, Instant)>,
+    last_heard: Instant,
+}
+
+type SessionResult = Result<(), CloseReason>;
+
+/// Runs the session to its end and returns why it ended. `after` is the client's
+/// cursor (highest seq it has).
+pub async fn run_session<S, E>(
+    socket: S,
+    device_id: String,
+    after: i64,
+    mut inbox: SessionInbox,
+    router: &DeliveryRouter,
+    cfg: &SessionConfig,
+    shutdown: CancellationToken,
+) -> CloseReason
+where
+    S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin,
+{
+    let mut session = Session {
+        socket,
+        device_id,
+        router,
+        cfg,
+        last_sent: after,
+        unacked: VecDeque::new(),
+        last_heard: Instant::now(),
+    };
+    let kill = inbox.kill.clone();
+    let result = tokio::select! {
+        r = session.run(&mut inbox, &shutdown) => r,
+        _ = kill.cancelled() => Err(match inbox.kick_reason() {
+            Some(KickReason::SlowConsumer) => CloseReason::SlowConsumer,
+            Some(KickReason::Replaced) => CloseReason::Replaced,
+            Some(KickReason::Deleted) => CloseReason::Deleted,
+            _ => CloseReason::Kicked,
+        }),
+    };
+    let reason = match result {
+        Ok(()) => CloseReason::ClientClosed,
+        Err(r) => r,
+    };
+    // Whatever is still queued stays in the inbox and is replayed on reconnect.
+    inbox.events.close();
+    while inbox.events.try_recv().is_ok() {
+        router.metrics.session_queue_depth.dec();
+    }
+    session.finish(reason).await;
+    reason
+}
+
+impl<S, E> Session<'_, S>
+where
+    S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin,
+{
+    async fn run(
+        &mut self,
+        inbox: &mut SessionInbox,
+        shutdown: &CancellationToken,
+    ) -> SessionResult {
+        let welcome = ServerFrame::Welcome {
+            session_id: format!("s{}", inbox.session_id),
+            heartbeat_s: self.cfg.heartbeat.as_secs().max(1),
+            ack_timeout_s: self.cfg.ack_timeout.as_secs().max(1),
+            last_seq: self
+                .router
+                .store
+                .device(&self.device_id)
+                .await
+                .ok()
+                .flatten()
+                .map(|d| d.last_seq)
+                .unwrap_or(0),
+        };
+        self.send_frame(&welcome).await?;
+        self.fill_from_store(i64::MAX).await?;
+
+        let mut heartbeat = interval_at(Instant::now() + self.cfg.heartbeat, self.cfg.heartbeat);
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            let ack_deadline = self
+                .unacked
+                .front()
+                .map(|(_, at)| *at + self.cfg.ack_timeout);
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    let frame = ServerFrame::Reconnect { after_ms: self.cfg.shutdown_reconnect_ms };
+                    let _ = self.send_frame(&frame).await;
+                    return Err(CloseReason::Shutdown);
+                }
+                frame = self.socket.next() => match frame {
+                    None => return Ok(()),
+                    Some(Err(_)) => return Err(CloseReason::SocketError),
+                    Some(Ok(msg)) => {
+                        self.last_heard = Instant::now();
+                        if self.on_client_message(msg).await? {
+                            return Ok(());
+                        }
+                    }
+                },
+                event = inbox.events.recv() => match event {
+                    Some(SessionEvent::Deliver(entry, committed_at)) => {
+                        self.router.metrics.session_queue_depth.dec();
+                        self.on_deliver(entry, committed_at).await?;
+                    }
+                    None => return Err(CloseReason::Kicked),
+                },
+                _ = heartbeat.tick() => {
+                    if self.last_heard.elapsed() > self.cfg.heartbeat * 2 {
+                        return Err(CloseReason::HeartbeatTimeout);
+                    }
+                    self.send(Message::Ping(Default::default())).await?;
+                }
+                _ = sleep_until_opt(ack_deadline) => {
+                    let frame = ServerFrame::Error {
+                        code: "ack_timeout".into(),
+                        message: format!(
+                            "seq {} was not acked within {} ms; reconnect and resume",
+                            self.unacked.front().map(|(e, _)| e.seq).unwrap_or_default(),
+                            self.cfg.ack_timeout.as_millis()
+                        ),
+                    };
+                    let _ = self.send_frame(&frame).await;
+                    return Err(CloseReason::AckTimeout);
+                }
+            }
+        }
+    }
+
+    /// Returns true when the client closed the connection.
+    async fn on_client_message(&mut self, msg: Message) -> Result<bool, CloseReason> {
+        let text = match msg {
+            Message::Text(t) => t,
+            Message::Close(_) => return Ok(true),
+            Message::Ping(_) | Message::Pong(_) => return Ok(false),
+            Message::Binary(_) => {
+                self.send_error(
+                    "bad_frame",
+                    "binary frames are not supported; send JSON text",
+                )
+                .await?;
+                return Ok(false);
+            }
+        };
+        let frame: ClientFrame = match serde_json::from_str(text.as_str()) {
+            Ok(f) => f,
+            Err(e) => {
+                self.send_error("bad_frame", &format!("cannot parse frame: {e}"))
+                    .await?;
+                return Ok(false);
+            }
+        };
+        match frame {
+            ClientFrame::Ping => self.send_frame(&ServerFrame::Pong).await?,
+            ClientFrame::Ack { seq } => self.on_ack(seq).await?,
+            ClientFrame::Subscribe { topic } => {
+                if let Err(m) = crate::api::validate_id(&topic) {
+                    self.send_error("invalid_topic", &format!("topic {m}"))
+                        .await?;
+                } else {
+                    self.router
+                        .store
+                        .subscribe(&self.device_id, &topic)
+                        .await
+                        .map_err(|_| CloseReason::StoreError)?;
+                    self.send_frame(&ServerFrame::Subscribed { topic }).await?;
+                }
+            }
+            ClientFrame::Unsubscribe { topic } => {
+                self.router
+                    .store
+                    .unsubscribe(&self.device_id, &topic)
+                    .await
+                    .map_err(|_| CloseReason::StoreError)?;
+                self.send_frame(&ServerFrame::Unsubscribed { topic })
+                    .await?;
+            }
+        }
+        Ok(false)
+    }
+
+    async fn on_ack(&mut self, seq: i64) -> SessionResult {
+        if seq > self.last_sent {
+            // Acking what was never sent would skip messages: refuse, keep the session.
+            return self
+                .send_error(
+                    "bad_ack",
+                    &format!("ack {seq} is beyond the last sent seq {}", self.last_sent),
+                )
+                .await;
+        }
+        let mut n = 0;
+        while self.unacked.front().is_some_and(|(e, _)| e.seq <= seq) {
+            self.unacked.pop_front();
+            n += 1;
+        }
+        self.router.metrics.acked.inc_by(n);
+        self.router
+            .store
+            .ack(&self.device_id, seq, now_ms())
+            .await
+            .map_err(|_| CloseReason::StoreError)?;
+        Ok(())
+    }
+
+    async fn on_deliver(
+        &mut self,
+        entry: InboxEntry,
+        committed_at: std::time::Instant,
+    ) -> SessionResult {
+        if entry.seq <= self.last_sent {
+            return Ok(()); // already sent by replay or gap fill
+        }
+        if entry.seq > self.last_sent + 1 {
+            // An earlier seq is committed but its notification is still on its way (or
+            // was lost to a full queue): read the gap from the store.
+            self.fill_from_store(entry.seq - 1).await?;
+        }
+        if entry.seq == self.last_sent + 1 {
+            self.router
+                .metrics
+                .publish_to_deliver
+                .observe(committed_at.elapsed().as_secs_f64());
+            self.router.metrics.delivered_live.inc();
+            self.send_entry(entry).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends stored entries after `last_sent` up to `upto` (inclusive).
+    async fn fill_from_store(&mut self, upto: i64) -> SessionResult {
+        loop {
+            let page = self
+                .router
+                .store
+                .fetch_after(
+                    &self.device_id,
+                    self.last_sent,
+                    self.cfg.replay_batch,
+                    now_ms(),
+                )
+                .await
+                .map_err(|_| CloseReason::StoreError)?;
+            let full = page.len() == self.cfg.replay_batch as usize;
+            let mut sent_any = false;
+            for entry in page {
+                if entry.seq > upto {
+                    return Ok(());
+                }
+                self.router.metrics.replayed.inc();
+                self.send_entry(entry).await?;
+                sent_any = true;
+            }
+            if !full || !sent_any {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn send_entry(&mut self, entry: InboxEntry) -> SessionResult {
+        let frame = ServerFrame::Msg(entry.to_wire());
+        self.send_frame(&frame).await?;
+        self.router
+            .sent
+            .record(&self.device_id, self.last_sent + 1, entry.seq);
+        self.last_sent = entry.seq;
+        self.unacked.push_back((entry, Instant::now()));
+        Ok(())
+    }
+
+    async fn send_error(&mut self, code: &str, message: &str) -> SessionResult {
+        self.send_frame(&ServerFrame::Error {
+            code: code.into(),
+            message: message.into(),
+        })
+        .await
+    }
+
+    async fn send_frame(&mut self, frame: &ServerFrame) -> SessionResult {
+        let text = serde_json::to_string(frame).expect("frames serialize");
+        self.send(Message::Text(Utf8Bytes::from(text))).await
+    }
+
+    async fn send(&mut self, msg: Message) -> SessionResult {
+        self.socket
+            .send(msg)
+            .await
+            .map_err(|_| CloseReason::SocketError)
+    }
+
+    async fn finish(&mut self, reason: CloseReason) {
+        let (code, text) = match reason {
+            CloseReason::Shutdown => (1001, "server shutting down"),
+            CloseReason::SlowConsumer => (1008, "slow consumer: reconnect and resume"),
+            CloseReason::AckTimeout => (1008, "ack timeout"),
+            CloseReason::HeartbeatTimeout => (1001, "heartbeat timeout"),
+            CloseReason::Replaced => (1000, "replaced by a newer session"),
+            CloseReason::Deleted => (1008, "device deleted"),
+            CloseReason::ProtocolError => (1002, "protocol error"),
+            CloseReason::StoreError => (1011, "internal error"),
+            _ => (1000, "bye"),
+        };
+        if !matches!(reason, CloseReason::ClientClosed | CloseReason::SocketError) {
+            let close = Message::Close(Some(CloseFrame {
+                code,
+                reason: Utf8Bytes::from_static(text),
+            }));
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.socket.send(close)).await;
+        }
+        if reason == CloseReason::AckTimeout {
+            let pending: Vec<InboxEntry> = self.unacked.drain(..).map(|(e, _)| e).collect();
+            self.router.ack_timed_out(pending);
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Shared by the HTTP layer: the pieces a session needs.
+pub struct SessionDeps {
+    pub router: DeliveryRouter,
+    pub cfg: SessionConfig,
+}
+
+pub type SharedSessionDeps = Arc<SessionDeps>;

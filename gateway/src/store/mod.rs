@@ -1,0 +1,267 @@
+//! Durable state: API keys, devices, topics, messages and per-device inboxes.
+//!
+//! `Store` is the one seam between the delivery model and a database. Every method is
+//! a complete, atomic unit: when `publish` returns `Ok`, the inbox entries are
+//! committed and survive a crash. Implementations: `sqlite` (embedded default).
+
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use herald_protocol::{
+    ApnsEnvironment, DeliveryRecord, DeliveryState, InboxMessage, Notification, Platform, Priority,
+    PushContent, PushPolicy, PushProviderKind, PushTokenState, RegisterDeviceRequest, Target,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::clock::rfc3339;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("device {0} belongs to another user")]
+    DeviceOwnedByOtherUser(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("too many recipients: {0}")]
+    TooManyRecipients(usize),
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The body of a message as stored once and shared by all its inbox entries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MessagePayload {
+    pub data: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notification: Option<Notification>,
+    pub push: PushPolicy,
+    pub push_content: PushContent,
+    pub priority: Priority,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collapse_key: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredMessage {
+    pub id: String,
+    pub target: Target,
+    pub payload: MessagePayload,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    pub expires_at: i64,
+}
+
+/// A message to append to every inbox its target resolves to.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub id: String,
+    pub api_key_id: String,
+    pub target: Target,
+    pub payload: MessagePayload,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub idempotency_key: Option<String>,
+    /// Idempotency keys older than this (unix ms) no longer match.
+    pub idempotency_since: i64,
+    pub max_recipients: usize,
+}
+
+/// One entry of one device's inbox.
+#[derive(Debug, Clone)]
+pub struct InboxEntry {
+    pub device_id: String,
+    pub seq: i64,
+    pub message: Arc<StoredMessage>,
+}
+
+impl InboxEntry {
+    pub fn to_wire(&self) -> InboxMessage {
+        InboxMessage {
+            seq: self.seq,
+            id: self.message.id.clone(),
+            data: self.message.payload.data.clone(),
+            notification: self.message.payload.notification.clone(),
+            sent_at: rfc3339(self.message.created_at),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum PublishOutcome {
+    /// Committed: one entry per recipient device, in seq order per device.
+    Created { entries: Vec<InboxEntry> },
+    /// The idempotency key matched an earlier message; nothing was created.
+    Duplicate { message_id: String, recipients: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    pub id: String,
+    pub user_id: String,
+    pub platform: Option<Platform>,
+    pub push_provider: Option<PushProviderKind>,
+    pub push_token: Option<String>,
+    pub apns_environment: Option<ApnsEnvironment>,
+    pub token_state: PushTokenState,
+    pub token_error: Option<String>,
+    pub last_seq: i64,
+    pub acked_seq: i64,
+    pub last_seen: Option<i64>,
+}
+
+impl Device {
+    pub fn to_wire(&self, online: bool) -> herald_protocol::DeviceInfo {
+        herald_protocol::DeviceInfo {
+            device_id: self.id.clone(),
+            user: self.user_id.clone(),
+            platform: self.platform,
+            online,
+            last_seen: self.last_seen.map(rfc3339),
+            push_provider: self.push_provider,
+            push_token: self.token_state,
+            push_token_error: self.token_error.clone(),
+            apns_environment: self.apns_environment,
+            last_seq: self.last_seq,
+            acked_seq: self.acked_seq,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeyRecord {
+    pub id: String,
+    pub name: String,
+    /// First characters of the key, shown in listings so operators can tell keys apart.
+    pub prefix: String,
+    pub hash: Vec<u8>,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+/// Push bookkeeping of one delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushMark {
+    Pushed,
+    Failed,
+}
+
+/// One row of a message's delivery status, before rendering.
+#[derive(Debug, Clone)]
+pub struct DeliveryRow {
+    pub device_id: String,
+    pub seq: i64,
+    pub expires_at: i64,
+    pub sent_at: Option<i64>,
+    pub acked_at: Option<i64>,
+    pub push_state: Option<String>,
+    pub push_at: Option<i64>,
+    pub push_provider: Option<String>,
+    pub reason: Option<String>,
+}
+
+impl DeliveryRow {
+    /// The state is derived from what happened, so concurrent steps (a late ack racing
+    /// a push) can never leave it contradicting the timestamps.
+    pub fn to_wire(&self, now: i64) -> DeliveryRecord {
+        let state = if self.acked_at.is_some() {
+            DeliveryState::Acked
+        } else if self.push_state.as_deref() == Some("pushed") {
+            DeliveryState::Pushed
+        } else if self.push_state.as_deref() == Some("failed") {
+            DeliveryState::PushFailed
+        } else if self.expires_at <= now {
+            DeliveryState::Expired
+        } else if self.sent_at.is_some() {
+            DeliveryState::Sent
+        } else {
+            DeliveryState::Queued
+        };
+        DeliveryRecord {
+            device_id: self.device_id.clone(),
+            seq: self.seq,
+            state,
+            sent_at: self.sent_at.map(rfc3339),
+            acked_at: self.acked_at.map(rfc3339),
+            pushed_at: self.push_at.map(rfc3339),
+            push_provider: self.push_provider.clone(),
+            reason: self.reason.clone(),
+        }
+    }
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn setting(&self, key: &str) -> StoreResult<Option<String>>;
+    /// Stores `value` unless the key exists; returns what is stored afterwards.
+    async fn init_setting(&self, key: &str, value: &str) -> StoreResult<String>;
+
+    async fn create_api_key(&self, key: &ApiKeyRecord) -> StoreResult<()>;
+    async fn api_keys(&self) -> StoreResult<Vec<ApiKeyRecord>>;
+    /// Revokes by id or prefix; returns how many keys were revoked.
+    async fn revoke_api_key(&self, id_or_prefix: &str, now: i64) -> StoreResult<u64>;
+    async fn api_key_by_hash(&self, hash: &[u8]) -> StoreResult<Option<ApiKeyRecord>>;
+
+    /// Creates the device for `user` if new; fails if another user owns it.
+    async fn claim_device(&self, device_id: &str, user: &str, now: i64) -> StoreResult<Device>;
+    async fn register_device(
+        &self,
+        device_id: &str,
+        user: &str,
+        req: &RegisterDeviceRequest,
+        now: i64,
+    ) -> StoreResult<Device>;
+    async fn device(&self, device_id: &str) -> StoreResult<Option<Device>>;
+    async fn user_devices(&self, user: &str) -> StoreResult<Vec<Device>>;
+    /// Deletes the device, its inbox and subscriptions.
+    async fn delete_device(&self, device_id: &str) -> StoreResult<bool>;
+    async fn touch_device(&self, device_id: &str, now: i64) -> StoreResult<()>;
+    /// Marks the token dead, unless it was replaced meanwhile.
+    async fn invalidate_push_token(
+        &self,
+        device_id: &str,
+        token: &str,
+        reason: &str,
+    ) -> StoreResult<()>;
+
+    async fn subscribe(&self, device_id: &str, topic: &str) -> StoreResult<()>;
+    async fn unsubscribe(&self, device_id: &str, topic: &str) -> StoreResult<()>;
+    async fn device_topics(&self, device_id: &str) -> StoreResult<Vec<String>>;
+
+    /// Appends the message to every target inbox in one durable transaction.
+    async fn publish(&self, msg: NewMessage) -> StoreResult<PublishOutcome>;
+    /// Unexpired entries with seq > `after`, ascending, at most `limit`.
+    async fn fetch_after(
+        &self,
+        device_id: &str,
+        after: i64,
+        limit: u32,
+        now: i64,
+    ) -> StoreResult<Vec<InboxEntry>>;
+    /// Cumulative ack; returns the device's acked seq afterwards (never decreases).
+    async fn ack(&self, device_id: &str, seq: i64, now: i64) -> StoreResult<i64>;
+    /// Records that entries `(device, from..=to)` were written to a live session.
+    async fn mark_sent(&self, ranges: &[(String, i64, i64)], now: i64) -> StoreResult<()>;
+    /// Claims the right to push one entry: true once per entry, never if acked.
+    async fn claim_push(&self, device_id: &str, seq: i64, now: i64) -> StoreResult<bool>;
+    async fn finish_push(
+        &self,
+        device_id: &str,
+        seq: i64,
+        mark: PushMark,
+        provider: Option<&str>,
+        reason: Option<&str>,
+        now: i64,
+    ) -> StoreResult<()>;
+    async fn message(&self, id: &str) -> StoreResult<Option<(StoredMessage, Vec<DeliveryRow>)>>;
+    /// Deletes inbox entries that expired more than `retention_ms` ago; returns count.
+    async fn sweep(&self, now: i64, retention_ms: i64) -> StoreResult<u64>;
+    async fn ping(&self) -> StoreResult<()>;
+}

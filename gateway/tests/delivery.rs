@@ -1,0 +1,514 @@
+//! The delivery model against the real server: live, replay, fan-out, acks, TTL,
+//! idempotency, ack timeout → push, slow consumers.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use herald_gateway::testing::TestGateway;
+use herald_protocol::{ClientFrame, ServerFrame};
+use serde_json::json;
+
+#[tokio::test]
+async fn live_delivery_then_ack_is_recorded() {
+    let tg = TestGateway::start().await;
+    let mut dev = connect(&tg, "alice", "phone", None).await;
+    let r = publish(
+        &tg,
+        json!({"to": {"device": "phone"}, "data": {"text": "hi"}}),
+    )
+    .await;
+    assert_eq!(r["recipients"], 1);
+    let m = dev.msg().await;
+    assert_eq!(m.seq, 1);
+    assert_eq!(m.data, json!({"text": "hi"}));
+    assert_eq!(m.id, r["message_id"].as_str().unwrap());
+    dev.ack(1).await;
+    let id = r["message_id"].as_str().unwrap().to_owned();
+    let status = eventually("acked state", || async {
+        let (_, v) = get(&tg, &format!("/v1/messages/{id}"), &tg.api_key).await;
+        (v["deliveries"][0]["state"] == "acked").then_some(v)
+    })
+    .await;
+    assert_eq!(status["deliveries"][0]["device_id"], "phone");
+    assert!(status["deliveries"][0]["acked_at"].is_string());
+    // Delivered live: the fallback policy pushed nothing.
+    assert!(tg.fcm.sent().is_empty() && tg.apns.sent().is_empty());
+    let (_, device) = get(&tg, "/v1/devices/phone", &tg.api_key).await;
+    assert_eq!(device["online"], true);
+    assert_eq!(device["acked_seq"], 1);
+    let metrics = common::http()
+        .get(format!("{}/metrics", tg.base_url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("herald_delivered_live_total 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("herald_publish_to_deliver_seconds_count 1"));
+    assert!(metrics.contains("herald_connections 1"));
+}
+
+#[tokio::test]
+async fn offline_messages_replay_in_order_then_live_follows() {
+    let tg = TestGateway::start().await;
+    register(&tg, "bob", "tablet", None).await;
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let r = publish(&tg, json!({"to": {"device": "tablet"}, "data": {"n": i}})).await;
+        ids.push(r["message_id"].as_str().unwrap().to_owned());
+    }
+    let mut dev = connect(&tg, "bob", "tablet", Some(0)).await;
+    for (i, id) in ids.iter().enumerate() {
+        let m = dev.msg().await;
+        assert_eq!(m.seq, i as i64 + 1);
+        assert_eq!(&m.id, id);
+        assert_eq!(m.data["n"], i);
+    }
+    publish(&tg, json!({"to": {"device": "tablet"}, "data": {"n": 20}})).await;
+    assert_eq!(dev.msg().await.seq, 21);
+    dev.ack(21).await;
+    dev.quiet_for(Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
+async fn publishes_during_replay_are_neither_lost_nor_reordered() {
+    let tg = TestGateway::start_with(|c| c.delivery.replay_batch = 7).await;
+    register(&tg, "bob", "d1", None).await;
+    for i in 0..50 {
+        publish(&tg, json!({"to": {"device": "d1"}, "data": {"n": i}})).await;
+    }
+    let mut dev = connect(&tg, "bob", "d1", Some(0)).await;
+    let tg_ref = &tg;
+    let publisher = async move {
+        for i in 50..100 {
+            publish(tg_ref, json!({"to": {"device": "d1"}, "data": {"n": i}})).await;
+        }
+    };
+    let reader = async {
+        let mut seqs = Vec::new();
+        while seqs.len() < 100 {
+            let m = dev.msg().await;
+            seqs.push(m.seq);
+        }
+        seqs
+    };
+    let ((), seqs) = tokio::join!(publisher, reader);
+    assert_eq!(seqs, (1..=100).collect::<Vec<i64>>());
+}
+
+#[tokio::test]
+async fn reconnect_with_a_stale_cursor_replays_from_it() {
+    let tg = TestGateway::start().await;
+    let mut dev = connect(&tg, "carol", "p", None).await;
+    for i in 0..5 {
+        publish(&tg, json!({"to": {"user": "carol"}, "data": {"n": i}})).await;
+    }
+    for s in 1..=5 {
+        assert_eq!(dev.msg().await.seq, s);
+    }
+    dev.ack(5).await;
+    drop(dev);
+    // The app lost its local state after seq 2: it asks again from there.
+    let mut dev = connect(&tg, "carol", "p", Some(2)).await;
+    for s in 3..=5 {
+        assert_eq!(dev.msg().await.seq, s);
+    }
+    dev.quiet_for(Duration::from_millis(200)).await;
+    drop(dev);
+    // Without a cursor the server resumes after the last ack: nothing to replay.
+    let mut dev = connect(&tg, "carol", "p", None).await;
+    dev.quiet_for(Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
+async fn user_fan_out_reaches_every_device_of_the_user_only() {
+    let tg = TestGateway::start().await;
+    let mut a = connect(&tg, "dave", "dave-phone", None).await;
+    let mut b = connect(&tg, "dave", "dave-tablet", None).await;
+    let mut other = connect(&tg, "erin", "erin-phone", None).await;
+    register(&tg, "dave", "dave-laptop", None).await;
+    let r = publish(&tg, json!({"to": {"user": "dave"}, "data": {"x": 1}})).await;
+    assert_eq!(r["recipients"], 3);
+    assert_eq!(a.msg().await.id, r["message_id"].as_str().unwrap());
+    assert_eq!(b.msg().await.id, r["message_id"].as_str().unwrap());
+    other.quiet_for(Duration::from_millis(200)).await;
+    let (_, status) = get(
+        &tg,
+        &format!("/v1/messages/{}", r["message_id"].as_str().unwrap()),
+        &tg.api_key,
+    )
+    .await;
+    let states: Vec<_> = status["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["device_id"].as_str().unwrap().to_owned(),
+                d["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(states.len(), 3);
+    // The laptop is offline with no push token: the push route failed, visibly.
+    assert!(
+        states.contains(&("dave-laptop".into(), "push_failed".into()))
+            || states.contains(&("dave-laptop".into(), "queued".into())),
+        "{states:?}"
+    );
+    let (_, list) = get(&tg, "/v1/users/dave/devices", &tg.api_key).await;
+    assert_eq!(list["devices"].as_array().unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn topic_fan_out_reaches_subscribers_and_survives_reconnect() {
+    let tg = TestGateway::start().await;
+    let mut subs = Vec::new();
+    for i in 0..5 {
+        let mut d = connect(&tg, &format!("u{i}"), &format!("dev{i}"), None).await;
+        d.send(&ClientFrame::Subscribe {
+            topic: "news".into(),
+        })
+        .await;
+        assert_eq!(
+            d.frame().await,
+            Some(ServerFrame::Subscribed {
+                topic: "news".into()
+            })
+        );
+        subs.push(d);
+    }
+    let mut outsider = connect(&tg, "x", "outsider", None).await;
+    let r = publish(
+        &tg,
+        json!({"to": {"topic": "news"}, "data": {"h": "headline"}}),
+    )
+    .await;
+    assert_eq!(r["recipients"], 5);
+    for d in &mut subs {
+        assert_eq!(d.msg().await.data["h"], "headline");
+    }
+    outsider.quiet_for(Duration::from_millis(200)).await;
+    // Subscriptions are stored: they hold across reconnects; unsubscribe removes one.
+    subs[0]
+        .send(&ClientFrame::Unsubscribe {
+            topic: "news".into(),
+        })
+        .await;
+    assert_eq!(
+        subs[0].frame().await,
+        Some(ServerFrame::Unsubscribed {
+            topic: "news".into()
+        })
+    );
+    drop(subs);
+    let r = publish(&tg, json!({"to": {"topic": "news"}, "data": {}})).await;
+    assert_eq!(r["recipients"], 4);
+}
+
+#[tokio::test]
+async fn idempotency_key_returns_the_first_message_and_creates_nothing() {
+    let tg = TestGateway::start().await;
+    let mut dev = connect(&tg, "f", "fd", None).await;
+    let body = json!({"to": {"device": "fd"}, "data": {"k": 1}, "idempotency_key": "order-42"});
+    let first = publish(&tg, body.clone()).await;
+    let second = publish(&tg, body).await;
+    assert_eq!(first["message_id"], second["message_id"]);
+    assert_eq!(second["duplicate"], true);
+    // The header form is the same key.
+    let resp = common::http()
+        .post(format!("{}/v1/messages", tg.base_url))
+        .bearer_auth(&tg.api_key)
+        .header("Idempotency-Key", "order-42")
+        .json(&json!({"to": {"device": "fd"}, "data": {"k": 2}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+    let third: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(third["message_id"], first["message_id"]);
+    assert_eq!(dev.msg().await.seq, 1);
+    dev.quiet_for(Duration::from_millis(300)).await;
+    let (_, device) = get(&tg, "/v1/devices/fd", &tg.api_key).await;
+    assert_eq!(device["last_seq"], 1);
+}
+
+#[tokio::test]
+async fn expired_messages_are_not_replayed_and_show_expired() {
+    let tg = TestGateway::start().await;
+    register(&tg, "g", "gd", None).await;
+    let short = publish(
+        &tg,
+        json!({"to": {"device": "gd"}, "data": {"v": "short"}, "ttl_seconds": 1, "push": "never"}),
+    )
+    .await;
+    publish(
+        &tg,
+        json!({"to": {"device": "gd"}, "data": {"v": "long"}, "push": "never"}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let mut dev = connect(&tg, "g", "gd", Some(0)).await;
+    let m = dev.msg().await;
+    assert_eq!((m.seq, m.data["v"].as_str()), (2, Some("long")));
+    dev.quiet_for(Duration::from_millis(200)).await;
+    let (_, status) = get(
+        &tg,
+        &format!("/v1/messages/{}", short["message_id"].as_str().unwrap()),
+        &tg.api_key,
+    )
+    .await;
+    assert_eq!(status["deliveries"][0]["state"], "expired");
+    // Sync over HTTP skips it too.
+    let token = tg.mint_token("g", Duration::from_secs(60));
+    let (_, sync) = get(&tg, "/v1/me/sync?device_id=gd&after=0", &token).await;
+    assert_eq!(sync["messages"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn unacked_live_message_times_out_closes_session_and_is_pushed_once() {
+    let tg = TestGateway::start_with(|c| c.delivery.ack_timeout_ms = 300).await;
+    register(&tg, "h", "hd", Some(("fcm", "fcm-token-1"))).await;
+    let mut dev = connect(&tg, "h", "hd", None).await;
+    let r = publish(&tg, json!({"to": {"device": "hd"}, "data": {"a": 1}})).await;
+    assert_eq!(dev.msg().await.seq, 1);
+    // No ack: the session is judged half-open.
+    match dev.frame().await {
+        Some(ServerFrame::Error { code, .. }) => assert_eq!(code, "ack_timeout"),
+        other => panic!("expected ack_timeout, got {other:?}"),
+    }
+    assert!(dev.frame().await.is_none(), "session should close");
+    let sent = eventually("push", || async {
+        let s = tg.fcm.sent();
+        (!s.is_empty()).then_some(s)
+    })
+    .await;
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].token, "fcm-token-1");
+    assert_eq!(sent[0].seq, 1);
+    assert_eq!(sent[0].message_id, r["message_id"].as_str().unwrap());
+    let id = r["message_id"].as_str().unwrap().to_owned();
+    eventually("pushed state", || async {
+        let (_, v) = get(&tg, &format!("/v1/messages/{id}"), &tg.api_key).await;
+        (v["deliveries"][0]["state"] == "pushed").then_some(())
+    })
+    .await;
+    // Reconnecting replays it (still unacked) without a second push.
+    let mut dev = connect(&tg, "h", "hd", None).await;
+    assert_eq!(dev.msg().await.seq, 1);
+    dev.ack(1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(tg.fcm.sent().len(), 1);
+}
+
+#[tokio::test]
+async fn push_policies_decide_who_gets_pushed() {
+    let tg = TestGateway::start().await;
+    register(&tg, "i", "online", Some(("apns", "apns-online"))).await;
+    register(&tg, "i", "offline", Some(("apns", "apns-offline"))).await;
+    let mut dev = connect(&tg, "i", "online", None).await;
+    publish(&tg, json!({"to": {"user": "i"}, "data": {"p": "fallback"}})).await;
+    publish(
+        &tg,
+        json!({"to": {"user": "i"}, "data": {"p": "always"}, "push": "always"}),
+    )
+    .await;
+    publish(
+        &tg,
+        json!({"to": {"user": "i"}, "data": {"p": "never"}, "push": "never"}),
+    )
+    .await;
+    for s in 1..=3 {
+        let m = dev.msg().await;
+        assert_eq!(m.seq, s);
+        dev.ack(s).await;
+    }
+    let pushes = eventually("3 pushes", || async {
+        let s = tg.apns.sent();
+        (s.len() >= 3).then_some(s)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut got: Vec<(String, String)> = tg
+        .apns
+        .sent()
+        .iter()
+        .map(|p| (p.token.clone(), p.data["p"].as_str().unwrap().to_owned()))
+        .collect();
+    got.sort();
+    assert_eq!(pushes.len(), 3);
+    assert_eq!(
+        got,
+        vec![
+            ("apns-offline".into(), "always".into()),
+            ("apns-offline".into(), "fallback".into()),
+            ("apns-online".into(), "always".into()),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn slow_consumer_is_disconnected_and_catches_up_by_replay() {
+    let tg = TestGateway::start_with(|c| {
+        c.delivery.session_queue = 4;
+        c.limits.publish_burst_per_key = 100_000;
+        c.limits.publish_rate_per_key = 100_000;
+    })
+    .await;
+    register(&tg, "s", "sd", None).await;
+    let dev = connect(&tg, "s", "sd", None).await;
+    // The client never reads: its socket buffers fill, the session's queue fills, and
+    // the gateway cuts it off instead of buffering without bound.
+    let big = "x".repeat(32 * 1024);
+    let mut n = 0;
+    let kicked = loop {
+        publish(
+            &tg,
+            json!({"to": {"device": "sd"}, "data": {"pad": big}, "push": "never"}),
+        )
+        .await;
+        n += 1;
+        let (_, d) = get(&tg, "/v1/devices/sd", &tg.api_key).await;
+        if d["online"] == false {
+            break true;
+        }
+        if n >= 400 {
+            break false;
+        }
+    };
+    assert!(kicked, "slow consumer was never disconnected");
+    drop(dev);
+    let mut dev = connect(&tg, "s", "sd", Some(0)).await;
+    for s in 1..=n {
+        assert_eq!(dev.msg().await.seq, s);
+    }
+}
+
+#[tokio::test]
+async fn http_sync_and_ack_serve_background_apps() {
+    let tg = TestGateway::start().await;
+    register(&tg, "j", "jd", None).await;
+    for i in 0..5 {
+        publish(
+            &tg,
+            json!({"to": {"device": "jd"}, "data": {"i": i}, "push": "never"}),
+        )
+        .await;
+    }
+    let token = tg.mint_token("j", Duration::from_secs(60));
+    let (s, page) = get(&tg, "/v1/me/sync?device_id=jd&after=0&limit=3", &token).await;
+    assert_eq!(s, 200);
+    assert_eq!(page["has_more"], true);
+    assert_eq!(page["last_seq"], 5);
+    let seqs: Vec<i64> = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_i64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![1, 2, 3]);
+    let (_, page) = get(&tg, "/v1/me/sync?device_id=jd&after=3&limit=3", &token).await;
+    assert_eq!(page["has_more"], false);
+    assert_eq!(page["messages"].as_array().unwrap().len(), 2);
+    let (s, ack) = post(
+        &tg,
+        "/v1/me/ack",
+        &token,
+        json!({"device_id": "jd", "seq": 5}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(ack["acked_seq"], 5);
+    let (s, err) = post(
+        &tg,
+        "/v1/me/ack",
+        &token,
+        json!({"device_id": "jd", "seq": 99}),
+    )
+    .await;
+    assert_eq!(s, 422, "{err}");
+    // Another user's token cannot read this inbox.
+    let intruder = tg.mint_token("mallory", Duration::from_secs(60));
+    let (s, _) = get(&tg, "/v1/me/sync?device_id=jd&after=0", &intruder).await;
+    assert_eq!(s, 403);
+}
+
+#[tokio::test]
+async fn deleting_a_device_closes_its_session_and_forgets_it() {
+    let tg = TestGateway::start().await;
+    let mut dev = connect(&tg, "k", "kd", None).await;
+    let resp = common::http()
+        .delete(format!("{}/v1/devices/kd", tg.base_url))
+        .bearer_auth(&tg.api_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 204);
+    assert!(dev.frame().await.is_none());
+    let (s, _) = get(&tg, "/v1/devices/kd", &tg.api_key).await;
+    assert_eq!(s, 404);
+    let (s, e) = post(
+        &tg,
+        "/v1/messages",
+        &tg.api_key,
+        json!({"to": {"device": "kd"}, "data": {}}),
+    )
+    .await;
+    assert_eq!(s, 404, "{e}");
+}
+
+#[tokio::test]
+async fn app_level_ping_gets_pong_and_bad_frames_get_errors() {
+    let tg = TestGateway::start().await;
+    let mut dev = connect(&tg, "l", "ld", None).await;
+    dev.send(&ClientFrame::Ping).await;
+    assert_eq!(dev.frame().await, Some(ServerFrame::Pong));
+    use futures_util::SinkExt;
+    dev.ws
+        .send(tokio_tungstenite::tungstenite::Message::Text(
+            "{nope".into(),
+        ))
+        .await
+        .unwrap();
+    assert!(
+        matches!(dev.frame().await, Some(ServerFrame::Error { code, .. }) if code == "bad_frame")
+    );
+    dev.ack(50).await;
+    assert!(
+        matches!(dev.frame().await, Some(ServerFrame::Error { code, .. }) if code == "bad_ack")
+    );
+    // Oversized frames are refused by closing the connection.
+    let huge = format!(
+        "{{\"type\":\"subscribe\",\"topic\":\"{}\"}}",
+        "a".repeat(64 * 1024)
+    );
+    let _ = dev
+        .ws
+        .send(tokio_tungstenite::tungstenite::Message::Text(huge.into()))
+        .await;
+    assert!(dev.frame().await.is_none());
+    // The session is still usable after reconnect.
+    let mut dev = connect(&tg, "l", "ld", None).await;
+    dev.send(&ClientFrame::Ping).await;
+    assert_eq!(dev.frame().await, Some(ServerFrame::Pong));
+}
+
+#[tokio::test]
+async fn silent_client_is_dropped_after_two_heartbeats() {
+    let tg = TestGateway::start_with(|c| c.delivery.heartbeat_ms = 200).await;
+    // tungstenite answers pings only while the socket is read; a client that never
+    // reads looks dead to the server.
+    let dev = connect(&tg, "m", "md", None).await;
+    eventually("offline", || async {
+        let (_, d) = get(&tg, "/v1/devices/md", &tg.api_key).await;
+        (d["online"] == false).then_some(())
+    })
+    .await;
+    drop(dev);
+}

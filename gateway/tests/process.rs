@@ -1,0 +1,301 @@
+//! The real `herald` binary: first start, CLI, graceful shutdown, and kill -9 during a
+//! publish burst losing nothing that was answered 202.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::{connect_with_token, WAIT};
+use herald_gateway::testing::TempDir;
+use herald_protocol::ServerFrame;
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_herald");
+
+struct Gateway {
+    child: Child,
+    base: String,
+    /// The first-start banner's API key, if this start printed one.
+    api_key: Option<String>,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// The child is reaped by `Gateway`'s Drop.
+#[allow(clippy::zombie_processes)]
+fn spawn(data_dir: &Path) -> Gateway {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .env("HERALD_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn herald");
+    let (tx, rx) = mpsc::channel::<String>();
+    let out = child.stdout.take().unwrap();
+    let err = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // Logs go to stderr; drain them so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in BufReader::new(err).lines().map_while(Result::ok) {});
+    let mut api_key = None;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .expect("herald did not report its address");
+        if let Some(k) = line.strip_prefix("API key (service routes):") {
+            api_key = Some(k.trim().to_owned());
+        }
+        if let Some(base) = line.strip_prefix("herald listening on ") {
+            let base = base.trim().to_owned();
+            // Keep draining output so the child never blocks on a full pipe.
+            std::thread::spawn(move || while rx.recv().is_ok() {});
+            return Gateway {
+                child,
+                base,
+                api_key,
+            };
+        }
+    }
+}
+
+fn cli(data_dir: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()
+        .expect("run herald");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn ws_url(base: &str, device: &str, after: i64) -> String {
+    format!(
+        "{}/v1/connect?device_id={device}&after={after}",
+        base.replacen("http://", "ws://", 1)
+    )
+}
+
+async fn register(base: &str, token: &str, device: &str) {
+    let r = reqwest::Client::new()
+        .put(format!("{base}/v1/me/devices/{device}"))
+        .bearer_auth(token)
+        .json(&json!({"platform": "ios"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+}
+
+#[tokio::test]
+async fn cli_manages_keys_and_mints_tokens() {
+    let tmp = TempDir::new("herald-cli");
+    let (ok, key, _) = cli(&tmp.0, &["keys", "create", "--name", "backend"]);
+    assert!(ok);
+    assert!(
+        key.starts_with("hk_") && !key.contains(char::is_whitespace),
+        "{key}"
+    );
+    let (ok, list, _) = cli(&tmp.0, &["keys", "list"]);
+    assert!(ok);
+    assert!(list.contains("backend") && !list.contains(&key), "{list}");
+    let (ok, token, _) = cli(&tmp.0, &["token", "mint", "--user", "zoe"]);
+    assert!(ok);
+    assert_eq!(token.split('.').count(), 3, "{token}");
+
+    let gw = spawn(&tmp.0);
+    assert!(gw.api_key.is_none(), "a key exists: no first-start banner");
+    let mut gw = gw;
+    let http = reqwest::Client::new();
+    let publish = |k: String| {
+        let http = http.clone();
+        let base = gw.base.clone();
+        async move {
+            http.post(format!("{base}/v1/messages"))
+                .bearer_auth(k)
+                .json(&json!({"to": {"user": "zoe"}, "data": {}}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(publish(key.clone()).await, 202);
+    // The CLI-minted token works against the running gateway.
+    let dev = connect_with_token(&ws_url(&gw.base, "zoe-phone", 0), &token).await;
+    assert!(dev.is_ok());
+    let id = list.split('\t').next().unwrap().to_owned();
+    let (ok, _, _) = cli(&tmp.0, &["keys", "revoke", &id]);
+    assert!(ok);
+    assert_eq!(publish(key).await, 401);
+    let (ok, _, err) = cli(&tmp.0, &["keys", "revoke", "key_nope"]);
+    assert!(!ok && err.contains("herald keys list"), "{err}");
+    gw.child.kill().unwrap();
+}
+
+#[tokio::test]
+async fn sigterm_tells_clients_to_reconnect_and_exits_zero() {
+    let tmp = TempDir::new("herald-term");
+    let mut gw = spawn(&tmp.0);
+    let api_key = gw.api_key.clone().expect("first start prints an API key");
+    let (_, token, _) = cli(&tmp.0, &["token", "mint", "--user", "t"]);
+    let mut dev = connect_with_token(&ws_url(&gw.base, "t1", 0), &token)
+        .await
+        .unwrap();
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/messages", gw.base))
+        .bearer_auth(&api_key)
+        .json(&json!({"to": {"device": "t1"}, "data": {"before": "shutdown"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    assert_eq!(dev.msg().await.seq, 1);
+    let status = Command::new("kill")
+        .args(["-TERM", &gw.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    match dev.frame().await {
+        Some(ServerFrame::Reconnect { after_ms }) => assert!(after_ms > 0),
+        other => panic!("expected reconnect, got {other:?}"),
+    }
+    assert!(dev.frame().await.is_none());
+    let exit = tokio::task::spawn_blocking(move || gw.child.wait().map(|s| (s, gw)))
+        .await
+        .unwrap()
+        .unwrap()
+        .0;
+    assert_eq!(exit.code(), Some(0));
+}
+
+#[tokio::test]
+async fn kill_9_during_a_publish_burst_loses_nothing_answered_202() {
+    let tmp = TempDir::new("herald-crash");
+    let mut gw = spawn(&tmp.0);
+    let api_key = gw.api_key.clone().unwrap();
+    let (_, token, _) = cli(&tmp.0, &["token", "mint", "--user", "crash"]);
+    register(&gw.base, &token, "victim").await;
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let mut publishers = Vec::new();
+    for w in 0..8 {
+        let (base, key, tx) = (gw.base.clone(), api_key.clone(), tx.clone());
+        publishers.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            for i in 0..10_000 {
+                let r = http
+                    .post(format!("{base}/v1/messages"))
+                    .bearer_auth(&key)
+                    .json(&json!({"to": {"device": "victim"}, "data": {"w": w, "i": i}, "push": "never"}))
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status().as_u16() == 202 => {
+                        let v: serde_json::Value = r.json().await.unwrap();
+                        let _ = tx.send(v["message_id"].as_str().unwrap().to_owned());
+                    }
+                    // The gateway died mid-request: not acknowledged, no promise.
+                    _ => break,
+                }
+            }
+        }));
+    }
+    drop(tx);
+    // Let the burst run, then kill without warning.
+    let mut accepted = Vec::new();
+    while accepted.len() < 300 {
+        accepted.push(
+            tokio::time::timeout(WAIT, rx.recv())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    gw.child.kill().unwrap();
+    gw.child.wait().unwrap();
+    for p in publishers {
+        p.await.unwrap();
+    }
+    while let Some(id) = rx.recv().await {
+        accepted.push(id);
+    }
+
+    let gw = spawn(&tmp.0);
+    let mut dev = connect_with_token(&ws_url(&gw.base, "victim", 0), &token)
+        .await
+        .unwrap();
+    let mut received = std::collections::HashSet::new();
+    let mut expected_seq = 1;
+    let device: serde_json::Value = reqwest::Client::new()
+        .get(format!("{}/v1/devices/victim", gw.base))
+        .bearer_auth(&api_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let last_seq = device["last_seq"].as_i64().unwrap();
+    assert!(last_seq as usize >= accepted.len());
+    while expected_seq <= last_seq {
+        let m = dev.msg().await;
+        assert_eq!(m.seq, expected_seq, "replay has no gaps");
+        expected_seq += 1;
+        received.insert(m.id);
+        if m.seq % 100 == 0 {
+            dev.ack(m.seq).await;
+        }
+    }
+    let lost: Vec<_> = accepted
+        .iter()
+        .filter(|id| !received.contains(*id))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} accepted messages lost: {:?}",
+        lost.len(),
+        accepted.len(),
+        &lost[..lost.len().min(5)]
+    );
+    let mut gw = gw;
+    gw.child.kill().unwrap();
+}
+
+#[tokio::test]
+async fn bad_config_fails_with_a_message_naming_the_problem() {
+    let tmp = TempDir::new("herald-badcfg");
+    let file = tmp.0.join("herald.toml");
+    std::fs::write(&file, "listen = 12\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["migrate", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("herald.toml") && err.contains("listen"),
+        "{err}"
+    );
+    let _ = Duration::from_secs(0);
+}

@@ -1,0 +1,70 @@
+-- Herald embedded store. Times are unix milliseconds (UTC).
+
+CREATE TABLE settings (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+
+CREATE TABLE api_keys (
+    id         TEXT PRIMARY KEY,
+    name       TEXT NOT NULL,
+    prefix     TEXT NOT NULL,
+    hash       BLOB NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL,
+    revoked_at INTEGER
+);
+
+CREATE TABLE devices (
+    id               TEXT PRIMARY KEY,
+    user_id          TEXT NOT NULL,
+    platform         TEXT,
+    push_provider    TEXT,
+    push_token       TEXT,
+    apns_environment TEXT,
+    token_state      TEXT NOT NULL DEFAULT 'none',
+    token_error      TEXT,
+    last_seq         INTEGER NOT NULL DEFAULT 0,
+    acked_seq        INTEGER NOT NULL DEFAULT 0,
+    created_at       INTEGER NOT NULL,
+    last_seen        INTEGER
+);
+CREATE INDEX devices_by_user ON devices (user_id);
+
+CREATE TABLE subscriptions (
+    topic     TEXT NOT NULL,
+    device_id TEXT NOT NULL REFERENCES devices (id) ON DELETE CASCADE,
+    PRIMARY KEY (topic, device_id)
+);
+CREATE INDEX subscriptions_by_device ON subscriptions (device_id);
+
+CREATE TABLE messages (
+    id              TEXT PRIMARY KEY,
+    api_key_id      TEXT NOT NULL,
+    target_kind     TEXT NOT NULL,
+    target          TEXT NOT NULL,
+    payload         TEXT NOT NULL,
+    recipients      INTEGER NOT NULL,
+    created_at      INTEGER NOT NULL,
+    expires_at      INTEGER NOT NULL,
+    idempotency_key TEXT
+);
+CREATE UNIQUE INDEX messages_by_idempotency_key
+    ON messages (api_key_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE INDEX messages_by_expiry ON messages (expires_at);
+
+-- One row per (device, seq): the device's inbox and the delivery record at once.
+CREATE TABLE deliveries (
+    device_id     TEXT NOT NULL REFERENCES devices (id) ON DELETE CASCADE,
+    seq           INTEGER NOT NULL,
+    message_id    TEXT NOT NULL,
+    expires_at    INTEGER NOT NULL,
+    sent_at       INTEGER,
+    acked_at      INTEGER,
+    push_state    TEXT,          -- NULL | 'pending' | 'pushed' | 'failed'
+    push_at       INTEGER,
+    push_provider TEXT,
+    reason        TEXT,
+    PRIMARY KEY (device_id, seq)
+) WITHOUT ROWID;
+CREATE INDEX deliveries_by_message ON deliveries (message_id);
+CREATE INDEX deliveries_by_expiry ON deliveries (expires_at);

@@ -1,0 +1,540 @@
+//! Wire types shared by the gateway, the SDK and the tests.
+//!
+//! Everything a client or a backend puts on the wire is defined here once, so the
+//! gateway and the SDK cannot drift apart. `docs/protocol.md` is the prose reference
+//! for these types; a change here must be reflected there.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// WebSocket subprotocol spoken on `GET /v1/connect`.
+pub const SUBPROTOCOL: &str = "herald.v1";
+
+/// Limits on identifiers (device ids, user ids, topics, keys). Bounded so a hostile
+/// client cannot make the store index megabyte-long keys.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Where a message goes. Exactly one of the three.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Target {
+    User(String),
+    Device(String),
+    Topic(String),
+}
+
+impl Target {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Target::User(_) => "user",
+            Target::Device(_) => "device",
+            Target::Topic(_) => "topic",
+        }
+    }
+    pub fn value(&self) -> &str {
+        match self {
+            Target::User(v) | Target::Device(v) | Target::Topic(v) => v,
+        }
+    }
+}
+
+/// The visible part of a notification, as shown by the OS when the app is not running.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Notification {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub badge: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sound: Option<String>,
+}
+
+/// When a message may go through APNs/FCM.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PushPolicy {
+    /// Push only when the message was not delivered live (offline, or no ack in time).
+    #[default]
+    Fallback,
+    /// Push as well as live delivery.
+    Always,
+    /// Never push; the device gets it live or on its next sync.
+    Never,
+}
+
+impl PushPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PushPolicy::Fallback => "fallback",
+            PushPolicy::Always => "always",
+            PushPolicy::Never => "never",
+        }
+    }
+}
+
+/// What a push carries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PushContent {
+    /// Data and notification, when they fit the provider's limit.
+    #[default]
+    Full,
+    /// Only message id and seq; the app fetches the body (privacy, or too large).
+    Hint,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    High,
+    #[default]
+    Normal,
+}
+
+/// `POST /v1/messages`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishRequest {
+    pub to: Target,
+    #[serde(default = "empty_object")]
+    pub data: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notification: Option<Notification>,
+    #[serde(default)]
+    pub push: PushPolicy,
+    #[serde(default)]
+    pub push_content: PushContent,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<u64>,
+    #[serde(default)]
+    pub priority: Priority,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collapse_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+fn empty_object() -> Value {
+    Value::Object(Default::default())
+}
+
+impl PublishRequest {
+    /// A message to `to` with `data` and every option at its default.
+    pub fn new(to: Target, data: Value) -> Self {
+        PublishRequest {
+            to,
+            data,
+            notification: None,
+            push: PushPolicy::default(),
+            push_content: PushContent::default(),
+            ttl_seconds: None,
+            priority: Priority::default(),
+            collapse_key: None,
+            idempotency_key: None,
+        }
+    }
+}
+
+/// `202` answer of `POST /v1/messages`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishResponse {
+    pub message_id: String,
+    pub recipients: u64,
+    /// True when an earlier message with the same idempotency key was returned.
+    #[serde(default)]
+    pub duplicate: bool,
+}
+
+/// Per-device delivery state of a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryState {
+    Queued,
+    Sent,
+    Acked,
+    Pushed,
+    PushFailed,
+    Expired,
+}
+
+impl DeliveryState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryState::Queued => "queued",
+            DeliveryState::Sent => "sent",
+            DeliveryState::Acked => "acked",
+            DeliveryState::Pushed => "pushed",
+            DeliveryState::PushFailed => "push_failed",
+            DeliveryState::Expired => "expired",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "queued" => DeliveryState::Queued,
+            "sent" => DeliveryState::Sent,
+            "acked" => DeliveryState::Acked,
+            "pushed" => DeliveryState::Pushed,
+            "push_failed" => DeliveryState::PushFailed,
+            "expired" => DeliveryState::Expired,
+            _ => return None,
+        })
+    }
+}
+
+/// One device's view of one message, in `GET /v1/messages/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryRecord {
+    pub device_id: String,
+    pub seq: i64,
+    pub state: DeliveryState,
+    /// RFC 3339 times (UTC) of each step that happened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acked_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pushed_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push_provider: Option<String>,
+    /// Why a push failed, or why the message was not delivered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// `GET /v1/messages/{id}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MessageStatus {
+    pub message_id: String,
+    pub to: Target,
+    pub data: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notification: Option<Notification>,
+    pub push: PushPolicy,
+    pub push_content: PushContent,
+    pub priority: Priority,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collapse_key: Option<String>,
+    pub created_at: String,
+    pub expires_at: String,
+    pub deliveries: Vec<DeliveryRecord>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Platform {
+    Ios,
+    Android,
+    Other,
+}
+
+impl Platform {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Platform::Ios => "ios",
+            Platform::Android => "android",
+            Platform::Other => "other",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "ios" => Some(Platform::Ios),
+            "android" => Some(Platform::Android),
+            "other" => Some(Platform::Other),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PushProviderKind {
+    Apns,
+    Fcm,
+}
+
+impl PushProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PushProviderKind::Apns => "apns",
+            PushProviderKind::Fcm => "fcm",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "apns" => Some(PushProviderKind::Apns),
+            "fcm" => Some(PushProviderKind::Fcm),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApnsEnvironment {
+    Sandbox,
+    Production,
+}
+
+impl ApnsEnvironment {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApnsEnvironment::Sandbox => "sandbox",
+            ApnsEnvironment::Production => "production",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "sandbox" => Some(ApnsEnvironment::Sandbox),
+            "production" => Some(ApnsEnvironment::Production),
+            _ => None,
+        }
+    }
+}
+
+/// `PUT /v1/me/devices/{device_id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterDeviceRequest {
+    pub platform: Platform,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push_provider: Option<PushProviderKind>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push_token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apns_environment: Option<ApnsEnvironment>,
+}
+
+/// State of a device's push token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PushTokenState {
+    /// No token registered.
+    None,
+    Active,
+    /// The provider said the token is dead; no pushes until re-registered.
+    Invalid,
+}
+
+impl PushTokenState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PushTokenState::None => "none",
+            PushTokenState::Active => "active",
+            PushTokenState::Invalid => "invalid",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "none" => Some(PushTokenState::None),
+            "active" => Some(PushTokenState::Active),
+            "invalid" => Some(PushTokenState::Invalid),
+            _ => None,
+        }
+    }
+}
+
+/// `GET /v1/devices/{id}` and the items of `GET /v1/users/{user}/devices`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    pub device_id: String,
+    pub user: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<Platform>,
+    pub online: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push_provider: Option<PushProviderKind>,
+    pub push_token: PushTokenState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push_token_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apns_environment: Option<ApnsEnvironment>,
+    /// Highest seq assigned to this device's inbox.
+    pub last_seq: i64,
+    /// Highest seq the device acknowledged.
+    pub acked_seq: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceList {
+    pub devices: Vec<DeviceInfo>,
+}
+
+/// `POST /v1/tokens`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    pub user: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenResponse {
+    pub token: String,
+    pub expires_at: String,
+}
+
+/// One inbox entry as delivered to a device (WebSocket `msg` frame, sync item).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InboxMessage {
+    pub seq: i64,
+    pub id: String,
+    pub data: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notification: Option<Notification>,
+    pub sent_at: String,
+}
+
+/// `GET /v1/me/sync`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SyncResponse {
+    pub messages: Vec<InboxMessage>,
+    /// True when more entries follow; call again with `after` = last seq.
+    pub has_more: bool,
+    /// Highest seq assigned to this device (what a fully caught-up client has).
+    pub last_seq: i64,
+}
+
+/// `POST /v1/me/ack`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AckRequest {
+    pub device_id: String,
+    pub seq: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AckResponse {
+    pub acked_seq: i64,
+}
+
+/// Every error answer: `{"error": {"code", "message"}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+}
+
+/// Frames the gateway sends on the WebSocket (JSON text, tagged by `type`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    Welcome {
+        session_id: String,
+        heartbeat_s: u64,
+        ack_timeout_s: u64,
+        /// Highest seq assigned to this device when the session started.
+        last_seq: i64,
+    },
+    Msg(InboxMessage),
+    Pong,
+    /// Subscription confirmed (answer to `subscribe`/`unsubscribe`).
+    Subscribed {
+        topic: String,
+    },
+    Unsubscribed {
+        topic: String,
+    },
+    /// The server is going away: reconnect after the delay (to any node).
+    Reconnect {
+        after_ms: u64,
+    },
+    Error {
+        code: String,
+        message: String,
+    },
+}
+
+/// Frames a device sends on the WebSocket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientFrame {
+    /// Cumulative: everything up to and including `seq` was received.
+    Ack {
+        seq: i64,
+    },
+    Ping,
+    Subscribe {
+        topic: String,
+    },
+    Unsubscribe {
+        topic: String,
+    },
+}
+
+/// Keys Herald puts into push payloads (APNs `userInfo`, FCM `data`) so the SDK can
+/// recognise its pushes and sync.
+pub mod push_keys {
+    /// Marker object key in the APNs payload / prefix of FCM data keys.
+    pub const HERALD: &str = "herald";
+    pub const MESSAGE_ID: &str = "herald_id";
+    pub const SEQ: &str = "herald_seq";
+    pub const DEVICE_ID: &str = "herald_device";
+    /// "1" when the push is a content-free sync hint.
+    pub const HINT: &str = "herald_hint";
+    /// JSON-encoded `data` of the message in a full push.
+    pub const DATA: &str = "herald_data";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn publish_request_defaults_and_round_trip() {
+        let req: PublishRequest =
+            serde_json::from_value(json!({"to": {"user": "u1"}, "data": {"k": 1}})).unwrap();
+        assert_eq!(req.to, Target::User("u1".into()));
+        assert_eq!(req.push, PushPolicy::Fallback);
+        assert_eq!(req.push_content, PushContent::Full);
+        assert_eq!(req.priority, Priority::Normal);
+        let back: PublishRequest =
+            serde_json::from_str(&serde_json::to_string(&req).unwrap()).unwrap();
+        assert_eq!(back, req);
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let err = serde_json::from_value::<PublishRequest>(
+            json!({"to": {"user": "u1"}, "data": {}, "colour": "red"}),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("colour"), "{err}");
+        assert!(serde_json::from_value::<PublishRequest>(
+            json!({"to": {"user": "u1", "device": "d"}})
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn frames_are_tagged_by_type() {
+        let f = ServerFrame::Reconnect { after_ms: 500 };
+        assert_eq!(
+            serde_json::to_value(&f).unwrap(),
+            json!({"type": "reconnect", "after_ms": 500})
+        );
+        let c: ClientFrame = serde_json::from_str(r#"{"type":"ack","seq":7}"#).unwrap();
+        assert_eq!(c, ClientFrame::Ack { seq: 7 });
+        let m = ServerFrame::Msg(InboxMessage {
+            seq: 1,
+            id: "m".into(),
+            data: json!({}),
+            notification: None,
+            sent_at: "t".into(),
+        });
+        let v = serde_json::to_value(&m).unwrap();
+        assert_eq!(v["type"], "msg");
+        assert_eq!(v["seq"], 1);
+    }
+}
