@@ -23,6 +23,11 @@ step "Rust tests (gateway, SDK, integration)"
 cargo build --workspace --bins
 cargo nextest run --workspace --no-fail-fast
 
+step "bindings: generate Swift + Kotlin, check the Swift parses, Kotlin tests on the JVM"
+bash bindings/generate.sh
+bash bindings/check-swift.sh
+bash bindings/kotlin-tests/run.sh
+
 for extra in scripts/test.d/*.sh; do
     [ -e "$extra" ] || continue
     step "$extra"

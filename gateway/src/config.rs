@@ -84,11 +84,59 @@ pub struct LimitsConfig {
     pub request_timeout_ms: u64,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PushConfig {
     /// Use recording stub providers for APNs and FCM (tests, demo).
     pub stub: bool,
+    /// Concurrent pushes in flight.
+    pub workers: usize,
+    /// Pushes queued in memory; beyond it they wait in the store.
+    pub queue: usize,
+    /// Attempts before a push is recorded as failed.
+    pub max_attempts: u32,
+    pub base_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    /// How often the store is searched for due retries and orphaned pushes.
+    pub poll_interval_ms: u64,
+    /// Firebase Cloud Messaging (HTTP v1); see docs/push.md.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fcm: Option<crate::push::config::FcmConfig>,
+    /// Apple Push Notification service; see docs/push.md.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub apns: Option<crate::push::config::ApnsConfig>,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        let d = crate::push::dispatcher::PushSettings::default();
+        PushConfig {
+            stub: false,
+            workers: d.workers,
+            queue: d.queue,
+            max_attempts: d.max_attempts,
+            base_backoff_ms: d.base_backoff.as_millis() as u64,
+            max_backoff_ms: d.max_backoff.as_millis() as u64,
+            poll_interval_ms: d.poll_interval.as_millis() as u64,
+            fcm: None,
+            apns: None,
+        }
+    }
+}
+
+impl PushConfig {
+    pub fn settings(&self) -> crate::push::dispatcher::PushSettings {
+        use std::time::Duration;
+        crate::push::dispatcher::PushSettings {
+            workers: self.workers,
+            queue: self.queue,
+            base_backoff: Duration::from_millis(self.base_backoff_ms),
+            max_backoff: Duration::from_millis(self.max_backoff_ms),
+            max_attempts: self.max_attempts.max(1),
+            poll_interval: Duration::from_millis(self.poll_interval_ms.max(10)),
+            ..Default::default()
+        }
+    }
 }
 
 impl Default for Config {
@@ -204,6 +252,10 @@ impl Config {
                 continue;
             }
             set_path(&mut value, &path, parse_env_value(&raw));
+            if value.clone().try_into::<Config>().is_err() {
+                // "12345" may be meant as a string (a project id, a key id).
+                set_path(&mut value, &path, toml::Value::String(raw.clone()));
+            }
             value
                 .clone()
                 .try_into::<Config>()
@@ -245,8 +297,12 @@ fn merge(base: &mut toml::Value, overlay: toml::Value) {
 /// or section key counts even when it has no value yet.
 fn path_exists(value: &toml::Value, path: &[String]) -> bool {
     const OPTIONAL: &[&str] = &["public_url", "auth.jwt_secret", "auth.jwt_public_key_file"];
+    /// Optional sections: any key below them may be set from the environment.
+    const OPTIONAL_SECTIONS: &[&str] = &["push.fcm.", "push.apns."];
     let joined = path.join(".");
-    if OPTIONAL.contains(&joined.as_str()) {
+    if OPTIONAL.contains(&joined.as_str())
+        || OPTIONAL_SECTIONS.iter().any(|p| joined.starts_with(p))
+    {
         return true;
     }
     let mut cur = value;

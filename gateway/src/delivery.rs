@@ -26,8 +26,8 @@ impl DeliveryRouter {
     /// Routes committed entries. Never blocks on a session: a full queue means the
     /// session is a slow consumer; it is closed and will catch up by replay.
     pub fn route(&self, entries: Vec<InboxEntry>, committed_at: Instant) {
+        let mut missed = Vec::new();
         for entry in entries {
-            let policy = entry.message.payload.push;
             let mut live = false;
             if let Some(handle) = self.registry.get(&entry.device_id) {
                 match handle
@@ -42,24 +42,24 @@ impl DeliveryRouter {
                     Err(TrySendError::Closed(_)) => {}
                 }
             }
-            let push = match policy {
-                PushPolicy::Always => true,
-                PushPolicy::Fallback => !live,
-                PushPolicy::Never => false,
-            };
-            if push {
-                self.push.enqueue(&self.store, entry);
+            if entry.push_pending {
+                self.push.enqueue(entry);
+            } else if !live && entry.message.payload.push == PushPolicy::Fallback {
+                // Live when the transaction looked, gone now: fall back after all.
+                missed.push(entry);
             }
         }
+        self.push.request(missed);
     }
 
     /// Entries a session sent but that were not acked in time.
     pub fn ack_timed_out(&self, entries: Vec<InboxEntry>) {
-        for entry in entries {
-            if entry.message.payload.push == PushPolicy::Fallback {
-                self.push.enqueue(&self.store, entry);
-            }
-        }
+        self.push.request(
+            entries
+                .into_iter()
+                .filter(|e| e.message.payload.push == PushPolicy::Fallback)
+                .collect(),
+        );
     }
 }
 

@@ -31,7 +31,7 @@ use crate::clock::now_ms;
 use crate::config::Config;
 use crate::delivery::{DeliveryRouter, SentRecorder};
 use crate::metrics::Metrics;
-use crate::push::dispatcher::{PushDispatcher, PushSettings};
+use crate::push::dispatcher::PushDispatcher;
 use crate::push::stub::StubProvider;
 use crate::push::PushProvider;
 use crate::registry::SessionRegistry;
@@ -56,14 +56,21 @@ pub struct Application {
 impl Application {
     /// Builds with the push providers the config names (stubs if `push.stub`).
     pub async fn build(config: Config) -> anyhow::Result<Application> {
-        let providers: Vec<Arc<dyn PushProvider>> = if config.push.stub {
-            vec![
-                Arc::new(StubProvider::new(PushProviderKind::Apns)),
-                Arc::new(StubProvider::new(PushProviderKind::Fcm)),
-            ]
+        let mut providers: Vec<Arc<dyn PushProvider>> = Vec::new();
+        if config.push.stub {
+            providers.push(Arc::new(StubProvider::new(PushProviderKind::Apns)));
+            providers.push(Arc::new(StubProvider::new(PushProviderKind::Fcm)));
         } else {
-            Vec::new()
-        };
+            if let Some(fcm) = &config.push.fcm {
+                providers.push(fcm.build()?);
+            }
+            if let Some(apns) = &config.push.apns {
+                providers.push(apns.build()?);
+            }
+            if providers.is_empty() {
+                tracing::warn!("no push provider configured ([push.fcm] / [push.apns]); offline devices are reached only when they reconnect");
+            }
+        }
         Application::build_with(config, providers).await
     }
 
@@ -86,7 +93,7 @@ impl Application {
             store.clone(),
             providers,
             metrics.clone(),
-            PushSettings::default(),
+            config.push.settings(),
             shutdown.clone(),
         );
         let router = DeliveryRouter {

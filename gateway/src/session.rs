@@ -375,7 +375,12 @@ where
             CloseReason::StoreError => (1011, "internal error"),
             _ => (1000, "bye"),
         };
-        if !matches!(reason, CloseReason::ClientClosed | CloseReason::SocketError) {
+        // A slow consumer's socket is full: a close frame would only wait for the
+        // timeout, keeping the device "online" meanwhile. Just drop the connection.
+        if !matches!(
+            reason,
+            CloseReason::ClientClosed | CloseReason::SocketError | CloseReason::SlowConsumer
+        ) {
             let close = Message::Close(Some(CloseFrame {
                 code,
                 reason: Utf8Bytes::from_static(text),

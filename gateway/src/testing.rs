@@ -162,7 +162,17 @@ async fn launch(
     JoinHandle<anyhow::Result<()>>,
     std::net::SocketAddr,
 ) {
-    let providers: Vec<Arc<dyn PushProvider>> = vec![Arc::new(apns.clone()), Arc::new(fcm.clone())];
+    // Stubs record pushes, unless the test configured a real provider (e.g. FCM
+    // pointed at a mock server).
+    let mut providers: Vec<Arc<dyn PushProvider>> = Vec::new();
+    match &config.push.apns {
+        Some(cfg) => providers.push(cfg.build().expect("apns config")),
+        None => providers.push(Arc::new(apns.clone())),
+    }
+    match &config.push.fcm {
+        Some(cfg) => providers.push(cfg.build().expect("fcm config")),
+        None => providers.push(Arc::new(fcm.clone())),
+    }
     // Rebinding the same port right after a stop can briefly fail; retry a little.
     let mut attempt = 0;
     let app = loop {

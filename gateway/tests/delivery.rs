@@ -367,22 +367,31 @@ async fn slow_consumer_is_disconnected_and_catches_up_by_replay() {
     // the gateway cuts it off instead of buffering without bound.
     let big = "x".repeat(32 * 1024);
     let mut n = 0;
-    let kicked = loop {
+    let closed_slow = || async {
+        let text = common::http()
+            .get(format!("{}/metrics", tg.base_url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.contains("herald_sessions_closed_total{reason=\"slow_consumer\"} 1")
+    };
+    while n < 400 && !closed_slow().await {
         publish(
             &tg,
             json!({"to": {"device": "sd"}, "data": {"pad": big}, "push": "never"}),
         )
         .await;
         n += 1;
+    }
+    assert!(closed_slow().await, "slow consumer was never disconnected");
+    eventually("offline", || async {
         let (_, d) = get(&tg, "/v1/devices/sd", &tg.api_key).await;
-        if d["online"] == false {
-            break true;
-        }
-        if n >= 400 {
-            break false;
-        }
-    };
-    assert!(kicked, "slow consumer was never disconnected");
+        (d["online"] == false).then_some(())
+    })
+    .await;
     drop(dev);
     let mut dev = connect(&tg, "s", "sd", Some(0)).await;
     for s in 1..=n {

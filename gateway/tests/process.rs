@@ -30,12 +30,17 @@ impl Drop for Gateway {
     }
 }
 
+fn spawn(data_dir: &Path) -> Gateway {
+    spawn_with(data_dir, &[])
+}
+
 // The child is reaped by `Gateway`'s Drop.
 #[allow(clippy::zombie_processes)]
-fn spawn(data_dir: &Path) -> Gateway {
+fn spawn_with(data_dir: &Path, extra: &[&str]) -> Gateway {
     let mut child = Command::new(BIN)
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
+        .args(extra)
         .env("HERALD_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -298,4 +303,99 @@ async fn bad_config_fails_with_a_message_naming_the_problem() {
         "{err}"
     );
     let _ = Duration::from_secs(0);
+}
+
+#[tokio::test]
+async fn a_push_waiting_for_retry_survives_kill_9_and_is_sent_once() {
+    use common::fcm_mock::{google_error, MockFcm};
+    let mock = MockFcm::start(3600).await;
+    let tmp = TempDir::new("herald-push-restart");
+    let fcm = mock.config();
+    let config = tmp.0.join("herald.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[push]\nbase_backoff_ms = 50\npoll_interval_ms = 50\n[push.fcm]\nservice_account_json = {}\nbase_url = {:?}\n",
+            toml_string(fcm.service_account_json.as_deref().unwrap()),
+            fcm.base_url.as_deref().unwrap(),
+        ),
+    )
+    .unwrap();
+    let config_arg = config.to_str().unwrap();
+    let mut gw = spawn_with(&tmp.0, &["--config", config_arg]);
+    let api_key = gw.api_key.clone().unwrap();
+    let (_, token, _) = cli(&tmp.0, &["token", "mint", "--user", "p"]);
+    let r = reqwest::Client::new()
+        .put(format!("{}/v1/me/devices/pd", gw.base))
+        .bearer_auth(&token)
+        .json(&json!({"platform": "android", "push_provider": "fcm", "push_token": "tok-1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    // FCM is overloaded and asks for 2 s.
+    mock.script(
+        429,
+        vec![("retry-after", "2".into())],
+        google_error(429, "RESOURCE_EXHAUSTED", "quota", json!([])),
+    );
+    let r: serde_json::Value = reqwest::Client::new()
+        .post(format!("{}/v1/messages", gw.base))
+        .bearer_auth(&api_key)
+        .json(&json!({"to": {"device": "pd"}, "data": {"k": "v"}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = r["message_id"].as_str().unwrap().to_owned();
+    let status = |base: String| {
+        let (key, id) = (api_key.clone(), id.clone());
+        async move {
+            let v: serde_json::Value = reqwest::Client::new()
+                .get(format!("{base}/v1/messages/{id}"))
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["deliveries"][0].clone()
+        }
+    };
+    // Wait until the 429 is recorded as a scheduled retry, then kill the gateway.
+    common::eventually("retry scheduled", || {
+        let s = status(gw.base.clone());
+        async move {
+            s.await["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("RESOURCE_EXHAUSTED") || r.contains("429"))
+                .then_some(())
+        }
+    })
+    .await;
+    assert_eq!(mock.send_requests(), 1);
+    gw.child.kill().unwrap();
+    gw.child.wait().unwrap();
+
+    let gw = spawn_with(&tmp.0, &["--config", config_arg]);
+    let d = common::eventually("pushed after restart", || {
+        let s = status(gw.base.clone());
+        async move {
+            let d = s.await;
+            (d["state"] == "pushed").then_some(d)
+        }
+    })
+    .await;
+    assert_eq!(d["push_provider"], "fcm");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(mock.send_requests(), 2, "one refused attempt, one push");
+    assert_eq!(mock.bodies().len(), 2);
+    mock.assert_no_problems();
+}
+
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
 }

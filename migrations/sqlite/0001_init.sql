@@ -60,7 +60,11 @@ CREATE TABLE deliveries (
     expires_at    INTEGER NOT NULL,
     sent_at       INTEGER,
     acked_at      INTEGER,
-    push_state    TEXT,          -- NULL | 'pending' | 'pushed' | 'failed'
+    -- NULL (no push wanted) | 'pending' (due at push_due_at) | 'sending' (a worker
+    -- holds it since push_at) | 'pushed' | 'failed'
+    push_state    TEXT,
+    push_due_at   INTEGER,
+    push_attempts INTEGER NOT NULL DEFAULT 0,
     push_at       INTEGER,
     push_provider TEXT,
     reason        TEXT,
@@ -68,3 +72,4 @@ CREATE TABLE deliveries (
 ) WITHOUT ROWID;
 CREATE INDEX deliveries_by_message ON deliveries (message_id);
 CREATE INDEX deliveries_by_expiry ON deliveries (expires_at);
+CREATE INDEX deliveries_push_due ON deliveries (push_due_at) WHERE push_state IN ('pending', 'sending');

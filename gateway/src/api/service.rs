@@ -15,7 +15,7 @@ use super::{require_id, ApiJson, AppState, ServiceAuth};
 use crate::clock::{now_ms, rfc3339};
 use crate::error::AppError;
 use crate::registry::KickReason;
-use crate::store::{MessagePayload, NewMessage, PublishOutcome};
+use crate::store::{LiveCheck, MessagePayload, NewMessage, PublishOutcome};
 
 const IDEMPOTENCY_WINDOW_MS: i64 = 24 * 3600 * 1000;
 
@@ -79,6 +79,10 @@ pub async fn publish(
         idempotency_key,
         idempotency_since: now - IDEMPOTENCY_WINDOW_MS,
         max_recipients: state.config.limits.max_recipients,
+        live: {
+            let registry = state.registry.clone();
+            LiveCheck(std::sync::Arc::new(move |d: &str| registry.is_online(d)))
+        },
     };
     let message_id = msg.id.clone();
     let response = match state.store.publish(msg).await? {

@@ -83,8 +83,8 @@ impl fmt::Debug for ApnsProvider {
 }
 
 impl ApnsProvider {
-    /// Checks the credentials now (a bad key fails here, not on the first push); the
-    /// clients themselves are created on first use per environment.
+    /// Checks the credentials now (a bad key fails here, not on the first push). The
+    /// default environment's client is created here, the other one on first use.
     pub fn new(
         auth: ApnsAuth,
         topic: String,
@@ -99,7 +99,14 @@ impl ApnsProvider {
             production: OnceCell::new(),
             sandbox: OnceCell::new(),
         };
-        provider.make_client(default_environment)?;
+        // Building the default environment's client checks the key (a2 signs a token
+        // at once); keep it rather than build it again on the first push.
+        let client = provider.make_client(default_environment)?;
+        let cell = match default_environment {
+            ApnsEnvironment::Production => &provider.production,
+            ApnsEnvironment::Sandbox => &provider.sandbox,
+        };
+        let _ = cell.set(client);
         Ok(provider)
     }
 

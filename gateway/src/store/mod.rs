@@ -59,6 +59,35 @@ pub struct StoredMessage {
     pub expires_at: i64,
 }
 
+/// Tells the store, inside the publish transaction, whether a device has a live
+/// session, so a fallback push is decided and persisted atomically with the entry.
+#[derive(Clone)]
+pub struct LiveCheck(pub Arc<dyn Fn(&str) -> bool + Send + Sync>);
+
+impl LiveCheck {
+    pub fn never() -> LiveCheck {
+        LiveCheck(Arc::new(|_| false))
+    }
+    pub fn is_live(&self, device_id: &str) -> bool {
+        (self.0)(device_id)
+    }
+}
+
+impl std::fmt::Debug for LiveCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LiveCheck")
+    }
+}
+
+/// Whether an entry needs a push, given its policy and whether the device is live.
+pub fn wants_push(policy: herald_protocol::PushPolicy, live: bool) -> bool {
+    match policy {
+        herald_protocol::PushPolicy::Always => true,
+        herald_protocol::PushPolicy::Fallback => !live,
+        herald_protocol::PushPolicy::Never => false,
+    }
+}
+
 /// A message to append to every inbox its target resolves to.
 #[derive(Debug, Clone)]
 pub struct NewMessage {
@@ -72,6 +101,7 @@ pub struct NewMessage {
     /// Idempotency keys older than this (unix ms) no longer match.
     pub idempotency_since: i64,
     pub max_recipients: usize,
+    pub live: LiveCheck,
 }
 
 /// One entry of one device's inbox.
@@ -80,6 +110,10 @@ pub struct InboxEntry {
     pub device_id: String,
     pub seq: i64,
     pub message: Arc<StoredMessage>,
+    /// A push is pending for this entry (decided at publish or on ack timeout).
+    pub push_pending: bool,
+    /// Push attempts made so far.
+    pub push_attempts: u32,
 }
 
 impl InboxEntry {
@@ -249,8 +283,30 @@ pub trait Store: Send + Sync + 'static {
     async fn ack(&self, device_id: &str, seq: i64, now: i64) -> StoreResult<i64>;
     /// Records that entries `(device, from..=to)` were written to a live session.
     async fn mark_sent(&self, ranges: &[(String, i64, i64)], now: i64) -> StoreResult<()>;
-    /// Claims the right to push one entry: true once per entry, never if acked.
+    /// Asks for a push of an entry that had none (ack timeout, device went away):
+    /// true if the entry is now pending (not acked, not expired, not pushed before).
+    async fn request_push(&self, device_id: &str, seq: i64, now: i64) -> StoreResult<bool>;
+    /// Claims a pending push for sending: true for exactly one caller, never once the
+    /// entry is acked or expired.
     async fn claim_push(&self, device_id: &str, seq: i64, now: i64) -> StoreResult<bool>;
+    /// Puts a claimed push back as pending, due at `due_at`, counting one attempt.
+    async fn retry_push(
+        &self,
+        device_id: &str,
+        seq: i64,
+        due_at: i64,
+        reason: &str,
+    ) -> StoreResult<()>;
+    /// Pending pushes due by `now` (fresh ones only once older than `fresh_grace_ms`,
+    /// since the publisher already queued them), and claims older than `stale_before`
+    /// whose worker died. Oldest first.
+    async fn due_pushes(
+        &self,
+        now: i64,
+        fresh_grace_ms: i64,
+        stale_before: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<InboxEntry>>;
     async fn finish_push(
         &self,
         device_id: &str,

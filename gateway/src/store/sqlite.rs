@@ -29,6 +29,9 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite"
 /// Publishes committed in one transaction at most.
 const MAX_GROUP: usize = 256;
 
+/// A push claimed longer ago than this belongs to a worker that died.
+pub const STALE_CLAIM_MS: i64 = 60_000;
+
 type PublishReply = oneshot::Sender<StoreResult<PublishOutcome>>;
 
 pub struct SqliteStore {
@@ -62,6 +65,11 @@ impl SqliteStore {
             .run(&write)
             .await
             .map_err(|e| StoreError::Other(anyhow::anyhow!("migrating {}: {e}", path.display())))?;
+        // One node owns this file: pushes a previous run was sending when it died are
+        // pending again (the provider may see a repeat; the SDK de-duplicates).
+        sqlx::query("UPDATE deliveries SET push_state = 'pending' WHERE push_state = 'sending'")
+            .execute(&write)
+            .await?;
         let read = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(opts.read_only(true))
@@ -211,19 +219,25 @@ async fn publish_one(conn: &mut SqliteConnection, msg: &NewMessage) -> StoreResu
         .bind(&device_id)
         .fetch_one(&mut *conn)
         .await?;
+        let push = super::wants_push(msg.payload.push, msg.live.is_live(&device_id));
         sqlx::query(
-            "INSERT INTO deliveries (device_id, seq, message_id, expires_at) VALUES (?, ?, ?, ?)",
+            "INSERT INTO deliveries (device_id, seq, message_id, expires_at, push_state, push_due_at)
+             VALUES (?, ?, ?, ?, ?, ?)",
         )
         .bind(&device_id)
         .bind(seq)
         .bind(&msg.id)
         .bind(msg.expires_at)
+        .bind(push.then_some("pending"))
+        .bind(push.then_some(msg.created_at))
         .execute(&mut *conn)
         .await?;
         entries.push(InboxEntry {
             device_id,
             seq,
             message: stored.clone(),
+            push_pending: push,
+            push_attempts: 0,
         });
     }
     Ok(PublishOutcome::Created { entries })
@@ -571,6 +585,8 @@ impl Store for SqliteStore {
                 device_id: device_id.to_owned(),
                 seq: row.get("seq"),
                 message,
+                push_pending: false,
+                push_attempts: 0,
             });
         }
         Ok(out)
@@ -626,9 +642,9 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn claim_push(&self, device_id: &str, seq: i64, now: i64) -> StoreResult<bool> {
+    async fn request_push(&self, device_id: &str, seq: i64, now: i64) -> StoreResult<bool> {
         let res = sqlx::query(
-            "UPDATE deliveries SET push_state = 'pending', push_at = ?
+            "UPDATE deliveries SET push_state = 'pending', push_due_at = ?
              WHERE device_id = ? AND seq = ? AND push_state IS NULL AND acked_at IS NULL AND expires_at > ?",
         )
         .bind(now)
@@ -638,6 +654,86 @@ impl Store for SqliteStore {
         .execute(&self.write)
         .await?;
         Ok(res.rows_affected() == 1)
+    }
+
+    async fn claim_push(&self, device_id: &str, seq: i64, now: i64) -> StoreResult<bool> {
+        let res = sqlx::query(
+            "UPDATE deliveries SET push_state = 'sending', push_at = ?
+             WHERE device_id = ? AND seq = ? AND acked_at IS NULL AND expires_at > ?
+               AND (push_state = 'pending' OR (push_state = 'sending' AND push_at < ?))",
+        )
+        .bind(now)
+        .bind(device_id)
+        .bind(seq)
+        .bind(now)
+        .bind(now - STALE_CLAIM_MS)
+        .execute(&self.write)
+        .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
+    async fn retry_push(
+        &self,
+        device_id: &str,
+        seq: i64,
+        due_at: i64,
+        reason: &str,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE deliveries SET push_state = 'pending', push_due_at = ?, push_attempts = push_attempts + 1, reason = ?
+             WHERE device_id = ? AND seq = ? AND push_state = 'sending'",
+        )
+        .bind(due_at)
+        .bind(reason)
+        .bind(device_id)
+        .bind(seq)
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    async fn due_pushes(
+        &self,
+        now: i64,
+        fresh_grace_ms: i64,
+        stale_before: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<InboxEntry>> {
+        let rows = sqlx::query(
+            "SELECT d.device_id, d.seq, d.push_attempts, m.id, m.target_kind, m.target, m.payload, m.created_at, m.expires_at
+             FROM deliveries d JOIN messages m ON m.id = d.message_id
+             WHERE d.push_state IN ('pending', 'sending') AND d.push_due_at <= ? AND d.expires_at > ?
+               AND d.acked_at IS NULL
+               AND ((d.push_state = 'pending' AND (d.push_attempts > 0 OR d.push_due_at <= ?))
+                    OR (d.push_state = 'sending' AND d.push_at < ?))
+             ORDER BY d.push_due_at LIMIT ?",
+        )
+        .bind(now)
+        .bind(now)
+        .bind(now - fresh_grace_ms)
+        .bind(stale_before)
+        .bind(limit as i64)
+        .fetch_all(&self.read)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let message = Arc::new(message_from_parts(
+                row.get("id"),
+                row.get("target_kind"),
+                row.get("target"),
+                row.get("payload"),
+                row.get("created_at"),
+                row.get("expires_at"),
+            )?);
+            out.push(InboxEntry {
+                device_id: row.get("device_id"),
+                seq: row.get("seq"),
+                message,
+                push_pending: true,
+                push_attempts: row.get::<i64, _>("push_attempts") as u32,
+            });
+        }
+        Ok(out)
     }
 
     async fn finish_push(

@@ -1,6 +1,8 @@
 //! Helpers for black-box tests: real HTTP, real WebSockets.
 #![allow(dead_code)]
 
+pub mod fcm_mock;
+
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};

@@ -1,0 +1,194 @@
+//! The push route end to end: the real gateway, its FCM HTTP v1 client, and a mock FCM
+//! + OAuth server speaking the real protocol.
+
+mod common;
+
+use std::time::Duration;
+
+use common::fcm_mock::{google_error, MockFcm};
+use common::*;
+use herald_gateway::testing::TestGateway;
+use serde_json::{json, Value};
+
+async fn gateway_with_mock(
+    mock: &MockFcm,
+    customize: impl FnOnce(&mut herald_gateway::config::Config),
+) -> TestGateway {
+    let fcm = mock.config();
+    TestGateway::start_with(move |c| {
+        c.push.fcm = Some(fcm);
+        c.push.base_backoff_ms = 50;
+        c.push.poll_interval_ms = 50;
+        c.delivery.ack_timeout_ms = 400;
+        customize(c);
+    })
+    .await
+}
+
+async fn status(tg: &TestGateway, id: &str) -> Value {
+    get(tg, &format!("/v1/messages/{id}"), &tg.api_key).await.1
+}
+
+async fn wait_state(tg: &TestGateway, id: &str, state: &str) -> Value {
+    eventually(&format!("state {state}"), || async {
+        let v = status(tg, id).await;
+        (v["deliveries"][0]["state"] == state).then_some(v["deliveries"][0].clone())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn offline_device_gets_exactly_one_push_with_the_v1_body() {
+    let mock = MockFcm::start(3600).await;
+    let tg = gateway_with_mock(&mock, |_| {}).await;
+    register(&tg, "u", "droid", Some(("fcm", "fcm-token-A"))).await;
+    let r = publish(&tg, json!({
+        "to": {"device": "droid"}, "data": {"order": 7},
+        "notification": {"title": "Hi", "body": "There"}, "priority": "high", "collapse_key": "c1"
+    }))
+    .await;
+    let id = r["message_id"].as_str().unwrap();
+    let d = wait_state(&tg, id, "pushed").await;
+    assert_eq!(d["push_provider"], "fcm");
+    assert!(d["pushed_at"].is_string());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let bodies = mock.bodies();
+    assert_eq!(bodies.len(), 1, "{bodies:?}");
+    let m = &bodies[0]["message"];
+    assert_eq!(m["token"], "fcm-token-A");
+    assert_eq!(m["notification"], json!({"title": "Hi", "body": "There"}));
+    assert_eq!(m["data"]["herald_id"], id);
+    assert_eq!(m["data"]["herald_seq"], "1");
+    assert_eq!(m["data"]["herald_device"], "droid");
+    assert_eq!(
+        serde_json::from_str::<Value>(m["data"]["herald_data"].as_str().unwrap()).unwrap(),
+        json!({"order": 7})
+    );
+    assert_eq!(m["android"]["priority"], "high");
+    assert_eq!(m["android"]["collapse_key"], "c1");
+    assert_eq!(mock.token_requests(), 1);
+    mock.assert_no_problems();
+    let metrics = http()
+        .get(format!("{}/metrics", tg.base_url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("herald_pushes_total{outcome=\"delivered\",provider=\"fcm\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn online_device_that_acks_gets_no_fallback_push_but_always_pushes() {
+    let mock = MockFcm::start(3600).await;
+    let tg = gateway_with_mock(&mock, |_| {}).await;
+    register(&tg, "u", "droid", Some(("fcm", "tok"))).await;
+    let mut dev = connect(&tg, "u", "droid", None).await;
+    let fallback = publish(&tg, json!({"to": {"device": "droid"}, "data": {"p": 1}})).await;
+    let always = publish(
+        &tg,
+        json!({"to": {"device": "droid"}, "data": {"p": 2}, "push": "always"}),
+    )
+    .await;
+    assert_eq!(dev.msg().await.seq, 1);
+    assert_eq!(dev.msg().await.seq, 2);
+    dev.ack(2).await;
+    wait_state(&tg, fallback["message_id"].as_str().unwrap(), "acked").await;
+    wait_state(&tg, always["message_id"].as_str().unwrap(), "acked").await;
+    // Past the ack timeout and the poller's grace: still exactly the one `always` push.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let bodies = mock.bodies();
+    assert_eq!(bodies.len(), 1, "{bodies:?}");
+    assert_eq!(
+        bodies[0]["message"]["data"]["herald_id"],
+        always["message_id"]
+    );
+}
+
+#[tokio::test]
+async fn ack_timeout_falls_back_to_push() {
+    let mock = MockFcm::start(3600).await;
+    let tg = gateway_with_mock(&mock, |_| {}).await;
+    register(&tg, "u", "droid", Some(("fcm", "tok"))).await;
+    let mut dev = connect(&tg, "u", "droid", None).await;
+    let r = publish(&tg, json!({"to": {"device": "droid"}, "data": {}})).await;
+    assert_eq!(dev.msg().await.seq, 1);
+    // Half-open: the client never acks.
+    wait_state(&tg, r["message_id"].as_str().unwrap(), "pushed").await;
+    assert_eq!(mock.bodies().len(), 1);
+}
+
+#[tokio::test]
+async fn unregistered_token_is_deactivated_and_not_used_again() {
+    let mock = MockFcm::start(3600).await;
+    let tg = gateway_with_mock(&mock, |_| {}).await;
+    register(&tg, "u", "droid", Some(("fcm", "dead-token"))).await;
+    mock.script(404, vec![], google_error(404, "NOT_FOUND", "Requested entity was not found.",
+        json!([{"@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError", "errorCode": "UNREGISTERED"}])));
+    let first = publish(&tg, json!({"to": {"device": "droid"}, "data": {}})).await;
+    let d = wait_state(&tg, first["message_id"].as_str().unwrap(), "push_failed").await;
+    assert!(
+        d["reason"].as_str().unwrap().contains("UNREGISTERED"),
+        "{d}"
+    );
+    let (_, device) = get(&tg, "/v1/devices/droid", &tg.api_key).await;
+    assert_eq!(device["push_token"], "invalid");
+    let second = publish(&tg, json!({"to": {"device": "droid"}, "data": {}})).await;
+    let d = wait_state(&tg, second["message_id"].as_str().unwrap(), "push_failed").await;
+    assert!(d["reason"].as_str().unwrap().contains("invalidated"), "{d}");
+    assert_eq!(mock.send_requests(), 1, "no send to a dead token");
+    // Re-registering activates it again.
+    register(&tg, "u", "droid", Some(("fcm", "fresh-token"))).await;
+    let third = publish(&tg, json!({"to": {"device": "droid"}, "data": {}})).await;
+    wait_state(&tg, third["message_id"].as_str().unwrap(), "pushed").await;
+    assert_eq!(
+        mock.bodies().last().unwrap()["message"]["token"],
+        "fresh-token"
+    );
+}
+
+#[tokio::test]
+async fn rate_limited_push_honours_retry_after_then_succeeds() {
+    let mock = MockFcm::start(3600).await;
+    let tg = gateway_with_mock(&mock, |_| {}).await;
+    register(&tg, "u", "droid", Some(("fcm", "tok"))).await;
+    mock.script(
+        429,
+        vec![("retry-after", "1".into())],
+        google_error(429, "RESOURCE_EXHAUSTED", "quota", json!([])),
+    );
+    let started = std::time::Instant::now();
+    let r = publish(&tg, json!({"to": {"device": "droid"}, "data": {}})).await;
+    wait_state(&tg, r["message_id"].as_str().unwrap(), "pushed").await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "Retry-After ignored: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(mock.send_requests(), 2);
+    assert_eq!(mock.bodies().len(), 2);
+}
+
+#[tokio::test]
+async fn unavailable_provider_exhausts_retries_then_push_failed() {
+    let mock = MockFcm::start(3600).await;
+    let tg = gateway_with_mock(&mock, |c| c.push.max_attempts = 3).await;
+    register(&tg, "u", "droid", Some(("fcm", "tok"))).await;
+    for _ in 0..10 {
+        mock.script(
+            503,
+            vec![],
+            google_error(503, "UNAVAILABLE", "try later", json!([])),
+        );
+    }
+    let r = publish(&tg, json!({"to": {"device": "droid"}, "data": {}})).await;
+    let d = wait_state(&tg, r["message_id"].as_str().unwrap(), "push_failed").await;
+    let reason = d["reason"].as_str().unwrap();
+    assert!(reason.contains("gave up after 3 attempts"), "{reason}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(mock.send_requests(), 3);
+}
