@@ -1,0 +1,443 @@
+//! UniFFI surface of the Herald SDK for Swift and Kotlin.
+//!
+//! Synchronous functions, objects, records, enums and callback interfaces only (no
+//! `async fn`: the SDK runs its own runtime). Every fallible call throws
+//! `HeraldError` (Swift) / `HeraldException` (Kotlin), a typed enum.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use herald_sdk as sdk;
+
+uniffi::setup_scaffolding!();
+
+/// Errors of every call (Swift `HeraldError`, Kotlin `HeraldException`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, uniffi::Error)]
+pub enum HeraldError {
+    #[error("invalid configuration: {detail}")]
+    InvalidConfig { detail: String },
+    #[error("network error: {detail}")]
+    Network { detail: String },
+    #[error("timed out: {detail}")]
+    Timeout { detail: String },
+    #[error("unauthorized: {detail}")]
+    Unauthorized { detail: String },
+    #[error("forbidden: {detail}")]
+    Forbidden { detail: String },
+    #[error("device not found: {detail}")]
+    DeviceNotFound { detail: String },
+    #[error("token provider failed: {detail}")]
+    TokenProvider { detail: String },
+    #[error("gateway answered {status} {code}: {detail}")]
+    Server {
+        status: u16,
+        code: String,
+        detail: String,
+    },
+    #[error("rate limited, retry after {retry_after_ms:?} ms")]
+    RateLimited { retry_after_ms: Option<u64> },
+    #[error("storage error: {detail}")]
+    Storage { detail: String },
+    #[error("not a Herald push payload")]
+    NotHeraldPush,
+    #[error("invalid push payload: {detail}")]
+    InvalidPayload { detail: String },
+    #[error("protocol error: {detail}")]
+    Protocol { detail: String },
+    #[error("client is closed")]
+    Closed,
+    /// A callback (token provider) threw something that is not a `HeraldError`.
+    #[error("callback failed: {detail}")]
+    Callback { detail: String },
+}
+
+impl From<sdk::Error> for HeraldError {
+    fn from(e: sdk::Error) -> Self {
+        use sdk::Error as E;
+        match e {
+            E::InvalidConfig(detail) => HeraldError::InvalidConfig { detail },
+            E::Network(detail) => HeraldError::Network { detail },
+            E::Timeout(detail) => HeraldError::Timeout { detail },
+            E::Unauthorized(detail) => HeraldError::Unauthorized { detail },
+            E::Forbidden(detail) => HeraldError::Forbidden { detail },
+            E::DeviceNotFound(detail) => HeraldError::DeviceNotFound { detail },
+            E::TokenProvider(detail) => HeraldError::TokenProvider { detail },
+            E::Server {
+                status,
+                code,
+                message,
+            } => HeraldError::Server {
+                status,
+                code,
+                detail: message,
+            },
+            E::RateLimited { retry_after } => HeraldError::RateLimited {
+                retry_after_ms: retry_after.map(|d| d.as_millis() as u64),
+            },
+            E::Storage(detail) => HeraldError::Storage { detail },
+            E::NotHeraldPush => HeraldError::NotHeraldPush,
+            E::InvalidPayload(detail) => HeraldError::InvalidPayload { detail },
+            E::Protocol(detail) => HeraldError::Protocol { detail },
+            E::Closed => HeraldError::Closed,
+        }
+    }
+}
+
+impl From<uniffi::UnexpectedUniFFICallbackError> for HeraldError {
+    fn from(e: uniffi::UnexpectedUniFFICallbackError) -> Self {
+        HeraldError::Callback { detail: e.reason }
+    }
+}
+
+/// Connection state (see the SDK docs).
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Enum)]
+pub enum ConnectionState {
+    Disconnected,
+    Connecting,
+    Connected,
+    WaitingToReconnect { delay_ms: u64 },
+    Suspended,
+    Closed,
+}
+
+impl From<sdk::ConnectionState> for ConnectionState {
+    fn from(s: sdk::ConnectionState) -> Self {
+        match s {
+            sdk::ConnectionState::Disconnected => ConnectionState::Disconnected,
+            sdk::ConnectionState::Connecting => ConnectionState::Connecting,
+            sdk::ConnectionState::Connected => ConnectionState::Connected,
+            sdk::ConnectionState::WaitingToReconnect { delay_ms } => {
+                ConnectionState::WaitingToReconnect { delay_ms }
+            }
+            sdk::ConnectionState::Suspended => ConnectionState::Suspended,
+            sdk::ConnectionState::Closed => ConnectionState::Closed,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+pub struct HeraldNotification {
+    pub title: Option<String>,
+    pub body: Option<String>,
+    pub badge: Option<u32>,
+    pub sound: Option<String>,
+}
+
+/// One message. `data_json` is the message's `data` as JSON text.
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+pub struct HeraldMessage {
+    pub seq: i64,
+    pub id: String,
+    pub data_json: String,
+    pub notification: Option<HeraldNotification>,
+    /// RFC 3339; empty when the message came from a push payload alone.
+    pub sent_at: String,
+}
+
+impl From<sdk::InboxMessage> for HeraldMessage {
+    fn from(m: sdk::InboxMessage) -> Self {
+        HeraldMessage {
+            seq: m.seq,
+            id: m.id,
+            data_json: m.data.to_string(),
+            notification: m.notification.map(|n| HeraldNotification {
+                title: n.title,
+                body: n.body,
+                badge: n.badge,
+                sound: n.sound,
+            }),
+            sent_at: m.sent_at,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
+pub enum PushProvider {
+    Apns,
+    Fcm,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
+pub enum ApnsEnvironment {
+    Sandbox,
+    Production,
+}
+
+/// The gateway's view of this device after a push-token registration.
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+pub struct DeviceRegistration {
+    pub device_id: String,
+    pub user: String,
+    /// "none", "active" or "invalid".
+    pub push_token_state: String,
+    pub online: bool,
+    pub last_seq: i64,
+    pub acked_seq: i64,
+}
+
+/// Client configuration; only the first three fields are required.
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct ClientConfig {
+    /// `http(s)://host[:port]` of the gateway.
+    pub base_url: String,
+    /// This installation's stable device id.
+    pub device_id: String,
+    /// Directory for the SDK's SQLite file (e.g. Application Support / filesDir).
+    pub data_dir: String,
+    #[uniffi(default = true)]
+    pub suspend_in_background: bool,
+    #[uniffi(default = 500)]
+    pub backoff_min_ms: u64,
+    #[uniffi(default = 30000)]
+    pub backoff_max_ms: u64,
+    #[uniffi(default = 10000)]
+    pub connect_timeout_ms: u64,
+    #[uniffi(default = 10000)]
+    pub request_timeout_ms: u64,
+    /// Client ping interval; `None` uses the gateway's heartbeat.
+    #[uniffi(default = None)]
+    pub heartbeat_ms: Option<u64>,
+}
+
+/// Error passed to `HeraldListener.onError`.
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+pub struct ErrorEvent {
+    pub error: HeraldError,
+    /// True when the client stopped reconnecting (call `connect()` to try again).
+    pub terminal: bool,
+}
+
+/// The app's listener. Called on one SDK thread, in order (dispatch to the UI
+/// thread yourself). A message is acknowledged after `on_message` returns.
+#[uniffi::export(callback_interface)]
+pub trait HeraldListener: Send + Sync {
+    fn on_state_changed(&self, state: ConnectionState);
+    fn on_message(&self, message: HeraldMessage);
+    fn on_error(&self, event: ErrorEvent);
+    fn on_subscription_changed(&self, topic: String, subscribed: bool);
+}
+
+/// Supplies device JWTs (fetch one from your backend). Called on an SDK background
+/// thread when no valid token is held, when it expired, or once after a 401. May
+/// block; throw a `HeraldError` (e.g. `TokenProvider`) when no token can be had.
+#[uniffi::export(callback_interface)]
+pub trait TokenProvider: Send + Sync {
+    fn fetch_token(&self) -> Result<String, HeraldError>;
+}
+
+struct ListenerAdapter(Box<dyn HeraldListener>);
+
+impl sdk::Listener for ListenerAdapter {
+    fn on_state_changed(&self, state: sdk::ConnectionState) {
+        self.0.on_state_changed(state.into());
+    }
+    fn on_message(&self, message: sdk::InboxMessage) {
+        self.0.on_message(message.into());
+    }
+    fn on_error(&self, error: sdk::Error, terminal: bool) {
+        self.0.on_error(ErrorEvent {
+            error: error.into(),
+            terminal,
+        });
+    }
+    fn on_subscription_changed(&self, topic: String, subscribed: bool) {
+        self.0.on_subscription_changed(topic, subscribed);
+    }
+}
+
+struct TokenAdapter(Box<dyn TokenProvider>);
+
+impl sdk::TokenProvider for TokenAdapter {
+    fn fetch_token(&self) -> Result<String, String> {
+        self.0.fetch_token().map_err(|e| e.to_string())
+    }
+}
+
+/// A Herald client. Create one per device id; call `close()` when done (also done
+/// when the object is destroyed).
+#[derive(uniffi::Object)]
+pub struct HeraldClient {
+    inner: sdk::HeraldClient,
+}
+
+#[uniffi::export]
+impl HeraldClient {
+    /// Opens the local store and starts the SDK threads; does not connect yet.
+    #[uniffi::constructor]
+    pub fn new(
+        config: ClientConfig,
+        listener: Box<dyn HeraldListener>,
+        token_provider: Box<dyn TokenProvider>,
+    ) -> Result<Arc<Self>, HeraldError> {
+        let mut c = sdk::Config::new(config.base_url, config.device_id, config.data_dir);
+        c.suspend_in_background = config.suspend_in_background;
+        c.backoff_min = Duration::from_millis(config.backoff_min_ms);
+        c.backoff_max = Duration::from_millis(config.backoff_max_ms);
+        c.connect_timeout = Duration::from_millis(config.connect_timeout_ms.max(1));
+        c.request_timeout = Duration::from_millis(config.request_timeout_ms.max(1));
+        c.heartbeat = config.heartbeat_ms.map(Duration::from_millis);
+        let inner = sdk::HeraldClient::new(
+            c,
+            Arc::new(ListenerAdapter(listener)),
+            Arc::new(TokenAdapter(token_provider)),
+        )?;
+        Ok(Arc::new(HeraldClient { inner }))
+    }
+
+    /// Connect and stay connected (reconnecting with backoff).
+    pub fn connect(&self) {
+        self.inner.connect();
+    }
+
+    /// Close the connection and stop reconnecting.
+    pub fn disconnect(&self) {
+        self.inner.disconnect();
+    }
+
+    /// Report connectivity changes (NWPathMonitor / ConnectivityManager).
+    pub fn network_changed(&self, available: bool) {
+        self.inner.network_changed(available);
+    }
+
+    pub fn app_foreground(&self) {
+        self.inner.app_foreground();
+    }
+
+    pub fn app_background(&self) {
+        self.inner.app_background();
+    }
+
+    pub fn subscribe(&self, topic: String) -> Result<(), HeraldError> {
+        Ok(self.inner.subscribe(&topic)?)
+    }
+
+    pub fn unsubscribe(&self, topic: String) -> Result<(), HeraldError> {
+        Ok(self.inner.unsubscribe(&topic)?)
+    }
+
+    /// Fetch pending messages over HTTP; they arrive through the listener.
+    pub fn sync_now(&self) {
+        self.inner.sync_now();
+    }
+
+    /// Turns an APNs userInfo / FCM data payload (JSON) into the new messages it
+    /// brings (fetching the body of a sync hint). Returned messages are NOT also
+    /// given to the listener. Blocking: call from a background thread.
+    pub fn handle_push(&self, payload_json: String) -> Result<Vec<HeraldMessage>, HeraldError> {
+        Ok(self
+            .inner
+            .handle_push(&payload_json)?
+            .into_iter()
+            .map(Into::into)
+            .collect())
+    }
+
+    /// Registers this device's push token with the gateway. Blocking: call from a
+    /// background thread.
+    pub fn register_push_token(
+        &self,
+        provider: PushProvider,
+        token: String,
+        environment: Option<ApnsEnvironment>,
+    ) -> Result<DeviceRegistration, HeraldError> {
+        let provider = match provider {
+            PushProvider::Apns => sdk::PushProviderKind::Apns,
+            PushProvider::Fcm => sdk::PushProviderKind::Fcm,
+        };
+        let environment = environment.map(|e| match e {
+            ApnsEnvironment::Sandbox => sdk::ApnsEnvironment::Sandbox,
+            ApnsEnvironment::Production => sdk::ApnsEnvironment::Production,
+        });
+        let d = self
+            .inner
+            .register_push_token(provider, &token, environment)?;
+        Ok(DeviceRegistration {
+            device_id: d.device_id,
+            user: d.user,
+            push_token_state: d.push_token.as_str().to_string(),
+            online: d.online,
+            last_seq: d.last_seq,
+            acked_seq: d.acked_seq,
+        })
+    }
+
+    pub fn state(&self) -> ConnectionState {
+        self.inner.state().into()
+    }
+
+    /// Stop everything and join the SDK threads; the listener receives `Closed` last.
+    /// (Named `shutdown` because Kotlin's generated `close()` is `AutoCloseable`'s,
+    /// which frees the object — and shuts down too.)
+    pub fn shutdown(&self) {
+        self.inner.close();
+    }
+}
+
+/// True when the payload (JSON) is a Herald push.
+#[uniffi::export]
+pub fn is_herald_push(payload_json: String) -> bool {
+    sdk::is_herald_push(&payload_json)
+}
+
+/// The `exp` claim of a JWT (seconds since the epoch), unverified.
+#[uniffi::export]
+pub fn jwt_expiry(token: String) -> Option<u64> {
+    sdk::jwt_expiry(&token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_one_to_one() {
+        let e: HeraldError = sdk::Error::Forbidden("x".into()).into();
+        assert_eq!(e, HeraldError::Forbidden { detail: "x".into() });
+        let e: HeraldError = sdk::Error::RateLimited {
+            retry_after: Some(Duration::from_secs(2)),
+        }
+        .into();
+        assert_eq!(
+            e,
+            HeraldError::RateLimited {
+                retry_after_ms: Some(2000)
+            }
+        );
+    }
+
+    struct Nop;
+    impl HeraldListener for Nop {
+        fn on_state_changed(&self, _: ConnectionState) {}
+        fn on_message(&self, _: HeraldMessage) {}
+        fn on_error(&self, _: ErrorEvent) {}
+        fn on_subscription_changed(&self, _: String, _: bool) {}
+    }
+    struct NoToken;
+    impl TokenProvider for NoToken {
+        fn fetch_token(&self) -> Result<String, HeraldError> {
+            Err(HeraldError::TokenProvider {
+                detail: "none".into(),
+            })
+        }
+    }
+
+    #[test]
+    fn bad_url_is_a_typed_error() {
+        let r = HeraldClient::new(
+            ClientConfig {
+                base_url: "not a url".into(),
+                device_id: "d".into(),
+                data_dir: std::env::temp_dir().to_string_lossy().into_owned(),
+                suspend_in_background: true,
+                backoff_min_ms: 500,
+                backoff_max_ms: 30000,
+                connect_timeout_ms: 1000,
+                request_timeout_ms: 1000,
+                heartbeat_ms: None,
+            },
+            Box::new(Nop),
+            Box::new(NoToken),
+        );
+        assert!(matches!(r, Err(HeraldError::InvalidConfig { .. })));
+    }
+}

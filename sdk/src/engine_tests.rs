@@ -1,0 +1,576 @@
+//! The state machine driven by a fake transport, on tokio's paused clock.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use herald_protocol::{ClientFrame, InboxMessage, ServerFrame};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::time::Instant;
+use url::Url;
+
+use crate::engine::{Command, Engine, EngineParts, Event, Settings};
+use crate::http::Api;
+use crate::store::Store;
+use crate::token::{TokenProvider, Tokens};
+use crate::transport::{ConnectError, Connection, Incoming, Transport};
+use crate::{ConnectionState, Error};
+
+/// What the fake does on the next connect attempt.
+enum Outcome {
+    Fail(ConnectError),
+    /// Accept; the test drives the server side through the handle.
+    Accept(ServerSide),
+}
+
+struct ServerSide {
+    to_client: UnboundedReceiver<Option<Incoming>>,
+    from_client: UnboundedSender<ClientFrame>,
+}
+
+/// The test's end of an accepted connection.
+struct Peer {
+    tx: UnboundedSender<Option<Incoming>>,
+    rx: UnboundedReceiver<ClientFrame>,
+}
+
+impl Peer {
+    fn frame(&self, f: ServerFrame) {
+        let _ = self.tx.send(Some(Incoming::Frame(f)));
+    }
+    fn welcome(&self, heartbeat_s: u64, last_seq: i64) {
+        self.frame(ServerFrame::Welcome {
+            session_id: "s".into(),
+            heartbeat_s,
+            ack_timeout_s: 10,
+            last_seq,
+        });
+    }
+    fn msg(&self, seq: i64) {
+        self.frame(ServerFrame::Msg(msg(seq)));
+    }
+    fn sent(&mut self) -> Vec<ClientFrame> {
+        let mut v = vec![];
+        while let Ok(f) = self.rx.try_recv() {
+            v.push(f);
+        }
+        v
+    }
+}
+
+fn msg(seq: i64) -> InboxMessage {
+    InboxMessage {
+        seq,
+        id: format!("m{seq}"),
+        data: serde_json::json!({"n": seq}),
+        notification: None,
+        sent_at: "t".into(),
+    }
+}
+
+fn accept() -> (Outcome, Peer) {
+    let (tx, to_client) = unbounded_channel();
+    let (from_client, rx) = unbounded_channel();
+    (
+        Outcome::Accept(ServerSide {
+            to_client,
+            from_client,
+        }),
+        Peer { tx, rx },
+    )
+}
+
+#[derive(Default)]
+struct Fake {
+    script: Mutex<VecDeque<Outcome>>,
+    /// (when, after, token) of every attempt.
+    attempts: Mutex<Vec<(Instant, i64, String)>>,
+}
+
+impl Fake {
+    fn push(&self, o: Outcome) {
+        self.script.lock().unwrap().push_back(o);
+    }
+    fn attempts(&self) -> Vec<(Instant, i64, String)> {
+        self.attempts.lock().unwrap().clone()
+    }
+}
+
+struct FakeConn(ServerSide);
+
+impl Connection for FakeConn {
+    async fn send(&mut self, frame: &ClientFrame) -> Result<(), String> {
+        self.0
+            .from_client
+            .send(frame.clone())
+            .map_err(|_| "closed".to_string())
+    }
+    async fn recv(&mut self) -> Option<Result<Incoming, String>> {
+        self.0.to_client.recv().await.flatten().map(Ok)
+    }
+    async fn close(&mut self) {}
+}
+
+impl Transport for Fake {
+    type Conn = FakeConn;
+    async fn connect(
+        &self,
+        _: &Url,
+        _: &str,
+        after: i64,
+        token: &str,
+    ) -> Result<FakeConn, ConnectError> {
+        self.attempts
+            .lock()
+            .unwrap()
+            .push((Instant::now(), after, token.to_string()));
+        let next = self.script.lock().unwrap().pop_front();
+        match next {
+            Some(Outcome::Accept(s)) => Ok(FakeConn(s)),
+            Some(Outcome::Fail(e)) => Err(e),
+            None => Err(ConnectError::Network("refused".into())),
+        }
+    }
+}
+
+struct Harness {
+    fake: Arc<Fake>,
+    cmd: UnboundedSender<Command>,
+    events: mpsc::Receiver<Event>,
+    seen: Vec<Event>,
+    token_calls: Arc<AtomicU32>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn settings() -> Settings {
+    Settings {
+        base: Url::parse("http://127.0.0.1:9").unwrap(),
+        device_id: "d1".into(),
+        suspend_in_background: true,
+        backoff_min: Duration::from_millis(500),
+        backoff_max: Duration::from_secs(30),
+        healthy_session: Duration::from_secs(10),
+        connect_timeout: Duration::from_secs(10),
+        heartbeat: None,
+        max_token_failures: 3,
+        sync_max_pages: 2,
+    }
+}
+
+fn start_with(provider: Arc<dyn TokenProvider>, store: Store) -> Harness {
+    let fake = Arc::new(Fake::default());
+    let s = Arc::new(settings());
+    let tokens = Arc::new(Tokens::new(provider));
+    let api = Arc::new(
+        Api::new(
+            s.base.clone(),
+            s.device_id.clone(),
+            tokens.clone(),
+            Duration::from_secs(1),
+        )
+        .unwrap(),
+    );
+    let (cmd_tx, cmd_rx) = unbounded_channel();
+    let (ev_tx, events) = mpsc::channel();
+    let engine = Engine::new(EngineParts {
+        settings: s,
+        transport: fake.clone(),
+        tokens,
+        api,
+        store,
+        events: ev_tx,
+        cmd_rx,
+        cmd_tx: cmd_tx.downgrade(),
+        shared_state: Arc::new(Mutex::new(ConnectionState::Disconnected)),
+        rng: StdRng::seed_from_u64(42),
+    });
+    let task = tokio::spawn(engine.run());
+    Harness {
+        fake,
+        cmd: cmd_tx,
+        events,
+        seen: vec![],
+        token_calls: Arc::new(AtomicU32::new(0)),
+        task,
+    }
+}
+
+fn start() -> Harness {
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let provider = move || {
+        let n = c.fetch_add(1, Ordering::SeqCst);
+        Ok::<_, String>(format!("token-{n}"))
+    };
+    let mut h = start_with(Arc::new(provider), Store::open_in_memory("t").unwrap());
+    h.token_calls = calls;
+    h
+}
+
+impl Harness {
+    fn send(&self, c: Command) {
+        self.cmd.send(c).unwrap();
+    }
+    /// Lets the engine run for `d` of (paused) time and collects its events.
+    async fn run_for(&mut self, d: Duration) {
+        tokio::time::sleep(d).await;
+        self.collect();
+    }
+    async fn wait_attempts(&mut self, n: usize) {
+        for _ in 0..100_000 {
+            if self.fake.attempts().len() >= n {
+                self.collect();
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("no attempt {n}");
+    }
+    fn collect(&mut self) {
+        while let Ok(e) = self.events.try_recv() {
+            self.seen.push(e);
+        }
+    }
+    fn states(&self) -> Vec<ConnectionState> {
+        self.seen
+            .iter()
+            .filter_map(|e| match e {
+                Event::State(s) => Some(s.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+    fn last_state(&self) -> Option<ConnectionState> {
+        self.states().last().cloned()
+    }
+    fn messages(&self) -> Vec<i64> {
+        self.seen
+            .iter()
+            .filter_map(|e| match e {
+                Event::Message(m) => Some(m.seq),
+                _ => None,
+            })
+            .collect()
+    }
+    fn errors(&self) -> Vec<(Error, bool)> {
+        self.seen
+            .iter()
+            .filter_map(|e| match e {
+                Event::Error { error, terminal } => Some((error.clone(), *terminal)),
+                _ => None,
+            })
+            .collect()
+    }
+    async fn close(mut self) {
+        self.send(Command::Close { drain: false });
+        tokio::time::timeout(Duration::from_secs(5), &mut self.task)
+            .await
+            .expect("engine stops")
+            .unwrap();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn reconnect_delays_follow_full_jitter_backoff() {
+    let mut h = start();
+    h.send(Command::Connect);
+    h.run_for(Duration::from_secs(120)).await;
+    let attempts = h.fake.attempts();
+    assert!(attempts.len() >= 8, "{} attempts", attempts.len());
+    let waits: Vec<u64> = h
+        .states()
+        .iter()
+        .filter_map(|s| match s {
+            ConnectionState::WaitingToReconnect { delay_ms } => Some(*delay_ms),
+            _ => None,
+        })
+        .collect();
+    let mut ceiling = 500u64;
+    for (i, pair) in attempts.windows(2).enumerate() {
+        let gap = (pair[1].0 - pair[0].0).as_millis() as u64;
+        assert!(gap <= ceiling, "attempt {i}: gap {gap} > ceiling {ceiling}");
+        // The reported delay is the one actually waited (paused clock: exact).
+        assert_eq!(gap, waits[i], "attempt {i}");
+        ceiling = (ceiling * 2).min(30_000);
+    }
+    // Not everything at the minimum: the ceilings grow.
+    assert!(waits.iter().skip(4).any(|w| *w > 500), "{waits:?}");
+    assert!(waits.iter().all(|w| *w <= 30_000));
+    // Connecting / WaitingToReconnect alternate.
+    let states = h.states();
+    assert_eq!(states[0], ConnectionState::Connecting);
+    assert!(matches!(
+        states[1],
+        ConnectionState::WaitingToReconnect { .. }
+    ));
+    h.close().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn healthy_session_resets_backoff_and_reconnect_frame_is_honoured() {
+    let mut h = start();
+    // Failures grow the backoff...
+    for _ in 0..6 {
+        h.fake
+            .push(Outcome::Fail(ConnectError::Network("down".into())));
+    }
+    let (o, peer) = accept();
+    h.fake.push(o);
+    let (o2, peer2) = accept();
+    h.fake.push(o2);
+    h.send(Command::Connect);
+    h.wait_attempts(7).await;
+    peer.welcome(30, 0);
+    h.run_for(Duration::from_secs(20)).await;
+    assert_eq!(h.last_state(), Some(ConnectionState::Connected));
+    // The server drains: reconnect after at least 3 s, at most 3 s + backoff_min.
+    let drained_at = Instant::now();
+    peer.frame(ServerFrame::Reconnect { after_ms: 3000 });
+    h.run_for(Duration::from_secs(4)).await;
+    let attempts = h.fake.attempts();
+    assert_eq!(attempts.len(), 8);
+    let waited = attempts[7].0 - drained_at;
+    assert!(
+        waited >= Duration::from_millis(3000) && waited <= Duration::from_millis(3500),
+        "{waited:?}"
+    );
+    // Healthy session then a drop: the next delay starts from the minimum again.
+    peer2.welcome(30, 0);
+    h.run_for(Duration::from_secs(15)).await;
+    drop(peer2);
+    h.run_for(Duration::from_millis(10)).await;
+    match h.last_state() {
+        Some(ConnectionState::WaitingToReconnect { delay_ms }) => {
+            assert!(delay_ms <= 500, "{delay_ms}")
+        }
+        other => panic!("{other:?}"),
+    }
+    h.close().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn dead_connection_is_detected_after_two_heartbeats() {
+    let mut h = start();
+    let (o, mut peer) = accept();
+    h.fake.push(o);
+    h.send(Command::Connect);
+    h.run_for(Duration::from_millis(1)).await;
+    peer.welcome(5, 0);
+    h.run_for(Duration::from_millis(1)).await;
+    let welcomed = Instant::now();
+    // Pings every heartbeat while silent...
+    h.run_for(Duration::from_millis(10_500)).await;
+    let pings = peer
+        .sent()
+        .into_iter()
+        .filter(|f| *f == ClientFrame::Ping)
+        .count();
+    assert_eq!(pings, 2);
+    assert_eq!(h.fake.attempts().len(), 1, "still trusting the connection");
+    // ...and gives up after 2 heartbeats + grace (12 s) of silence.
+    h.run_for(Duration::from_secs(3)).await;
+    let attempts = h.fake.attempts();
+    assert!(attempts.len() >= 2);
+    let gap = attempts[1].0 - welcomed;
+    assert!(
+        gap >= Duration::from_secs(12) && gap <= Duration::from_millis(12_600),
+        "{gap:?}"
+    );
+    h.close().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn offline_is_quiet_and_network_back_reconnects_at_once() {
+    let mut h = start();
+    h.send(Command::Connect);
+    h.run_for(Duration::from_secs(5)).await;
+    let before = h.fake.attempts().len();
+    h.send(Command::Network(false));
+    h.run_for(Duration::from_secs(600)).await;
+    assert_eq!(h.last_state(), Some(ConnectionState::Suspended));
+    assert_eq!(h.fake.attempts().len(), before, "no attempts while offline");
+    let (o, _peer) = accept();
+    h.fake.push(o);
+    let back = Instant::now();
+    h.send(Command::Network(true));
+    h.run_for(Duration::from_millis(1)).await;
+    let attempts = h.fake.attempts();
+    assert_eq!(attempts.len(), before + 1);
+    assert!(attempts[before].0 - back < Duration::from_millis(2));
+    // Background suspends, foreground reconnects at once.
+    h.send(Command::Background);
+    h.run_for(Duration::from_secs(60)).await;
+    assert_eq!(h.last_state(), Some(ConnectionState::Suspended));
+    let n = h.fake.attempts().len();
+    h.send(Command::Foreground);
+    h.run_for(Duration::from_millis(1)).await;
+    assert_eq!(h.fake.attempts().len(), n + 1);
+    h.close().await;
+}
+
+fn rejected(status: u16, error: Error) -> Outcome {
+    Outcome::Fail(ConnectError::Rejected { status, error })
+}
+
+#[tokio::test(start_paused = true)]
+async fn forbidden_is_terminal() {
+    let mut h = start();
+    h.fake.push(rejected(
+        403,
+        Error::Forbidden("owned by another user".into()),
+    ));
+    h.send(Command::Connect);
+    h.run_for(Duration::from_secs(300)).await;
+    assert_eq!(h.fake.attempts().len(), 1);
+    assert_eq!(h.last_state(), Some(ConnectionState::Disconnected));
+    let errors = h.errors();
+    assert_eq!(errors.len(), 1);
+    assert!(matches!(errors[0], (Error::Forbidden(_), true)));
+    h.close().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn unauthorized_refetches_once_then_gives_up() {
+    let mut h = start();
+    h.fake
+        .push(rejected(401, Error::Unauthorized("expired".into())));
+    h.fake
+        .push(rejected(401, Error::Unauthorized("bad".into())));
+    h.send(Command::Connect);
+    h.run_for(Duration::from_secs(300)).await;
+    let attempts = h.fake.attempts();
+    assert_eq!(attempts.len(), 2);
+    assert_eq!(attempts[0].2, "token-0");
+    assert_eq!(attempts[1].2, "token-1", "a fresh token after the 401");
+    assert_eq!(attempts[1].0, attempts[0].0, "retried at once");
+    assert_eq!(h.token_calls.load(Ordering::SeqCst), 2);
+    assert!(matches!(h.errors()[..], [(Error::Unauthorized(_), true)]));
+    assert_eq!(h.last_state(), Some(ConnectionState::Disconnected));
+    h.close().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn failing_token_provider_is_terminal_after_three_tries() {
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let provider = move || {
+        c.fetch_add(1, Ordering::SeqCst);
+        Err::<String, _>("backend down".to_string())
+    };
+    let mut h = start_with(Arc::new(provider), Store::open_in_memory("t").unwrap());
+    h.send(Command::Connect);
+    h.run_for(Duration::from_secs(300)).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    assert!(h.fake.attempts().is_empty());
+    let errors = h.errors();
+    assert_eq!(errors.len(), 3);
+    assert!(!errors[0].1 && !errors[1].1 && errors[2].1);
+    assert_eq!(h.last_state(), Some(ConnectionState::Disconnected));
+    h.close().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn messages_once_in_order_acked_after_the_listener() {
+    let mut h = start();
+    let (o, mut peer) = accept();
+    h.fake.push(o);
+    h.send(Command::Subscribe("news".into()));
+    h.send(Command::Connect);
+    h.run_for(Duration::from_millis(1)).await;
+    peer.welcome(30, 3);
+    for seq in [1, 2, 2, 1, 3] {
+        peer.msg(seq);
+    }
+    h.run_for(Duration::from_millis(10)).await;
+    assert_eq!(h.messages(), [1, 2, 3]);
+    assert_eq!(
+        peer.sent(),
+        [ClientFrame::Subscribe {
+            topic: "news".into()
+        }]
+    );
+    // Nothing acked until the listener returns; then cumulatively.
+    h.send(Command::Handled {
+        seq: 1,
+        id: "m1".into(),
+    });
+    h.send(Command::Handled {
+        seq: 2,
+        id: "m2".into(),
+    });
+    h.run_for(Duration::from_millis(10)).await;
+    let acks: Vec<_> = peer.sent();
+    assert_eq!(acks.last(), Some(&ClientFrame::Ack { seq: 2 }));
+    // Drop: reconnects after the highest seq handed over, re-subscribes.
+    let (o, mut peer2) = accept();
+    h.fake.push(o);
+    drop(peer);
+    h.run_for(Duration::from_secs(1)).await;
+    let attempts = h.fake.attempts();
+    assert_eq!(attempts.len(), 2);
+    assert_eq!(attempts[1].1, 2, "after the last handled seq");
+    peer2.welcome(30, 4);
+    peer2.msg(3);
+    peer2.msg(4);
+    h.send(Command::Handled {
+        seq: 3,
+        id: "m3".into(),
+    });
+    h.run_for(Duration::from_millis(10)).await;
+    assert_eq!(h.messages(), [1, 2, 3, 4]);
+    let sent = peer2.sent();
+    assert!(sent.contains(&ClientFrame::Subscribe {
+        topic: "news".into()
+    }));
+    assert_eq!(sent.last(), Some(&ClientFrame::Ack { seq: 3 }));
+    h.close().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn handled_cursor_survives_restart() {
+    let dir = std::env::temp_dir().join(format!("herald-engine-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    {
+        let mut h = start_with(
+            Arc::new(|| Ok::<_, String>("t".into())),
+            Store::open(&dir, "s").unwrap(),
+        );
+        let (o, peer) = accept();
+        h.fake.push(o);
+        h.send(Command::Connect);
+        h.run_for(Duration::from_millis(1)).await;
+        peer.welcome(30, 2);
+        peer.msg(1);
+        peer.msg(2);
+        h.run_for(Duration::from_millis(1)).await;
+        // The app finished only seq 1 before it died.
+        h.send(Command::Handled {
+            seq: 1,
+            id: "m1".into(),
+        });
+        h.run_for(Duration::from_millis(1)).await;
+        h.close().await;
+    }
+    let mut h = start_with(
+        Arc::new(|| Ok::<_, String>("t".into())),
+        Store::open(&dir, "s").unwrap(),
+    );
+    let (o, peer) = accept();
+    h.fake.push(o);
+    h.send(Command::Connect);
+    h.run_for(Duration::from_millis(1)).await;
+    assert_eq!(
+        h.fake.attempts()[0].1,
+        1,
+        "resumes after the last handled seq"
+    );
+    peer.welcome(30, 2);
+    peer.msg(2);
+    h.run_for(Duration::from_millis(1)).await;
+    assert_eq!(h.messages(), [2]);
+    h.close().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}

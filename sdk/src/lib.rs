@@ -1,0 +1,51 @@
+//! Herald client core: one connection per client with reconnect/backoff, heartbeats,
+//! catch-up from a persisted cursor, de-duplication, token refresh, push handling.
+//! Pure Rust; the Swift/Kotlin bindings (`herald-ffi`) wrap [`HeraldClient`].
+//!
+//! Threads: every client runs a small current-thread tokio runtime on its own thread
+//! (`herald-sdk-io`: the connection state machine and HTTP calls) and calls the app's
+//! [`Listener`] from one dedicated thread (`herald-sdk-listener`), in order. Public
+//! calls only post a command, except [`HeraldClient::handle_push`] and
+//! [`HeraldClient::register_push_token`], which wait for their network answer.
+//!
+//! Layout: [`backoff`] (policy), [`transport`] (WebSocket, behind a trait),
+//! `engine` (state machine), [`store`] (SQLite cursor), [`push`] (payload parsing),
+//! `http` (REST), [`token`] (token provider and expiry).
+
+pub mod backoff;
+mod client;
+mod engine;
+mod error;
+mod http;
+pub mod push;
+pub mod store;
+pub mod token;
+pub mod transport;
+
+pub use client::{Config, HeraldClient, Listener};
+pub use error::Error;
+pub use herald_protocol::{
+    ApnsEnvironment, DeviceInfo, InboxMessage, Notification, PushProviderKind,
+};
+pub use push::{is_herald_push, parse_push, PushInfo};
+pub use token::{jwt_expiry, TokenProvider};
+
+/// Connection state, reported to [`Listener::on_state_changed`] on every change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectionState {
+    /// Not connecting (initial state, after `disconnect()` or a terminal error).
+    Disconnected,
+    /// A connect attempt is running (token, TCP/TLS, upgrade, welcome).
+    Connecting,
+    /// Welcome received; messages flow.
+    Connected,
+    /// The connection failed or dropped; the next attempt starts after `delay_ms`.
+    WaitingToReconnect { delay_ms: u64 },
+    /// The app wants a connection but is in the background or offline.
+    Suspended,
+    /// `close()` was called; the client is finished.
+    Closed,
+}
+
+#[cfg(test)]
+mod engine_tests;

@@ -1,0 +1,170 @@
+//! The WebSocket transport, behind a small trait so the connection state machine
+//! (`engine`) can be driven by a fake in tests.
+
+use std::future::Future;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use herald_protocol::{ClientFrame, ServerFrame, SUBPROTOCOL};
+use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest, http::HeaderValue, Message};
+use url::Url;
+
+use crate::Error;
+
+/// What a connection yields.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Incoming {
+    Frame(ServerFrame),
+    /// Any other sign of life (WS ping/pong, unknown frame).
+    Activity,
+}
+
+/// Why a connect attempt failed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConnectError {
+    /// The gateway refused the upgrade with this status.
+    Rejected {
+        status: u16,
+        error: Error,
+    },
+    Network(String),
+}
+
+pub trait Connection: Send {
+    fn send(&mut self, frame: &ClientFrame) -> impl Future<Output = Result<(), String>> + Send;
+    /// Next event; `None` when the connection is closed. Must be cancel-safe.
+    fn recv(&mut self) -> impl Future<Output = Option<Result<Incoming, String>>> + Send;
+    fn close(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+pub trait Transport: Send + Sync + 'static {
+    type Conn: Connection + 'static;
+    fn connect(
+        &self,
+        base: &Url,
+        device_id: &str,
+        after: i64,
+        token: &str,
+    ) -> impl Future<Output = Result<Self::Conn, ConnectError>> + Send;
+}
+
+/// `GET {base}/v1/connect?device_id=D&after=SEQ` as a WebSocket URL.
+pub fn connect_url(base: &Url, device_id: &str, after: i64) -> Url {
+    let mut url = base.clone();
+    let scheme = match base.scheme() {
+        "https" | "wss" => "wss",
+        _ => "ws",
+    };
+    let _ = url.set_scheme(scheme);
+    url.path_segments_mut()
+        .expect("http base url")
+        .pop_if_empty()
+        .extend(["v1", "connect"]);
+    url.query_pairs_mut()
+        .append_pair("device_id", device_id)
+        .append_pair("after", &after.to_string());
+    url
+}
+
+/// tokio-tungstenite over TCP/TLS.
+#[derive(Debug, Clone, Default)]
+pub struct WsTransport;
+
+type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+pub struct WsConnection {
+    ws: WsStream,
+}
+
+impl Transport for WsTransport {
+    type Conn = WsConnection;
+
+    async fn connect(
+        &self,
+        base: &Url,
+        device_id: &str,
+        after: i64,
+        token: &str,
+    ) -> Result<WsConnection, ConnectError> {
+        let url = connect_url(base, device_id, after);
+        let mut req = url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| ConnectError::Network(e.to_string()))?;
+        let headers = req.headers_mut();
+        headers.insert(
+            "Sec-WebSocket-Protocol",
+            HeaderValue::from_static(SUBPROTOCOL),
+        );
+        let auth = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+            ConnectError::Rejected {
+                status: 401,
+                error: Error::Unauthorized("token is not a valid header value".into()),
+            }
+        })?;
+        headers.insert("Authorization", auth);
+        match tokio_tungstenite::connect_async(req).await {
+            Ok((ws, _resp)) => Ok(WsConnection { ws }),
+            Err(tungstenite::Error::Http(resp)) => {
+                let status = resp.status().as_u16();
+                let retry_after = resp
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs);
+                let body = resp.body().as_deref().unwrap_or_default();
+                Err(ConnectError::Rejected {
+                    status,
+                    error: crate::error::from_status(status, body, retry_after),
+                })
+            }
+            Err(e) => Err(ConnectError::Network(e.to_string())),
+        }
+    }
+}
+
+impl Connection for WsConnection {
+    async fn send(&mut self, frame: &ClientFrame) -> Result<(), String> {
+        let text = serde_json::to_string(frame).expect("frames serialize");
+        self.ws
+            .send(Message::text(text))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn recv(&mut self) -> Option<Result<Incoming, String>> {
+        match self.ws.next().await? {
+            Ok(Message::Text(t)) => {
+                Some(Ok(match serde_json::from_str::<ServerFrame>(t.as_str()) {
+                    Ok(f) => Incoming::Frame(f),
+                    Err(e) => {
+                        tracing::debug!("ignoring unknown frame: {e}");
+                        Incoming::Activity
+                    }
+                }))
+            }
+            Ok(Message::Close(_)) => None,
+            Ok(_) => Some(Ok(Incoming::Activity)),
+            Err(e) => Some(Err(e.to_string())),
+        }
+    }
+
+    async fn close(&mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.ws.close(None)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_url_maps_scheme_and_path() {
+        let u = connect_url(&Url::parse("http://h:1").unwrap(), "d 1", 5);
+        assert_eq!(u.as_str(), "ws://h:1/v1/connect?device_id=d+1&after=5");
+        let u = connect_url(&Url::parse("https://h/base/").unwrap(), "d", 0);
+        assert_eq!(u.as_str(), "wss://h/base/v1/connect?device_id=d&after=0");
+    }
+}
