@@ -19,6 +19,9 @@ step "format and lints"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 
+step "services the tests use (PostgreSQL, NATS)"
+bash scripts/ensure-services.sh
+
 step "Rust tests (gateway, SDK, integration)"
 cargo build --workspace --bins
 cargo nextest run --workspace --no-fail-fast

@@ -16,8 +16,13 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Where the embedded SQLite store lives.
     pub data_dir: PathBuf,
-    /// Which store to use: "sqlite" (embedded default).
+    /// Which store to use: "sqlite" (embedded default) or "postgres" (shared by
+    /// several nodes; needs `database_url`).
     pub store: String,
+    /// PostgreSQL URL for `store = "postgres"`, e.g.
+    /// `postgres://herald:secret@db:5432/herald` (env `HERALD_DATABASE_URL`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
     /// Public base URL printed in examples (defaults to http://{listen}).
     pub public_url: Option<String>,
     pub auth: AuthConfig,
@@ -145,6 +150,7 @@ impl Default for Config {
             listen: "127.0.0.1:8080".parse().unwrap(),
             data_dir: PathBuf::from("herald-data"),
             store: "sqlite".into(),
+            database_url: None,
             public_url: None,
             auth: AuthConfig::default(),
             delivery: DeliveryConfig::default(),
@@ -296,7 +302,12 @@ fn merge(base: &mut toml::Value, overlay: toml::Value) {
 /// Optional settings are absent from the serialized defaults, so a known top-level
 /// or section key counts even when it has no value yet.
 fn path_exists(value: &toml::Value, path: &[String]) -> bool {
-    const OPTIONAL: &[&str] = &["public_url", "auth.jwt_secret", "auth.jwt_public_key_file"];
+    const OPTIONAL: &[&str] = &[
+        "public_url",
+        "database_url",
+        "auth.jwt_secret",
+        "auth.jwt_public_key_file",
+    ];
     /// Optional sections: any key below them may be set from the environment.
     const OPTIONAL_SECTIONS: &[&str] = &["push.fcm.", "push.apns."];
     let joined = path.join(".");
@@ -371,5 +382,16 @@ mod tests {
         set_path(&mut v, &path, parse_env_value("123"));
         let cfg: Config = v.try_into().unwrap();
         assert_eq!(cfg.limits.max_message_bytes, 123);
+    }
+
+    #[test]
+    fn database_url_is_settable_from_env() {
+        let mut v = toml::Value::try_from(Config::default()).unwrap();
+        let path = vec!["database_url".to_string()];
+        assert!(path_exists(&v, &path));
+        set_path(&mut v, &path, parse_env_value("postgres://h@db/herald"));
+        let cfg: Config = v.try_into().unwrap();
+        assert_eq!(cfg.database_url.as_deref(), Some("postgres://h@db/herald"));
+        assert_eq!(Config::default().database_url, None);
     }
 }

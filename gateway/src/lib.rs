@@ -36,6 +36,7 @@ use crate::push::stub::StubProvider;
 use crate::push::PushProvider;
 use crate::registry::SessionRegistry;
 use crate::session::SessionConfig;
+use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::Store;
 
@@ -43,7 +44,15 @@ use crate::store::Store;
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     match config.store.as_str() {
         "sqlite" => Ok(Arc::new(SqliteStore::open(&config.data_dir).await?)),
-        other => anyhow::bail!("store {other:?} is not supported; use \"sqlite\""),
+        "postgres" => {
+            let url = config.database_url.as_deref().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "store \"postgres\" needs database_url (config key, or HERALD_DATABASE_URL), e.g. postgres://herald:secret@127.0.0.1:5432/herald"
+                )
+            })?;
+            Ok(Arc::new(PostgresStore::open(url).await?))
+        }
+        other => anyhow::bail!("store {other:?} is not supported; use \"sqlite\" or \"postgres\""),
     }
 }
 

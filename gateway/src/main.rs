@@ -36,7 +36,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token { action } => cli::run_token(&cfg, action).await?,
         Command::Migrate => {
             herald_gateway::open_store(&cfg).await?;
-            eprintln!("store at {} is up to date", cfg.data_dir.display());
+            match cfg.store.as_str() {
+                "sqlite" => eprintln!("store at {} is up to date", cfg.data_dir.display()),
+                other => eprintln!("{other} store is up to date"),
+            }
         }
     }
     Ok(())

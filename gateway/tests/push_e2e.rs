@@ -192,3 +192,67 @@ async fn unavailable_provider_exhausts_retries_then_push_failed() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(mock.send_requests(), 3);
 }
+
+#[tokio::test]
+async fn refused_credentials_are_loud_in_readyz_and_recorded() {
+    let mock = MockFcm::start(3600).await;
+    let tg = gateway_with_mock(&mock, |_| {}).await;
+    register(&tg, "u", "droid", Some(("fcm", "tok"))).await;
+    mock.state
+        .refuse_all
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let r = publish(&tg, json!({"to": {"device": "droid"}, "data": {}})).await;
+    let d = wait_state(&tg, r["message_id"].as_str().unwrap(), "push_failed").await;
+    assert!(d["reason"].as_str().unwrap().contains("auth"), "{d}");
+    let body = http()
+        .get(format!("{}/readyz", tg.base_url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(body.contains("push fcm: DEGRADED"), "{body}");
+    // The next accepted push clears it.
+    mock.state
+        .refuse_all
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let r = publish(&tg, json!({"to": {"device": "droid"}, "data": {}})).await;
+    wait_state(&tg, r["message_id"].as_str().unwrap(), "pushed").await;
+    let body = http()
+        .get(format!("{}/readyz", tg.base_url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(body, "ready\n");
+}
+
+#[tokio::test]
+async fn a_slow_provider_blocks_neither_publishing_nor_live_delivery() {
+    let mock = MockFcm::start(3600).await;
+    let tg = gateway_with_mock(&mock, |c| c.push.workers = 2).await;
+    mock.state
+        .send_delay_ms
+        .store(5_000, std::sync::atomic::Ordering::SeqCst);
+    for i in 0..20 {
+        register(&tg, "off", &format!("offline-{i}"), Some(("fcm", "tok"))).await;
+    }
+    let mut live = connect(&tg, "on", "online", None).await;
+    let started = std::time::Instant::now();
+    // 20 pushes stuck behind a 5 s provider with 2 workers...
+    publish(&tg, json!({"to": {"user": "off"}, "data": {}})).await;
+    // ...and live traffic still flows at once.
+    for i in 0..10 {
+        publish(&tg, json!({"to": {"device": "online"}, "data": {"i": i}})).await;
+        let m = live.msg().await;
+        live.ack(m.seq).await;
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -19,7 +19,15 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         );
     }
     match state.store.ping().await {
-        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+        Ok(()) => {
+            // A push credential problem does not make the node unready (live delivery
+            // and publishing still work), but it must be impossible to miss.
+            let mut body = "ready\n".to_string();
+            for (kind, problem) in state.router.push.health.problems() {
+                body.push_str(&format!("push {}: DEGRADED: {problem}\n", kind.as_str()));
+            }
+            (StatusCode::OK, body)
+        }
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("store unavailable: {e}\n"),

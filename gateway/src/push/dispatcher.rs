@@ -12,13 +12,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use herald_protocol::{PushProviderKind, PushTokenState};
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::{PushOutcome, PushProvider, PushRequest};
 use crate::clock::now_ms;
 use crate::metrics::Metrics;
-use crate::store::{InboxEntry, PushMark, Store};
+use crate::store::{InboxEntry, PushAction, PushMark, PushResult, Store};
 
 #[derive(Debug, Clone)]
 pub struct PushSettings {
@@ -57,6 +57,39 @@ pub struct PushDispatcher {
     queue: mpsc::Sender<InboxEntry>,
     store: Arc<dyn Store>,
     metrics: Metrics,
+    pub health: PushHealth,
+}
+
+/// The last credential problem per provider, cleared by the next accepted push, so
+/// `/readyz` can say loudly that pushes are being refused.
+#[derive(Clone, Default)]
+pub struct PushHealth(Arc<std::sync::Mutex<HashMap<PushProviderKind, String>>>);
+
+impl PushHealth {
+    fn set(&self, kind: PushProviderKind, problem: Option<String>) {
+        let mut map = self.0.lock().unwrap();
+        match problem {
+            Some(p) => {
+                map.insert(kind, p);
+            }
+            None => {
+                map.remove(&kind);
+            }
+        }
+    }
+
+    /// (provider, problem) for every provider whose credentials were last refused.
+    pub fn problems(&self) -> Vec<(PushProviderKind, String)> {
+        let mut v: Vec<_> = self
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, p)| (*k, p.clone()))
+            .collect();
+        v.sort_by_key(|(k, _)| k.as_str());
+        v
+    }
 }
 
 struct Worker {
@@ -64,6 +97,7 @@ struct Worker {
     providers: HashMap<PushProviderKind, Arc<dyn PushProvider>>,
     metrics: Metrics,
     settings: Arc<PushSettings>,
+    health: PushHealth,
 }
 
 impl PushDispatcher {
@@ -75,33 +109,24 @@ impl PushDispatcher {
         shutdown: CancellationToken,
     ) -> PushDispatcher {
         let (tx, rx) = mpsc::channel(settings.queue.max(1));
-        let rx = Arc::new(Mutex::new(rx));
         let settings = Arc::new(settings);
         let providers: HashMap<_, _> = providers.into_iter().map(|p| (p.kind(), p)).collect();
-        for _ in 0..settings.workers.max(1) {
-            let worker = Worker {
-                store: store.clone(),
-                providers: providers.clone(),
-                metrics: metrics.clone(),
-                settings: settings.clone(),
-            };
-            let (rx, shutdown) = (rx.clone(), shutdown.clone());
-            tokio::spawn(async move {
-                loop {
-                    let next = tokio::select! {
-                        e = async { rx.lock().await.recv().await } => e,
-                        _ = shutdown.cancelled() => None,
-                    };
-                    let Some(entry) = next else { break };
-                    worker.metrics.push_queue_depth.dec();
-                    worker.push(entry).await;
-                }
-            });
-        }
+        let health = PushHealth::default();
+        let worker = Arc::new(Worker {
+            store: store.clone(),
+            providers,
+            metrics: metrics.clone(),
+            settings: settings.clone(),
+            health: health.clone(),
+        });
+        let (results_tx, results_rx) = mpsc::channel(settings.queue.max(1));
+        tokio::spawn(claim_and_send(rx, worker, results_tx, shutdown.clone()));
+        tokio::spawn(record_results(store.clone(), results_rx));
         let dispatcher = PushDispatcher {
             queue: tx,
             store: store.clone(),
             metrics,
+            health,
         };
         tokio::spawn(poll_due(dispatcher.clone(), settings, shutdown));
         dispatcher
@@ -171,35 +196,90 @@ async fn poll_due(
     }
 }
 
+/// Claims queued pushes in batches (one store transaction per batch) and sends each
+/// claimed one on its own task, at most `workers` at a time.
+async fn claim_and_send(
+    mut queue: mpsc::Receiver<InboxEntry>,
+    worker: Arc<Worker>,
+    results: mpsc::Sender<PushResult>,
+    shutdown: CancellationToken,
+) {
+    let permits = Arc::new(Semaphore::new(worker.settings.workers.max(1)));
+    let mut batch = Vec::with_capacity(CLAIM_BATCH);
+    loop {
+        let n = tokio::select! {
+            n = queue.recv_many(&mut batch, CLAIM_BATCH) => n,
+            _ = shutdown.cancelled() => 0,
+        };
+        if n == 0 {
+            return;
+        }
+        worker.metrics.push_queue_depth.sub(n as i64);
+        let keys: Vec<(String, i64)> = batch.iter().map(|e| (e.device_id.clone(), e.seq)).collect();
+        let claimed = match worker.store.claim_pushes(&keys, now_ms()).await {
+            Ok(c) => c,
+            Err(e) => {
+                // Still pending in the store: the poller brings them back.
+                tracing::warn!(error = %e, "cannot claim pushes");
+                batch.clear();
+                continue;
+            }
+        };
+        for (entry, won) in batch.drain(..).zip(claimed) {
+            if !won {
+                continue; // acked, expired, or another worker has it
+            }
+            let permit = tokio::select! {
+                p = permits.clone().acquire_owned() => p.expect("semaphore open"),
+                _ = shutdown.cancelled() => return,
+            };
+            let (worker, results) = (worker.clone(), results.clone());
+            tokio::spawn(async move {
+                let result = worker.push(entry).await;
+                drop(permit);
+                let _ = results.send(result).await;
+            });
+        }
+    }
+}
+
+/// Writes outcomes in batches: one transaction for everything that finished meanwhile.
+async fn record_results(store: Arc<dyn Store>, mut results: mpsc::Receiver<PushResult>) {
+    let mut batch = Vec::with_capacity(RECORD_BATCH);
+    while results.recv_many(&mut batch, RECORD_BATCH).await > 0 {
+        if let Err(e) = store.record_push_results(&batch, now_ms()).await {
+            // The claims go stale and are retried by the poller: at-least-once.
+            tracing::warn!(error = %e, "cannot record push outcomes");
+        }
+        batch.clear();
+    }
+}
+
+const CLAIM_BATCH: usize = 512;
+const RECORD_BATCH: usize = 1024;
+
 enum Attempt {
     Done(PushMark, Option<PushProviderKind>, Option<String>),
     Retry(Option<PushProviderKind>, String, Option<Duration>),
 }
 
 impl Worker {
-    async fn push(&self, entry: InboxEntry) {
-        let now = now_ms();
-        match self
-            .store
-            .claim_push(&entry.device_id, entry.seq, now)
-            .await
-        {
-            Ok(true) => {}
-            Ok(false) => return, // acked, expired, or another worker has it
-            Err(e) => {
-                tracing::warn!(error = %e, device = %entry.device_id, "cannot claim push");
-                return;
-            }
-        }
-        let result = match self.attempt(&entry).await {
+    /// Sends one claimed push and decides what to record.
+    async fn push(&self, entry: InboxEntry) -> PushResult {
+        let action = match self.attempt(&entry).await {
+            Attempt::Done(mark, provider, reason) => PushAction::Finish {
+                mark,
+                provider: provider.map(|p| p.as_str().to_owned()),
+                reason,
+            },
             Attempt::Retry(kind, reason, retry_after) => {
                 let attempts = entry.push_attempts + 1;
                 if attempts >= self.settings.max_attempts {
-                    Attempt::Done(
-                        PushMark::Failed,
-                        kind,
-                        Some(format!("gave up after {attempts} attempts: {reason}")),
-                    )
+                    PushAction::Finish {
+                        mark: PushMark::Failed,
+                        provider: kind.map(|p| p.as_str().to_owned()),
+                        reason: Some(format!("gave up after {attempts} attempts: {reason}")),
+                    }
                 } else {
                     let backoff = self
                         .settings
@@ -211,35 +291,17 @@ impl Worker {
                     let wait = retry_after
                         .unwrap_or(backoff)
                         .min(self.settings.max_backoff * 10);
-                    let due = now_ms() + wait.as_millis() as i64;
-                    if let Err(e) = self
-                        .store
-                        .retry_push(&entry.device_id, entry.seq, due, &reason)
-                        .await
-                    {
-                        tracing::warn!(error = %e, "cannot reschedule push");
+                    PushAction::Retry {
+                        due_at: now_ms() + wait.as_millis() as i64,
+                        reason,
                     }
-                    return;
                 }
             }
-            done => done,
         };
-        let Attempt::Done(mark, provider, reason) = result else {
-            return;
-        };
-        if let Err(e) = self
-            .store
-            .finish_push(
-                &entry.device_id,
-                entry.seq,
-                mark,
-                provider.map(|p| p.as_str()),
-                reason.as_deref(),
-                now_ms(),
-            )
-            .await
-        {
-            tracing::warn!(error = %e, device = %entry.device_id, "cannot record push outcome");
+        PushResult {
+            device_id: entry.device_id,
+            seq: entry.seq,
+            action,
         }
     }
 
@@ -296,7 +358,10 @@ impl Worker {
         let outcome = provider.send(&req).await;
         self.count(kind.as_str(), outcome.label());
         match outcome {
-            PushOutcome::Delivered => Attempt::Done(PushMark::Pushed, Some(kind), None),
+            PushOutcome::Delivered => {
+                self.health.set(kind, None);
+                Attempt::Done(PushMark::Pushed, Some(kind), None)
+            }
             PushOutcome::InvalidToken { reason } => {
                 if let Err(e) = self
                     .store
@@ -309,6 +374,13 @@ impl Worker {
             }
             PushOutcome::AuthError { reason } => {
                 tracing::error!(provider = kind.as_str(), %reason, "push provider refused our credentials; fix the push configuration");
+                self.health.set(
+                    kind,
+                    Some(format!(
+                        "credentials refused at {}: {reason}",
+                        crate::clock::rfc3339(now_ms())
+                    )),
+                );
                 Attempt::Done(
                     PushMark::Failed,
                     Some(kind),

@@ -2,8 +2,10 @@
 //!
 //! `Store` is the one seam between the delivery model and a database. Every method is
 //! a complete, atomic unit: when `publish` returns `Ok`, the inbox entries are
-//! committed and survive a crash. Implementations: `sqlite` (embedded default).
+//! committed and survive a crash. Implementations: `sqlite` (embedded default) and
+//! `postgres` (shared by several gateway nodes).
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -187,6 +189,26 @@ pub enum PushMark {
     Failed,
 }
 
+/// What to record about one push attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushResult {
+    pub device_id: String,
+    pub seq: i64,
+    pub action: PushAction,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PushAction {
+    /// Final: pushed or failed, with provider and reason.
+    Finish {
+        mark: PushMark,
+        provider: Option<String>,
+        reason: Option<String>,
+    },
+    /// Back to pending, due at `due_at` (unix ms), one attempt counted.
+    Retry { due_at: i64, reason: String },
+}
+
 /// One row of a message's delivery status, before rendering.
 #[derive(Debug, Clone)]
 pub struct DeliveryRow {
@@ -316,6 +338,41 @@ pub trait Store: Send + Sync + 'static {
         reason: Option<&str>,
         now: i64,
     ) -> StoreResult<()>;
+    /// `claim_push` for many entries; stores override it to use one transaction.
+    async fn claim_pushes(&self, items: &[(String, i64)], now: i64) -> StoreResult<Vec<bool>> {
+        let mut out = Vec::with_capacity(items.len());
+        for (device_id, seq) in items {
+            out.push(self.claim_push(device_id, *seq, now).await?);
+        }
+        Ok(out)
+    }
+    /// Records many push outcomes; stores override it to use one transaction.
+    async fn record_push_results(&self, results: &[PushResult], now: i64) -> StoreResult<()> {
+        for r in results {
+            match &r.action {
+                PushAction::Finish {
+                    mark,
+                    provider,
+                    reason,
+                } => {
+                    self.finish_push(
+                        &r.device_id,
+                        r.seq,
+                        *mark,
+                        provider.as_deref(),
+                        reason.as_deref(),
+                        now,
+                    )
+                    .await?
+                }
+                PushAction::Retry { due_at, reason } => {
+                    self.retry_push(&r.device_id, r.seq, *due_at, reason)
+                        .await?
+                }
+            }
+        }
+        Ok(())
+    }
     async fn message(&self, id: &str) -> StoreResult<Option<(StoredMessage, Vec<DeliveryRow>)>>;
     /// Deletes inbox entries that expired more than `retention_ms` ago; returns count.
     async fn sweep(&self, now: i64, retention_ms: i64) -> StoreResult<u64>;

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     ApiKeyRecord, DeliveryRow, Device, InboxEntry, MessagePayload, NewMessage, PublishOutcome,
-    PushMark, Store, StoreError, StoreResult, StoredMessage,
+    PushAction, PushMark, PushResult, Store, StoreError, StoreResult, StoredMessage,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
@@ -657,21 +657,11 @@ impl Store for SqliteStore {
     }
 
     async fn claim_push(&self, device_id: &str, seq: i64, now: i64) -> StoreResult<bool> {
-        let res = sqlx::query(
-            "UPDATE deliveries SET push_state = 'sending', push_at = ?
-             WHERE device_id = ? AND seq = ? AND acked_at IS NULL AND expires_at > ?
-               AND (push_state = 'pending' OR (push_state = 'sending' AND push_at < ?))",
-        )
-        .bind(now)
-        .bind(device_id)
-        .bind(seq)
-        .bind(now)
-        .bind(now - STALE_CLAIM_MS)
-        .execute(&self.write)
-        .await?;
-        Ok(res.rows_affected() == 1)
+        let claimed = self
+            .claim_pushes(&[(device_id.to_owned(), seq)], now)
+            .await?;
+        Ok(claimed[0])
     }
-
     async fn retry_push(
         &self,
         device_id: &str,
@@ -679,19 +669,17 @@ impl Store for SqliteStore {
         due_at: i64,
         reason: &str,
     ) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE deliveries SET push_state = 'pending', push_due_at = ?, push_attempts = push_attempts + 1, reason = ?
-             WHERE device_id = ? AND seq = ? AND push_state = 'sending'",
-        )
-        .bind(due_at)
-        .bind(reason)
-        .bind(device_id)
-        .bind(seq)
-        .execute(&self.write)
-        .await?;
-        Ok(())
+        let result = PushResult {
+            device_id: device_id.to_owned(),
+            seq,
+            action: PushAction::Retry {
+                due_at,
+                reason: reason.to_owned(),
+            },
+        };
+        self.record_push_results(&[result], crate::clock::now_ms())
+            .await
     }
-
     async fn due_pushes(
         &self,
         now: i64,
@@ -745,22 +733,80 @@ impl Store for SqliteStore {
         reason: Option<&str>,
         now: i64,
     ) -> StoreResult<()> {
-        let state = match mark {
-            PushMark::Pushed => "pushed",
-            PushMark::Failed => "failed",
+        let result = PushResult {
+            device_id: device_id.to_owned(),
+            seq,
+            action: PushAction::Finish {
+                mark,
+                provider: provider.map(str::to_owned),
+                reason: reason.map(str::to_owned),
+            },
         };
-        sqlx::query(
-            "UPDATE deliveries SET push_state = ?, push_at = ?, push_provider = ?, reason = ?
-             WHERE device_id = ? AND seq = ?",
-        )
-        .bind(state)
-        .bind(now)
-        .bind(provider)
-        .bind(reason)
-        .bind(device_id)
-        .bind(seq)
-        .execute(&self.write)
-        .await?;
+        self.record_push_results(&[result], now).await
+    }
+    async fn claim_pushes(&self, items: &[(String, i64)], now: i64) -> StoreResult<Vec<bool>> {
+        let mut tx = self.write.begin().await?;
+        let mut out = Vec::with_capacity(items.len());
+        for (device_id, seq) in items {
+            let res = sqlx::query(
+                "UPDATE deliveries SET push_state = 'sending', push_at = ?
+                 WHERE device_id = ? AND seq = ? AND acked_at IS NULL AND expires_at > ?
+                   AND (push_state = 'pending' OR (push_state = 'sending' AND push_at < ?))",
+            )
+            .bind(now)
+            .bind(device_id)
+            .bind(seq)
+            .bind(now)
+            .bind(now - STALE_CLAIM_MS)
+            .execute(&mut *tx)
+            .await?;
+            out.push(res.rows_affected() == 1);
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn record_push_results(&self, results: &[PushResult], now: i64) -> StoreResult<()> {
+        let mut tx = self.write.begin().await?;
+        for r in results {
+            match &r.action {
+                PushAction::Finish {
+                    mark,
+                    provider,
+                    reason,
+                } => {
+                    let state = match mark {
+                        PushMark::Pushed => "pushed",
+                        PushMark::Failed => "failed",
+                    };
+                    sqlx::query(
+                        "UPDATE deliveries SET push_state = ?, push_at = ?, push_provider = ?, reason = ?
+                         WHERE device_id = ? AND seq = ?",
+                    )
+                    .bind(state)
+                    .bind(now)
+                    .bind(provider)
+                    .bind(reason)
+                    .bind(&r.device_id)
+                    .bind(r.seq)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                PushAction::Retry { due_at, reason } => {
+                    sqlx::query(
+                        "UPDATE deliveries SET push_state = 'pending', push_due_at = ?, push_attempts = push_attempts + 1, reason = ?
+                         WHERE device_id = ? AND seq = ? AND push_state = 'sending'",
+                    )
+                    .bind(due_at)
+                    .bind(reason)
+                    .bind(&r.device_id)
+                    .bind(r.seq)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+        }
+        tx.commit().await?;
         Ok(())
     }
 

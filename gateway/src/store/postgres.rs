@@ -1,0 +1,840 @@
+//! The shared store: PostgreSQL, for several gateway nodes on one database.
+//!
+//! Behaviour is the same as `sqlite.rs` (that file is the reference); what differs is
+//! how it stays correct when several nodes write at once:
+//! - each publish is its own transaction (PostgreSQL commits concurrently, so there
+//!   is no single writer to group-commit behind);
+//! - seqs come from `UPDATE devices SET last_seq = last_seq + 1 ... RETURNING`; the
+//!   recipients' rows are locked first, in id order, and held until commit, so seqs of
+//!   one device are assigned in commit order on every node and fan-outs cannot
+//!   deadlock each other;
+//! - the unique index on `(api_key_id, idempotency_key)` arbitrates concurrent
+//!   publishes with one key: the loser's insert does nothing, it rolls back and
+//!   retries, and then finds the winner's message (`Duplicate`);
+//! - `claim_push` is one conditional `UPDATE`, which PostgreSQL re-checks after
+//!   waiting for a concurrent claimant's row lock, so exactly one node wins;
+//! - `sending` rows are *not* reset at open (another node may be sending them); a
+//!   claim older than `STALE_CLAIM_MS` is taken over instead.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use herald_protocol::{
+    ApnsEnvironment, Platform, PushProviderKind, PushTokenState, RegisterDeviceRequest, Target,
+};
+use sqlx::postgres::{PgPoolOptions, PgRow};
+use sqlx::{Connection, PgConnection, PgPool, Row};
+
+use super::sqlite::STALE_CLAIM_MS;
+use super::{
+    ApiKeyRecord, DeliveryRow, Device, InboxEntry, MessagePayload, NewMessage, PublishOutcome,
+    PushMark, Store, StoreError, StoreResult, StoredMessage,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
+
+/// Connections per gateway node.
+const POOL_SIZE: u32 = 16;
+
+/// Times a publish is retried after losing an idempotency-key race or a deadlock.
+const PUBLISH_ATTEMPTS: usize = 5;
+
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+impl PostgresStore {
+    /// Connects to `database_url` (`postgres://user:pass@host:5432/db`) and applies
+    /// the migrations (sqlx takes an advisory lock, so nodes may start together).
+    pub async fn open(database_url: &str) -> StoreResult<PostgresStore> {
+        let shown = redact(database_url);
+        // One direct connection first: the pool would only report "timed out", this
+        // says why (refused, bad password, no such database).
+        let probe = PgConnection::connect(database_url).await.map_err(|e| {
+            StoreError::Other(anyhow::anyhow!(
+                "cannot connect to PostgreSQL at {shown}: {e}"
+            ))
+        })?;
+        let _ = probe.close().await;
+        let pool = PgPoolOptions::new()
+            .max_connections(POOL_SIZE)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(database_url)
+            .await
+            .map_err(|e| {
+                StoreError::Other(anyhow::anyhow!(
+                    "cannot connect to PostgreSQL at {shown}: {e}"
+                ))
+            })?;
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::Other(anyhow::anyhow!("migrating {shown}: {e}")))?;
+        Ok(PostgresStore { pool })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) => "<unparseable database_url>".into(),
+    }
+}
+
+enum Attempt {
+    Done(PublishOutcome),
+    /// Another transaction committed the idempotency key meanwhile: roll back, retry.
+    KeyTaken,
+}
+
+fn is_retryable(e: &sqlx::Error) -> bool {
+    // 40001 serialization_failure, 40P01 deadlock_detected: nothing was committed.
+    matches!(e, sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("40001") | Some("40P01")))
+}
+
+/// One publish inside `conn`'s transaction. Errors before the message insert leave
+/// nothing behind; later ones roll the whole transaction back.
+async fn publish_in(conn: &mut PgConnection, msg: &NewMessage) -> StoreResult<Attempt> {
+    if let Some(key) = &msg.idempotency_key {
+        let row = sqlx::query(
+            "SELECT id, recipients, created_at FROM messages WHERE api_key_id = $1 AND idempotency_key = $2",
+        )
+        .bind(&msg.api_key_id)
+        .bind(key)
+        .fetch_optional(&mut *conn)
+        .await?;
+        if let Some(row) = row {
+            let created_at: i64 = row.get("created_at");
+            if created_at >= msg.idempotency_since {
+                return Ok(Attempt::Done(PublishOutcome::Duplicate {
+                    message_id: row.get("id"),
+                    recipients: row.get::<i64, _>("recipients") as u64,
+                }));
+            }
+            // Older than the idempotency window: the key is free again.
+            sqlx::query(
+                "UPDATE messages SET idempotency_key = NULL WHERE id = $1 AND created_at < $2",
+            )
+            .bind(row.get::<String, _>("id"))
+            .bind(msg.idempotency_since)
+            .execute(&mut *conn)
+            .await?;
+        }
+    }
+
+    let candidates: Vec<String> = match &msg.target {
+        Target::Device(d) => {
+            let found: Option<String> = sqlx::query_scalar("SELECT id FROM devices WHERE id = $1")
+                .bind(d)
+                .fetch_optional(&mut *conn)
+                .await?;
+            match found {
+                Some(id) => vec![id],
+                None => {
+                    return Err(StoreError::NotFound(format!(
+                        "device {d} is not registered"
+                    )))
+                }
+            }
+        }
+        Target::User(u) => {
+            sqlx::query_scalar("SELECT id FROM devices WHERE user_id = $1")
+                .bind(u)
+                .fetch_all(&mut *conn)
+                .await?
+        }
+        Target::Topic(t) => {
+            sqlx::query_scalar("SELECT device_id FROM subscriptions WHERE topic = $1")
+                .bind(t)
+                .fetch_all(&mut *conn)
+                .await?
+        }
+    };
+    if candidates.len() > msg.max_recipients {
+        return Err(StoreError::TooManyRecipients(candidates.len()));
+    }
+    // Lock the recipients in one global order (so concurrent fan-outs cannot deadlock)
+    // and keep only those still there; the locks serialise seq assignment per device.
+    let devices: Vec<String> = sqlx::query_scalar(
+        r#"SELECT id FROM devices WHERE id = ANY($1) ORDER BY id COLLATE "C" FOR UPDATE"#,
+    )
+    .bind(&candidates)
+    .fetch_all(&mut *conn)
+    .await?;
+    if let Target::Device(d) = &msg.target {
+        // Deleted between the lookup and the lock.
+        if devices.is_empty() {
+            return Err(StoreError::NotFound(format!(
+                "device {d} is not registered"
+            )));
+        }
+    }
+
+    let payload = serde_json::to_string(&msg.payload).map_err(anyhow::Error::new)?;
+    let inserted = sqlx::query(
+        "INSERT INTO messages (id, api_key_id, target_kind, target, payload, recipients, created_at, expires_at, idempotency_key)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+         ON CONFLICT (api_key_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
+    )
+    .bind(&msg.id)
+    .bind(&msg.api_key_id)
+    .bind(msg.target.kind())
+    .bind(msg.target.value())
+    .bind(&payload)
+    .bind(devices.len() as i64)
+    .bind(msg.created_at)
+    .bind(msg.expires_at)
+    .bind(&msg.idempotency_key)
+    .execute(&mut *conn)
+    .await?;
+    if inserted.rows_affected() == 0 {
+        return Ok(Attempt::KeyTaken);
+    }
+
+    let stored = Arc::new(StoredMessage {
+        id: msg.id.clone(),
+        target: msg.target.clone(),
+        payload: msg.payload.clone(),
+        created_at: msg.created_at,
+        expires_at: msg.expires_at,
+    });
+    if devices.is_empty() {
+        return Ok(Attempt::Done(PublishOutcome::Created {
+            entries: Vec::new(),
+        }));
+    }
+    let rows = sqlx::query(
+        "UPDATE devices SET last_seq = last_seq + 1 WHERE id = ANY($1) RETURNING id, last_seq",
+    )
+    .bind(&devices)
+    .fetch_all(&mut *conn)
+    .await?;
+    let seqs: HashMap<String, i64> = rows
+        .iter()
+        .map(|r| (r.get("id"), r.get("last_seq")))
+        .collect();
+    let mut entries = Vec::with_capacity(devices.len());
+    let mut seq_col = Vec::with_capacity(devices.len());
+    let mut push_col = Vec::with_capacity(devices.len());
+    for device_id in &devices {
+        let seq = *seqs.get(device_id).ok_or_else(|| {
+            StoreError::Other(anyhow::anyhow!("device {device_id} vanished while locked"))
+        })?;
+        let push = super::wants_push(msg.payload.push, msg.live.is_live(device_id));
+        seq_col.push(seq);
+        push_col.push(push);
+        entries.push(InboxEntry {
+            device_id: device_id.clone(),
+            seq,
+            message: stored.clone(),
+            push_pending: push,
+            push_attempts: 0,
+        });
+    }
+    sqlx::query(
+        "INSERT INTO deliveries (device_id, seq, message_id, expires_at, push_state, push_due_at)
+         SELECT t.d, t.s, $4, $5, CASE WHEN t.p THEN 'pending' END, CASE WHEN t.p THEN $6::BIGINT END
+         FROM unnest($1::TEXT[], $2::BIGINT[], $3::BOOL[]) AS t(d, s, p)",
+    )
+    .bind(&devices)
+    .bind(&seq_col)
+    .bind(&push_col)
+    .bind(&msg.id)
+    .bind(msg.expires_at)
+    .bind(msg.created_at)
+    .execute(&mut *conn)
+    .await?;
+    Ok(Attempt::Done(PublishOutcome::Created { entries }))
+}
+
+fn device_from_row(row: &PgRow) -> Device {
+    Device {
+        id: row.get("id"),
+        user_id: row.get("user_id"),
+        platform: row
+            .get::<Option<String>, _>("platform")
+            .and_then(|s| Platform::parse(&s)),
+        push_provider: row
+            .get::<Option<String>, _>("push_provider")
+            .and_then(|s| PushProviderKind::parse(&s)),
+        push_token: row.get("push_token"),
+        apns_environment: row
+            .get::<Option<String>, _>("apns_environment")
+            .and_then(|s| ApnsEnvironment::parse(&s)),
+        token_state: PushTokenState::parse(row.get::<&str, _>("token_state"))
+            .unwrap_or(PushTokenState::None),
+        token_error: row.get("token_error"),
+        last_seq: row.get("last_seq"),
+        acked_seq: row.get("acked_seq"),
+        last_seen: row.get("last_seen"),
+    }
+}
+
+fn message_from_row(row: &PgRow) -> StoreResult<StoredMessage> {
+    let id: String = row.get("id");
+    let target: String = row.get("target");
+    let target = match row.get::<&str, _>("target_kind") {
+        "user" => Target::User(target),
+        "device" => Target::Device(target),
+        _ => Target::Topic(target),
+    };
+    let payload: MessagePayload = serde_json::from_str(row.get::<&str, _>("payload"))
+        .map_err(|e| StoreError::Other(anyhow::anyhow!("message {id} payload: {e}")))?;
+    Ok(StoredMessage {
+        id,
+        target,
+        payload,
+        created_at: row.get("created_at"),
+        expires_at: row.get("expires_at"),
+    })
+}
+
+fn key_from_row(row: &PgRow) -> ApiKeyRecord {
+    ApiKeyRecord {
+        id: row.get("id"),
+        name: row.get("name"),
+        prefix: row.get("prefix"),
+        hash: row.get("hash"),
+        created_at: row.get("created_at"),
+        revoked_at: row.get("revoked_at"),
+    }
+}
+
+const DEVICE_COLUMNS: &str = "id, user_id, platform, push_provider, push_token, apns_environment, token_state, token_error, last_seq, acked_seq, last_seen";
+const KEY_COLUMNS: &str = "id, name, prefix, hash, created_at, revoked_at";
+
+impl PostgresStore {
+    async fn device_on(&self, device_id: &str) -> StoreResult<Option<Device>> {
+        let row = sqlx::query(&format!(
+            "SELECT {DEVICE_COLUMNS} FROM devices WHERE id = $1"
+        ))
+        .bind(device_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(device_from_row))
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn setting(&self, key: &str) -> StoreResult<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT value FROM settings WHERE key = $1")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn init_setting(&self, key: &str, value: &str) -> StoreResult<String> {
+        sqlx::query(
+            "INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(&self.pool)
+        .await?;
+        Ok(
+            sqlx::query_scalar("SELECT value FROM settings WHERE key = $1")
+                .bind(key)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn create_api_key(&self, key: &ApiKeyRecord) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO api_keys (id, name, prefix, hash, created_at, revoked_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&key.id)
+        .bind(&key.name)
+        .bind(&key.prefix)
+        .bind(&key.hash)
+        .bind(key.created_at)
+        .bind(key.revoked_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn api_keys(&self) -> StoreResult<Vec<ApiKeyRecord>> {
+        let rows = sqlx::query(&format!(
+            r#"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at, id COLLATE "C""#
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(key_from_row).collect())
+    }
+
+    async fn revoke_api_key(&self, id_or_prefix: &str, now: i64) -> StoreResult<u64> {
+        let res = sqlx::query(
+            "UPDATE api_keys SET revoked_at = $1 WHERE (id = $2 OR prefix = $2) AND revoked_at IS NULL",
+        )
+        .bind(now)
+        .bind(id_or_prefix)
+        .execute(&self.pool)
+        .await?;
+        Ok(res.rows_affected())
+    }
+
+    async fn api_key_by_hash(&self, hash: &[u8]) -> StoreResult<Option<ApiKeyRecord>> {
+        let row = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE hash = $1"
+        ))
+        .bind(hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(key_from_row))
+    }
+
+    async fn claim_device(&self, device_id: &str, user: &str, now: i64) -> StoreResult<Device> {
+        // Insert-if-absent, then read: whichever node's insert won, everyone reads the
+        // same owner afterwards.
+        sqlx::query(
+            "INSERT INTO devices (id, user_id, created_at, last_seen) VALUES ($1, $2, $3, $3) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(device_id)
+        .bind(user)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        let d = self.device_on(device_id).await?.ok_or_else(|| {
+            StoreError::NotFound(format!("device {device_id} was deleted meanwhile"))
+        })?;
+        if d.user_id != user {
+            return Err(StoreError::DeviceOwnedByOtherUser(device_id.into()));
+        }
+        Ok(d)
+    }
+
+    async fn register_device(
+        &self,
+        device_id: &str,
+        user: &str,
+        req: &RegisterDeviceRequest,
+        now: i64,
+    ) -> StoreResult<Device> {
+        self.claim_device(device_id, user, now).await?;
+        let token_state = if req.push_token.is_some() {
+            PushTokenState::Active
+        } else {
+            PushTokenState::None
+        };
+        let row = sqlx::query(&format!(
+            "UPDATE devices SET platform = $1, push_provider = $2, push_token = $3, apns_environment = $4,
+                    token_state = $5, token_error = NULL, last_seen = $6
+             WHERE id = $7 AND user_id = $8
+             RETURNING {DEVICE_COLUMNS}"
+        ))
+        .bind(req.platform.as_str())
+        .bind(req.push_provider.map(|p| p.as_str()))
+        .bind(&req.push_token)
+        .bind(req.apns_environment.map(|e| e.as_str()))
+        .bind(token_state.as_str())
+        .bind(now)
+        .bind(device_id)
+        .bind(user)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => Ok(device_from_row(&row)),
+            // Deleted (or re-created by someone else) between claim and update.
+            None => match self.device_on(device_id).await? {
+                Some(d) if d.user_id != user => {
+                    Err(StoreError::DeviceOwnedByOtherUser(device_id.into()))
+                }
+                Some(d) => Ok(d),
+                None => Err(StoreError::NotFound(format!(
+                    "device {device_id} was deleted meanwhile"
+                ))),
+            },
+        }
+    }
+
+    async fn device(&self, device_id: &str) -> StoreResult<Option<Device>> {
+        self.device_on(device_id).await
+    }
+
+    async fn user_devices(&self, user: &str) -> StoreResult<Vec<Device>> {
+        let rows = sqlx::query(&format!(
+            r#"SELECT {DEVICE_COLUMNS} FROM devices WHERE user_id = $1 ORDER BY id COLLATE "C""#
+        ))
+        .bind(user)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(device_from_row).collect())
+    }
+
+    async fn delete_device(&self, device_id: &str) -> StoreResult<bool> {
+        // Inbox and subscriptions go with it (ON DELETE CASCADE), in one statement.
+        let res = sqlx::query("DELETE FROM devices WHERE id = $1")
+            .bind(device_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(res.rows_affected() > 0)
+    }
+
+    async fn touch_device(&self, device_id: &str, now: i64) -> StoreResult<()> {
+        sqlx::query("UPDATE devices SET last_seen = $1 WHERE id = $2")
+            .bind(now)
+            .bind(device_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn invalidate_push_token(
+        &self,
+        device_id: &str,
+        token: &str,
+        reason: &str,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE devices SET token_state = 'invalid', token_error = $1 WHERE id = $2 AND push_token = $3",
+        )
+        .bind(reason)
+        .bind(device_id)
+        .bind(token)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn subscribe(&self, device_id: &str, topic: &str) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO subscriptions (topic, device_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(topic)
+        .bind(device_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn unsubscribe(&self, device_id: &str, topic: &str) -> StoreResult<()> {
+        sqlx::query("DELETE FROM subscriptions WHERE topic = $1 AND device_id = $2")
+            .bind(topic)
+            .bind(device_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn device_topics(&self, device_id: &str) -> StoreResult<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            r#"SELECT topic FROM subscriptions WHERE device_id = $1 ORDER BY topic COLLATE "C""#,
+        )
+        .bind(device_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn publish(&self, msg: NewMessage) -> StoreResult<PublishOutcome> {
+        for _ in 0..PUBLISH_ATTEMPTS {
+            let mut tx = self.pool.begin().await?;
+            match publish_in(&mut tx, &msg).await {
+                Ok(Attempt::Done(outcome)) => {
+                    match &outcome {
+                        PublishOutcome::Created { .. } => tx.commit().await?,
+                        PublishOutcome::Duplicate { .. } => tx.rollback().await?,
+                    }
+                    return Ok(outcome);
+                }
+                Ok(Attempt::KeyTaken) => tx.rollback().await?,
+                Err(StoreError::Db(e)) if is_retryable(&e) => {
+                    tracing::debug!(error = %e, "publish transaction retried");
+                    drop(tx);
+                }
+                // Dropping the transaction rolls it back: a rejected publish writes nothing.
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StoreError::Conflict(format!(
+            "publish {} kept conflicting with concurrent publishes; retry",
+            msg.id
+        )))
+    }
+
+    async fn fetch_after(
+        &self,
+        device_id: &str,
+        after: i64,
+        limit: u32,
+        now: i64,
+    ) -> StoreResult<Vec<InboxEntry>> {
+        let rows = sqlx::query(
+            "SELECT d.seq, m.id, m.target_kind, m.target, m.payload, m.created_at, m.expires_at
+             FROM deliveries d JOIN messages m ON m.id = d.message_id
+             WHERE d.device_id = $1 AND d.seq > $2 AND d.expires_at > $3
+             ORDER BY d.seq LIMIT $4",
+        )
+        .bind(device_id)
+        .bind(after)
+        .bind(now)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        // A fan-out message appears in many inboxes; parse its body once per page.
+        let mut cache: HashMap<String, Arc<StoredMessage>> = HashMap::new();
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: String = row.get("id");
+            let message = match cache.get(&id) {
+                Some(m) => m.clone(),
+                None => {
+                    let m = Arc::new(message_from_row(&row)?);
+                    cache.insert(id, m.clone());
+                    m
+                }
+            };
+            out.push(InboxEntry {
+                device_id: device_id.to_owned(),
+                seq: row.get("seq"),
+                message,
+                push_pending: false,
+                push_attempts: 0,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn ack(&self, device_id: &str, seq: i64, now: i64) -> StoreResult<i64> {
+        let mut tx = self.pool.begin().await?;
+        // The row lock orders this ack against publishes and other acks of the device.
+        let row = sqlx::query("SELECT acked_seq, last_seq FROM devices WHERE id = $1 FOR UPDATE")
+            .bind(device_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("device {device_id} is not registered")))?;
+        let acked: i64 = row.get("acked_seq");
+        let last: i64 = row.get("last_seq");
+        // An ack beyond what was assigned cannot be honest; clamp rather than let a
+        // buggy client skip messages that do not exist yet.
+        let target = seq.min(last);
+        if target > acked {
+            sqlx::query(
+                "UPDATE deliveries SET acked_at = $1 WHERE device_id = $2 AND seq > $3 AND seq <= $4 AND acked_at IS NULL",
+            )
+            .bind(now)
+            .bind(device_id)
+            .bind(acked)
+            .bind(target)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("UPDATE devices SET acked_seq = $1, last_seen = $2 WHERE id = $3")
+                .bind(target)
+                .bind(now)
+                .bind(device_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(target.max(acked))
+    }
+
+    async fn mark_sent(&self, ranges: &[(String, i64, i64)], now: i64) -> StoreResult<()> {
+        if ranges.is_empty() {
+            return Ok(());
+        }
+        let devices: Vec<&str> = ranges.iter().map(|(d, _, _)| d.as_str()).collect();
+        let froms: Vec<i64> = ranges.iter().map(|(_, f, _)| *f).collect();
+        let tos: Vec<i64> = ranges.iter().map(|(_, _, t)| *t).collect();
+        // One statement: atomic, and it never holds some rows while waiting for others
+        // across statements.
+        sqlx::query(
+            "UPDATE deliveries d SET sent_at = $1
+             FROM unnest($2::TEXT[], $3::BIGINT[], $4::BIGINT[]) AS r(device_id, lo, hi)
+             WHERE d.device_id = r.device_id AND d.seq >= r.lo AND d.seq <= r.hi AND d.sent_at IS NULL",
+        )
+        .bind(now)
+        .bind(&devices)
+        .bind(&froms)
+        .bind(&tos)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn request_push(&self, device_id: &str, seq: i64, now: i64) -> StoreResult<bool> {
+        let res = sqlx::query(
+            "UPDATE deliveries SET push_state = 'pending', push_due_at = $1
+             WHERE device_id = $2 AND seq = $3 AND push_state IS NULL AND acked_at IS NULL AND expires_at > $1",
+        )
+        .bind(now)
+        .bind(device_id)
+        .bind(seq)
+        .execute(&self.pool)
+        .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
+    async fn claim_push(&self, device_id: &str, seq: i64, now: i64) -> StoreResult<bool> {
+        // A concurrent claimant waits for the winner's row lock, then re-evaluates the
+        // WHERE clause against the updated row ('sending', fresh) and matches nothing.
+        let res = sqlx::query(
+            "UPDATE deliveries SET push_state = 'sending', push_at = $1
+             WHERE device_id = $2 AND seq = $3 AND acked_at IS NULL AND expires_at > $1
+               AND (push_state = 'pending' OR (push_state = 'sending' AND push_at < $4))",
+        )
+        .bind(now)
+        .bind(device_id)
+        .bind(seq)
+        .bind(now - STALE_CLAIM_MS)
+        .execute(&self.pool)
+        .await?;
+        Ok(res.rows_affected() == 1)
+    }
+
+    async fn retry_push(
+        &self,
+        device_id: &str,
+        seq: i64,
+        due_at: i64,
+        reason: &str,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE deliveries SET push_state = 'pending', push_due_at = $1, push_attempts = push_attempts + 1, reason = $2
+             WHERE device_id = $3 AND seq = $4 AND push_state = 'sending'",
+        )
+        .bind(due_at)
+        .bind(reason)
+        .bind(device_id)
+        .bind(seq)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn due_pushes(
+        &self,
+        now: i64,
+        fresh_grace_ms: i64,
+        stale_before: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<InboxEntry>> {
+        // Several nodes may list the same rows; that is harmless, because only one of
+        // them can win `claim_push` for each.
+        let rows = sqlx::query(
+            "SELECT d.device_id, d.seq, d.push_attempts, m.id, m.target_kind, m.target, m.payload, m.created_at, m.expires_at
+             FROM deliveries d JOIN messages m ON m.id = d.message_id
+             WHERE d.push_state IN ('pending', 'sending') AND d.push_due_at <= $1 AND d.expires_at > $1
+               AND d.acked_at IS NULL
+               AND ((d.push_state = 'pending' AND (d.push_attempts > 0 OR d.push_due_at <= $2))
+                    OR (d.push_state = 'sending' AND d.push_at < $3))
+             ORDER BY d.push_due_at LIMIT $4",
+        )
+        .bind(now)
+        .bind(now - fresh_grace_ms)
+        .bind(stale_before)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let message = Arc::new(message_from_row(&row)?);
+            out.push(InboxEntry {
+                device_id: row.get("device_id"),
+                seq: row.get("seq"),
+                message,
+                push_pending: true,
+                push_attempts: row.get::<i64, _>("push_attempts") as u32,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn finish_push(
+        &self,
+        device_id: &str,
+        seq: i64,
+        mark: PushMark,
+        provider: Option<&str>,
+        reason: Option<&str>,
+        now: i64,
+    ) -> StoreResult<()> {
+        let state = match mark {
+            PushMark::Pushed => "pushed",
+            PushMark::Failed => "failed",
+        };
+        sqlx::query(
+            "UPDATE deliveries SET push_state = $1, push_at = $2, push_provider = $3, reason = $4
+             WHERE device_id = $5 AND seq = $6",
+        )
+        .bind(state)
+        .bind(now)
+        .bind(provider)
+        .bind(reason)
+        .bind(device_id)
+        .bind(seq)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn message(&self, id: &str) -> StoreResult<Option<(StoredMessage, Vec<DeliveryRow>)>> {
+        let Some(row) = sqlx::query(
+            "SELECT id, target_kind, target, payload, created_at, expires_at FROM messages WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let msg = message_from_row(&row)?;
+        let rows = sqlx::query(
+            r#"SELECT device_id, seq, expires_at, sent_at, acked_at, push_state, push_at, push_provider, reason
+             FROM deliveries WHERE message_id = $1 ORDER BY device_id COLLATE "C""#,
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        let deliveries = rows
+            .iter()
+            .map(|r| DeliveryRow {
+                device_id: r.get("device_id"),
+                seq: r.get("seq"),
+                expires_at: r.get("expires_at"),
+                sent_at: r.get("sent_at"),
+                acked_at: r.get("acked_at"),
+                push_state: r.get("push_state"),
+                push_at: r.get("push_at"),
+                push_provider: r.get("push_provider"),
+                reason: r.get("reason"),
+            })
+            .collect();
+        Ok(Some((msg, deliveries)))
+    }
+
+    async fn sweep(&self, now: i64, retention_ms: i64) -> StoreResult<u64> {
+        let cutoff = now - retention_ms;
+        let mut tx = self.pool.begin().await?;
+        let res = sqlx::query("DELETE FROM deliveries WHERE expires_at < $1")
+            .bind(cutoff)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM messages WHERE expires_at < $1")
+            .bind(cutoff)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(res.rows_affected())
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,1087 @@
+//! One behaviour, two databases: every test here is an `async fn(Arc<dyn Store>)` and
+//! runs against SQLite (`sqlite::name`) and PostgreSQL (`postgres::name`).
+//!
+//! PostgreSQL: `postgres://postgres@127.0.0.1:5432/test` unless
+//! `HERALD_TEST_DATABASE_URL` says otherwise; each test creates its own database
+//! (`herald_t_<uuid>`) and drops it afterwards, so tests run in parallel. When the
+//! server is unreachable the PostgreSQL tests fail (never skip): start it with
+//! `scripts/ensure-services.sh`.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use herald_gateway::store::postgres::PostgresStore;
+use herald_gateway::store::sqlite::{SqliteStore, STALE_CLAIM_MS};
+use herald_gateway::store::{
+    ApiKeyRecord, InboxEntry, LiveCheck, MessagePayload, NewMessage, PublishOutcome, PushMark,
+    Store, StoreError,
+};
+use herald_gateway::testing::TempDir;
+use herald_protocol::{
+    ApnsEnvironment, DeliveryState, Platform, Priority, PushContent, PushPolicy, PushProviderKind,
+    PushTokenState, RegisterDeviceRequest, Target,
+};
+use serde_json::json;
+use sqlx::{Connection, Executor, PgConnection};
+
+const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+const T0: i64 = 1_700_000_000_000;
+const DAY: i64 = 24 * 3600 * 1000;
+
+// ---------------------------------------------------------------------------------
+// Fixtures
+
+async fn run_sqlite<F, Fut>(test: F)
+where
+    F: FnOnce(Arc<dyn Store>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let tmp = TempDir::new("herald-conformance");
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&tmp.0).await.expect("open sqlite"));
+    test(store).await;
+}
+
+struct PgDb {
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+impl PgDb {
+    async fn create() -> PgDb {
+        let admin_url = std::env::var("HERALD_TEST_DATABASE_URL")
+            .ok()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| DEFAULT_PG_URL.to_string());
+        let mut admin = match PgConnection::connect(&admin_url).await {
+            Ok(c) => c,
+            Err(e) => {
+                let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+                panic!(
+                    "PostgreSQL is not reachable at {admin_url}: {e}\n\
+                     The store conformance tests need a PostgreSQL server{}: start it with \
+                     `scripts/ensure-services.sh`, or point HERALD_TEST_DATABASE_URL at one \
+                     (a role allowed to CREATE DATABASE).",
+                    if ci { " (CI=true)" } else { "" }
+                )
+            }
+        };
+        let name = format!("herald_t_{}", uuid::Uuid::new_v4().simple());
+        admin
+            .execute(format!("CREATE DATABASE {name}").as_str())
+            .await
+            .unwrap_or_else(|e| panic!("CREATE DATABASE {name} on {admin_url}: {e}"));
+        let _ = admin.close().await;
+        let mut url = reqwest::Url::parse(&admin_url).expect("HERALD_TEST_DATABASE_URL is a URL");
+        url.set_path(&format!("/{name}"));
+        PgDb {
+            admin_url,
+            name,
+            url: url.to_string(),
+        }
+    }
+
+    /// Best effort: a leftover `herald_t_*` database is harmless.
+    async fn drop_db(&self) {
+        if let Ok(mut admin) = PgConnection::connect(&self.admin_url).await {
+            let _ = admin
+                .execute(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name).as_str())
+                .await;
+            let _ = admin.close().await;
+        }
+    }
+}
+
+async fn run_postgres<F, Fut>(test: F)
+where
+    F: FnOnce(Arc<dyn Store>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let db = PgDb::create().await;
+    let opened = PostgresStore::open(&db.url).await;
+    let store: Arc<dyn Store> = match opened {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            db.drop_db().await;
+            panic!("open postgres store: {e}");
+        }
+    };
+    // In a task, so a failing test still drops its database.
+    let result = tokio::spawn(test(store)).await;
+    db.drop_db().await;
+    if let Err(e) = result {
+        if e.is_panic() {
+            std::panic::resume_unwind(e.into_panic());
+        }
+        panic!("test task: {e}");
+    }
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::run_sqlite(super::$name).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::run_postgres(super::$name).await
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    settings_are_initialised_once,
+    api_keys_create_find_revoke,
+    claim_device_ownership,
+    concurrent_claims_have_one_winner,
+    register_and_invalidate_token,
+    subscriptions,
+    publish_assigns_increasing_seqs_per_device,
+    concurrent_publishes_to_one_device_are_gapless,
+    fetch_after_orders_limits_and_hides_expired,
+    ack_is_clamped_and_monotonic,
+    idempotency_key_returns_duplicate,
+    concurrent_idempotency_key_creates_once,
+    idempotency_key_expires_after_window,
+    too_many_recipients_writes_nothing,
+    unknown_device_is_not_found_and_writes_nothing,
+    publish_decides_push_with_live_check,
+    claim_push_only_once,
+    concurrent_claims_push_once,
+    no_claim_after_ack_or_expiry,
+    retry_push_is_due_later_with_attempts,
+    stale_claim_is_taken_over,
+    finish_push_shows_in_delivery_state,
+    request_push_rules,
+    delete_device_removes_inbox,
+    sweep_deletes_old_entries,
+    message_status_rows,
+);
+
+// ---------------------------------------------------------------------------------
+// Helpers
+
+fn payload(push: PushPolicy) -> MessagePayload {
+    MessagePayload {
+        data: json!({"text": "hello", "n": 1}),
+        notification: None,
+        push,
+        push_content: PushContent::Full,
+        priority: Priority::Normal,
+        collapse_key: None,
+    }
+}
+
+fn new_msg(target: Target, now: i64) -> NewMessage {
+    NewMessage {
+        id: uuid::Uuid::now_v7().to_string(),
+        api_key_id: "key1".into(),
+        target,
+        payload: payload(PushPolicy::Never),
+        created_at: now,
+        expires_at: now + DAY,
+        idempotency_key: None,
+        idempotency_since: now - DAY,
+        max_recipients: 1000,
+        live: LiveCheck::never(),
+    }
+}
+
+fn to_device(d: &str) -> Target {
+    Target::Device(d.into())
+}
+
+fn created(outcome: PublishOutcome) -> Vec<InboxEntry> {
+    match outcome {
+        PublishOutcome::Created { entries } => entries,
+        other => panic!("expected Created, got {other:?}"),
+    }
+}
+
+async fn publish_ok(store: &Arc<dyn Store>, msg: NewMessage) -> Vec<InboxEntry> {
+    created(store.publish(msg).await.expect("publish"))
+}
+
+async fn device(store: &Arc<dyn Store>, id: &str, user: &str) {
+    store
+        .claim_device(id, user, T0)
+        .await
+        .expect("claim device");
+}
+
+/// Publishes one message to `d` with the given push policy, device offline.
+async fn one_entry(store: &Arc<dyn Store>, d: &str, push: PushPolicy, now: i64) -> InboxEntry {
+    let mut m = new_msg(to_device(d), now);
+    m.payload.push = push;
+    let mut entries = publish_ok(store, m).await;
+    assert_eq!(entries.len(), 1);
+    entries.remove(0)
+}
+
+async fn delivery_state(store: &Arc<dyn Store>, msg_id: &str, d: &str, now: i64) -> DeliveryState {
+    let (_, rows) = store.message(msg_id).await.unwrap().expect("message");
+    rows.iter()
+        .find(|r| r.device_id == d)
+        .expect("delivery row")
+        .to_wire(now)
+        .state
+}
+
+fn ios(token: Option<&str>) -> RegisterDeviceRequest {
+    RegisterDeviceRequest {
+        platform: Platform::Ios,
+        push_provider: Some(PushProviderKind::Apns),
+        push_token: token.map(str::to_owned),
+        apns_environment: Some(ApnsEnvironment::Sandbox),
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Tests
+
+async fn settings_are_initialised_once(store: Arc<dyn Store>) {
+    assert_eq!(store.setting("s").await.unwrap(), None);
+    assert_eq!(store.init_setting("s", "first").await.unwrap(), "first");
+    assert_eq!(store.init_setting("s", "second").await.unwrap(), "first");
+    assert_eq!(store.setting("s").await.unwrap().as_deref(), Some("first"));
+    store.ping().await.unwrap();
+}
+
+async fn api_keys_create_find_revoke(store: Arc<dyn Store>) {
+    let k1 = ApiKeyRecord {
+        id: "id1".into(),
+        name: "first".into(),
+        prefix: "hk_aaaa".into(),
+        hash: vec![1, 2, 3, 0, 255],
+        created_at: T0,
+        revoked_at: None,
+    };
+    let k2 = ApiKeyRecord {
+        id: "id2".into(),
+        name: "second".into(),
+        prefix: "hk_bbbb".into(),
+        hash: vec![9; 32],
+        created_at: T0 + 1,
+        revoked_at: None,
+    };
+    store.create_api_key(&k2).await.unwrap();
+    store.create_api_key(&k1).await.unwrap();
+    assert_eq!(
+        store.api_keys().await.unwrap(),
+        vec![k1.clone(), k2.clone()]
+    );
+    assert_eq!(
+        store.api_key_by_hash(&k1.hash).await.unwrap(),
+        Some(k1.clone())
+    );
+    assert_eq!(store.api_key_by_hash(&[7, 7]).await.unwrap(), None);
+    // Same hash twice is refused.
+    let mut dup = k1.clone();
+    dup.id = "id3".into();
+    assert!(store.create_api_key(&dup).await.is_err());
+
+    assert_eq!(store.revoke_api_key("hk_aaaa", T0 + 5).await.unwrap(), 1);
+    assert_eq!(store.revoke_api_key("hk_aaaa", T0 + 6).await.unwrap(), 0);
+    assert_eq!(store.revoke_api_key("id2", T0 + 7).await.unwrap(), 1);
+    assert_eq!(store.revoke_api_key("nope", T0 + 7).await.unwrap(), 0);
+    let found = store.api_key_by_hash(&k1.hash).await.unwrap().unwrap();
+    assert_eq!(found.revoked_at, Some(T0 + 5));
+    let all = store.api_keys().await.unwrap();
+    assert_eq!(all[1].revoked_at, Some(T0 + 7));
+}
+
+async fn claim_device_ownership(store: Arc<dyn Store>) {
+    let d = store.claim_device("d1", "alice", T0).await.unwrap();
+    assert_eq!(d.user_id, "alice");
+    assert_eq!((d.last_seq, d.acked_seq), (0, 0));
+    assert_eq!(d.token_state, PushTokenState::None);
+    assert_eq!(d.last_seen, Some(T0));
+    // Idempotent for the owner.
+    let again = store.claim_device("d1", "alice", T0 + 10).await.unwrap();
+    assert_eq!(again.id, "d1");
+    let err = store.claim_device("d1", "bob", T0).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::DeviceOwnedByOtherUser(ref id) if id == "d1"),
+        "{err:?}"
+    );
+    let err = store
+        .register_device("d1", "bob", &ios(Some("t")), T0)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::DeviceOwnedByOtherUser(_)),
+        "{err:?}"
+    );
+    assert_eq!(store.device("d1").await.unwrap().unwrap().user_id, "alice");
+    assert!(store.device("d2").await.unwrap().is_none());
+
+    device(&store, "d0", "alice").await;
+    device(&store, "x", "bob").await;
+    let ids: Vec<String> = store
+        .user_devices("alice")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(ids, ["d0", "d1"]);
+    store.touch_device("d1", T0 + 99).await.unwrap();
+    assert_eq!(
+        store.device("d1").await.unwrap().unwrap().last_seen,
+        Some(T0 + 99)
+    );
+}
+
+async fn concurrent_claims_have_one_winner(store: Arc<dyn Store>) {
+    for round in 0..20 {
+        let id = format!("dev{round}");
+        let mut tasks = Vec::new();
+        for user in ["alice", "bob", "carol"] {
+            let (store, id) = (store.clone(), id.clone());
+            tasks.push(tokio::spawn(async move {
+                store.claim_device(&id, user, T0).await.map(|d| d.user_id)
+            }));
+        }
+        let mut winners = Vec::new();
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(user) => winners.push(user),
+                Err(StoreError::DeviceOwnedByOtherUser(_)) => {}
+                Err(e) => panic!("unexpected error: {e:?}"),
+            }
+        }
+        assert_eq!(winners.len(), 1, "round {round}: {winners:?}");
+        let owner = store.device(&id).await.unwrap().unwrap().user_id;
+        assert_eq!(owner, winners[0]);
+    }
+}
+
+async fn register_and_invalidate_token(store: Arc<dyn Store>) {
+    let d = store
+        .register_device("d1", "alice", &ios(Some("tok1")), T0)
+        .await
+        .unwrap();
+    assert_eq!(d.platform, Some(Platform::Ios));
+    assert_eq!(d.push_provider, Some(PushProviderKind::Apns));
+    assert_eq!(d.apns_environment, Some(ApnsEnvironment::Sandbox));
+    assert_eq!(d.push_token.as_deref(), Some("tok1"));
+    assert_eq!(d.token_state, PushTokenState::Active);
+
+    // Another token than the stored one: nothing happens.
+    store
+        .invalidate_push_token("d1", "other", "Unregistered")
+        .await
+        .unwrap();
+    let d = store.device("d1").await.unwrap().unwrap();
+    assert_eq!(d.token_state, PushTokenState::Active);
+
+    store
+        .invalidate_push_token("d1", "tok1", "BadDeviceToken")
+        .await
+        .unwrap();
+    let d = store.device("d1").await.unwrap().unwrap();
+    assert_eq!(d.token_state, PushTokenState::Invalid);
+    assert_eq!(d.token_error.as_deref(), Some("BadDeviceToken"));
+
+    // Re-registering revives it; invalidating the old token then does nothing.
+    let d = store
+        .register_device("d1", "alice", &ios(Some("tok2")), T0 + 1)
+        .await
+        .unwrap();
+    assert_eq!(d.token_state, PushTokenState::Active);
+    assert_eq!(d.token_error, None);
+    store
+        .invalidate_push_token("d1", "tok1", "Unregistered")
+        .await
+        .unwrap();
+    let d = store.device("d1").await.unwrap().unwrap();
+    assert_eq!(d.token_state, PushTokenState::Active);
+    assert_eq!(d.push_token.as_deref(), Some("tok2"));
+
+    let d = store
+        .register_device("d1", "alice", &ios(None), T0 + 2)
+        .await
+        .unwrap();
+    assert_eq!(d.token_state, PushTokenState::None);
+    assert_eq!(d.push_token, None);
+}
+
+async fn subscriptions(store: Arc<dyn Store>) {
+    device(&store, "d1", "alice").await;
+    store.subscribe("d1", "news").await.unwrap();
+    store.subscribe("d1", "news").await.unwrap();
+    store.subscribe("d1", "Alerts").await.unwrap();
+    assert_eq!(store.device_topics("d1").await.unwrap(), ["Alerts", "news"]);
+    store.unsubscribe("d1", "news").await.unwrap();
+    assert_eq!(store.device_topics("d1").await.unwrap(), ["Alerts"]);
+}
+
+async fn publish_assigns_increasing_seqs_per_device(store: Arc<dyn Store>) {
+    device(&store, "a1", "alice").await;
+    device(&store, "a2", "alice").await;
+    device(&store, "b1", "bob").await;
+    store.subscribe("a2", "t").await.unwrap();
+    store.subscribe("b1", "t").await.unwrap();
+
+    let e = publish_ok(&store, new_msg(to_device("a1"), T0)).await;
+    assert_eq!(
+        e.iter()
+            .map(|e| (e.device_id.as_str(), e.seq))
+            .collect::<Vec<_>>(),
+        [("a1", 1)]
+    );
+    let e = publish_ok(&store, new_msg(Target::User("alice".into()), T0)).await;
+    assert_eq!(
+        e.iter()
+            .map(|e| (e.device_id.as_str(), e.seq))
+            .collect::<Vec<_>>(),
+        [("a1", 2), ("a2", 1)]
+    );
+    let e = publish_ok(&store, new_msg(Target::Topic("t".into()), T0)).await;
+    assert_eq!(
+        e.iter()
+            .map(|e| (e.device_id.as_str(), e.seq))
+            .collect::<Vec<_>>(),
+        [("a2", 2), ("b1", 1)]
+    );
+    // Nobody listening: created with no entries.
+    let e = publish_ok(&store, new_msg(Target::Topic("empty".into()), T0)).await;
+    assert!(e.is_empty());
+    let e = publish_ok(&store, new_msg(Target::User("nobody".into()), T0)).await;
+    assert!(e.is_empty());
+
+    assert_eq!(store.device("a1").await.unwrap().unwrap().last_seq, 2);
+    assert_eq!(store.device("a2").await.unwrap().unwrap().last_seq, 2);
+    assert_eq!(store.device("b1").await.unwrap().unwrap().last_seq, 1);
+
+    let m = new_msg(Target::User("alice".into()), T0);
+    let id = m.id.clone();
+    publish_ok(&store, m).await;
+    let (stored, rows) = store.message(&id).await.unwrap().unwrap();
+    assert_eq!(stored.target, Target::User("alice".into()));
+    assert_eq!(stored.payload, payload(PushPolicy::Never));
+    assert_eq!((stored.created_at, stored.expires_at), (T0, T0 + DAY));
+    assert_eq!(
+        rows.iter()
+            .map(|r| (r.device_id.as_str(), r.seq))
+            .collect::<Vec<_>>(),
+        [("a1", 3), ("a2", 3)]
+    );
+}
+
+async fn concurrent_publishes_to_one_device_are_gapless(store: Arc<dyn Store>) {
+    device(&store, "d1", "alice").await;
+    device(&store, "d2", "alice").await;
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            // Mix single-device and fan-out publishes: both take d1's seqs.
+            let target = if i % 5 == 0 {
+                Target::User("alice".into())
+            } else {
+                to_device("d1")
+            };
+            let entries = created(store.publish(new_msg(target, T0)).await.unwrap());
+            entries
+                .into_iter()
+                .find(|e| e.device_id == "d1")
+                .unwrap()
+                .seq
+        }));
+    }
+    let mut seqs = Vec::new();
+    for t in tasks {
+        seqs.push(t.await.unwrap());
+    }
+    seqs.sort();
+    assert_eq!(seqs, (1..=50).collect::<Vec<i64>>());
+    let d1 = store.device("d1").await.unwrap().unwrap();
+    assert_eq!(d1.last_seq, 50);
+    let inbox = store.fetch_after("d1", 0, 100, T0).await.unwrap();
+    assert_eq!(
+        inbox.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=50).collect::<Vec<i64>>()
+    );
+    assert_eq!(store.device("d2").await.unwrap().unwrap().last_seq, 10);
+}
+
+async fn fetch_after_orders_limits_and_hides_expired(store: Arc<dyn Store>) {
+    device(&store, "d1", "alice").await;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let mut m = new_msg(to_device("d1"), T0 + i);
+        // seq 2 and 4 expire early.
+        if i == 1 || i == 3 {
+            m.expires_at = T0 + 1000;
+        }
+        m.payload.data = json!({"i": i});
+        ids.push(m.id.clone());
+        publish_ok(&store, m).await;
+    }
+    let all = store.fetch_after("d1", 0, 100, T0 + 10).await.unwrap();
+    assert_eq!(
+        all.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5, 6]
+    );
+    assert_eq!(all[2].message.id, ids[2]);
+    assert_eq!(all[2].message.payload.data, json!({"i": 2}));
+    let wire = all[0].to_wire();
+    assert_eq!((wire.seq, wire.id.as_str()), (1, ids[0].as_str()));
+
+    let page = store.fetch_after("d1", 2, 2, T0 + 10).await.unwrap();
+    assert_eq!(page.iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 4]);
+    let live = store.fetch_after("d1", 0, 100, T0 + 1000).await.unwrap();
+    assert_eq!(live.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 3, 5, 6]);
+    assert!(store
+        .fetch_after("d1", 6, 100, T0)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store
+        .fetch_after("nope", 0, 100, T0)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+async fn ack_is_clamped_and_monotonic(store: Arc<dyn Store>) {
+    device(&store, "d1", "alice").await;
+    for _ in 0..3 {
+        publish_ok(&store, new_msg(to_device("d1"), T0)).await;
+    }
+    assert_eq!(store.ack("d1", 2, T0 + 1).await.unwrap(), 2);
+    // Backwards: ignored.
+    assert_eq!(store.ack("d1", 1, T0 + 2).await.unwrap(), 2);
+    // Beyond the last assigned seq: clamped.
+    assert_eq!(store.ack("d1", 99, T0 + 3).await.unwrap(), 3);
+    let d = store.device("d1").await.unwrap().unwrap();
+    assert_eq!((d.acked_seq, d.last_seq), (3, 3));
+    assert_eq!(d.last_seen, Some(T0 + 3));
+    // New messages after a clamped ack are not considered acked.
+    let e = publish_ok(&store, new_msg(to_device("d1"), T0)).await;
+    assert_eq!(e[0].seq, 4);
+    assert_eq!(
+        delivery_state(&store, &e[0].message.id, "d1", T0 + 4).await,
+        DeliveryState::Queued
+    );
+    assert_eq!(store.ack("d1", 0, T0 + 4).await.unwrap(), 3);
+    assert!(matches!(
+        store.ack("nope", 1, T0).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+async fn idempotency_key_returns_duplicate(store: Arc<dyn Store>) {
+    device(&store, "d1", "alice").await;
+    device(&store, "d2", "alice").await;
+    let mut m = new_msg(Target::User("alice".into()), T0);
+    m.idempotency_key = Some("k".into());
+    let first_id = m.id.clone();
+    assert_eq!(publish_ok(&store, m).await.len(), 2);
+
+    let mut again = new_msg(to_device("d1"), T0 + 1000);
+    again.idempotency_key = Some("k".into());
+    let again_id = again.id.clone();
+    match store.publish(again).await.unwrap() {
+        PublishOutcome::Duplicate {
+            message_id,
+            recipients,
+        } => {
+            assert_eq!(message_id, first_id);
+            assert_eq!(recipients, 2);
+        }
+        other => panic!("expected Duplicate, got {other:?}"),
+    }
+    assert!(store.message(&again_id).await.unwrap().is_none());
+    assert_eq!(store.device("d1").await.unwrap().unwrap().last_seq, 1);
+
+    // Keys are per API key.
+    let mut other_key = new_msg(to_device("d1"), T0 + 1000);
+    other_key.api_key_id = "key2".into();
+    other_key.idempotency_key = Some("k".into());
+    assert_eq!(publish_ok(&store, other_key).await[0].seq, 2);
+}
+
+async fn concurrent_idempotency_key_creates_once(store: Arc<dyn Store>) {
+    device(&store, "d1", "alice").await;
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut m = new_msg(to_device("d1"), T0);
+            m.idempotency_key = Some("same".into());
+            let id = m.id.clone();
+            (id, store.publish(m).await.unwrap())
+        }));
+    }
+    let mut created_ids = Vec::new();
+    let mut duplicate_of = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            (id, PublishOutcome::Created { entries }) => {
+                assert_eq!(entries.len(), 1);
+                created_ids.push(id);
+            }
+            (_, PublishOutcome::Duplicate { message_id, .. }) => duplicate_of.push(message_id),
+        }
+    }
+    assert_eq!(created_ids.len(), 1, "exactly one publish creates");
+    assert_eq!(duplicate_of.len(), 19);
+    assert!(duplicate_of.iter().all(|id| *id == created_ids[0]));
+    assert_eq!(store.device("d1").await.unwrap().unwrap().last_seq, 1);
+}
+
+async fn idempotency_key_expires_after_window(store: Arc<dyn Store>) {
+    device(&store, "d1", "alice").await;
+    let mut old = new_msg(to_device("d1"), T0);
+    old.idempotency_key = Some("k".into());
+    let old_id = old.id.clone();
+    publish_ok(&store, old).await;
+
+    // A day later the window starts after the first message: the key is free again.
+    let later = T0 + DAY + 1;
+    let mut fresh = new_msg(to_device("d1"), later);
+    fresh.idempotency_key = Some("k".into());
+    fresh.idempotency_since = later - DAY;
+    let fresh_id = fresh.id.clone();
+    let e = publish_ok(&store, fresh).await;
+    assert_eq!(e[0].seq, 2);
+    assert_ne!(fresh_id, old_id);
+
+    let mut third = new_msg(to_device("d1"), later + 5);
+    third.idempotency_key = Some("k".into());
+    third.idempotency_since = later + 5 - DAY;
+    match store.publish(third).await.unwrap() {
+        PublishOutcome::Duplicate { message_id, .. } => assert_eq!(message_id, fresh_id),
+        other => panic!("expected Duplicate, got {other:?}"),
+    }
+    // The old message itself is still there.
+    assert!(store.message(&old_id).await.unwrap().is_some());
+}
+
+async fn too_many_recipients_writes_nothing(store: Arc<dyn Store>) {
+    for d in ["d1", "d2", "d3"] {
+        device(&store, d, "alice").await;
+        store.subscribe(d, "t").await.unwrap();
+    }
+    for target in [Target::User("alice".into()), Target::Topic("t".into())] {
+        let mut m = new_msg(target, T0);
+        m.max_recipients = 2;
+        m.idempotency_key = Some("k".into());
+        let id = m.id.clone();
+        let err = store.publish(m).await.unwrap_err();
+        assert!(matches!(err, StoreError::TooManyRecipients(3)), "{err:?}");
+        assert!(store.message(&id).await.unwrap().is_none());
+    }
+    for d in ["d1", "d2", "d3"] {
+        assert_eq!(store.device(d).await.unwrap().unwrap().last_seq, 0);
+    }
+    // The rejected idempotency key was not consumed.
+    let mut m = new_msg(Target::User("alice".into()), T0);
+    m.idempotency_key = Some("k".into());
+    assert_eq!(publish_ok(&store, m).await.len(), 3);
+}
+
+async fn unknown_device_is_not_found_and_writes_nothing(store: Arc<dyn Store>) {
+    device(&store, "d1", "alice").await;
+    let mut m = new_msg(to_device("ghost"), T0);
+    m.idempotency_key = Some("k".into());
+    let id = m.id.clone();
+    let err = store.publish(m).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+    assert!(store.message(&id).await.unwrap().is_none());
+    assert!(store.device("ghost").await.unwrap().is_none());
+    // The store is still healthy and the key still free.
+    let mut m = new_msg(to_device("d1"), T0);
+    m.idempotency_key = Some("k".into());
+    assert_eq!(publish_ok(&store, m).await[0].seq, 1);
+}
+
+async fn publish_decides_push_with_live_check(store: Arc<dyn Store>) {
+    device(&store, "on", "alice").await;
+    device(&store, "off", "alice").await;
+    let live = LiveCheck(Arc::new(|d: &str| d == "on"));
+    let cases = [
+        (PushPolicy::Fallback, false, true),
+        (PushPolicy::Always, true, true),
+        (PushPolicy::Never, false, false),
+    ];
+    for (policy, push_on, push_off) in cases {
+        let mut m = new_msg(Target::User("alice".into()), T0);
+        m.payload.push = policy;
+        m.live = live.clone();
+        let id = m.id.clone();
+        let e = publish_ok(&store, m).await;
+        let pending: Vec<(&str, bool)> = e
+            .iter()
+            .map(|e| (e.device_id.as_str(), e.push_pending))
+            .collect();
+        assert_eq!(pending, [("off", push_off), ("on", push_on)], "{policy:?}");
+        assert!(e.iter().all(|e| e.push_attempts == 0));
+        let (_, rows) = store.message(&id).await.unwrap().unwrap();
+        let states: Vec<Option<&str>> = rows.iter().map(|r| r.push_state.as_deref()).collect();
+        let want = |p: bool| if p { Some("pending") } else { None };
+        assert_eq!(states, [want(push_off), want(push_on)], "{policy:?}");
+    }
+}
+
+async fn claim_push_only_once(store: Arc<dyn Store>) {
+    device(&store, "d1", "alice").await;
+    let e = one_entry(&store, "d1", PushPolicy::Fallback, T0).await;
+    assert!(e.push_pending);
+    assert!(store.claim_push("d1", e.seq, T0 + 1).await.unwrap());
+    assert!(!store.claim_push("d1", e.seq, T0 + 2).await.unwrap());
+    // Never pending: nothing to claim.
+    let n = one_entry(&store, "d1", PushPolicy::Never, T0).await;
+    assert!(!store.claim_push("d1", n.seq, T0 + 1).await.unwrap());
+    assert!(!store.claim_push("d1", 999, T0 + 1).await.unwrap());
+}
+
+async fn concurrent_claims_push_once(store: Arc<dyn Store>) {
+    device(&store, "d1", "alice").await;
+    let mut seqs = Vec::new();
+    for _ in 0..10 {
+        seqs.push(one_entry(&store, "d1", PushPolicy::Always, T0).await.seq);
+    }
+    for seq in seqs {
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                store.claim_push("d1", seq, T0 + 5).await.unwrap()
+            }));
+        }
+        let mut wins = 0;
+        for t in tasks {
+            wins += t.await.unwrap() as usize;
+        }
+        assert_eq!(wins, 1, "seq {seq}");
+    }
+}
+
+async fn no_claim_after_ack_or_expiry(store: Arc<dyn Store>) {
+    device(&store, "d1", "alice").await;
+    let a = one_entry(&store, "d1", PushPolicy::Fallback, T0).await;
+    store.ack("d1", a.seq, T0 + 1).await.unwrap();
+    assert!(!store.claim_push("d1", a.seq, T0 + 2).await.unwrap());
+
+    let b = one_entry(&store, "d1", PushPolicy::Fallback, T0).await;
+    assert!(!store.claim_push("d1", b.seq, T0 + DAY).await.unwrap());
+    assert!(store.claim_push("d1", b.seq, T0 + DAY - 1).await.unwrap());
+
+    // Acked or expired entries are not due either.
+    assert!(store
+        .due_pushes(T0 + 10_000, 0, T0 + DAY, 100)
+        .await
+        .unwrap()
+        .iter()
+        .all(|e| e.seq != a.seq));
+    assert!(store
+        .due_pushes(T0 + DAY, 0, T0 + 2 * DAY, 100)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+async fn retry_push_is_due_later_with_attempts(store: Arc<dyn Store>) {
+    device(&store, "d1", "alice").await;
+    let e = one_entry(&store, "d1", PushPolicy::Fallback, T0).await;
+    // Fresh pending entries wait out the grace period (the publisher queued them).
+    assert!(store
+        .due_pushes(T0 + 1000, 5000, T0, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let due = store.due_pushes(T0 + 6000, 5000, T0, 10).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!((due[0].seq, due[0].push_attempts), (e.seq, 0));
+    assert!(due[0].push_pending);
+    assert_eq!(due[0].message.id, e.message.id);
+
+    assert!(store.claim_push("d1", e.seq, T0 + 6000).await.unwrap());
+    // Claimed and fresh: not due.
+    assert!(store
+        .due_pushes(T0 + 6001, 5000, T0, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    store
+        .retry_push("d1", e.seq, T0 + 20_000, "429 Too Many Requests")
+        .await
+        .unwrap();
+    assert!(store
+        .due_pushes(T0 + 19_999, 5000, T0, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let due = store.due_pushes(T0 + 20_000, 5000, T0, 10).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].push_attempts, 1);
+    // A retry is not subject to the fresh grace.
+    let due = store
+        .due_pushes(T0 + 20_000, 1_000_000, T0, 10)
+        .await
+        .unwrap();
+    assert_eq!(due.len(), 1);
+
+    assert!(store.claim_push("d1", e.seq, T0 + 20_000).await.unwrap());
+    store
+        .retry_push("d1", e.seq, T0 + 30_000, "503")
+        .await
+        .unwrap();
+    // retry_push only acts on a claimed push.
+    store
+        .retry_push("d1", e.seq, T0 + 90_000, "ignored")
+        .await
+        .unwrap();
+    let due = store.due_pushes(T0 + 30_000, 0, T0, 10).await.unwrap();
+    assert_eq!(due[0].push_attempts, 2);
+    let (_, rows) = store.message(&e.message.id).await.unwrap().unwrap();
+    assert_eq!(rows[0].reason.as_deref(), Some("503"));
+
+    // Oldest due first, limit honoured.
+    let f = one_entry(&store, "d1", PushPolicy::Always, T0 - 10).await;
+    let due = store.due_pushes(T0 + 40_000, 0, T0, 10).await.unwrap();
+    assert_eq!(
+        due.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [f.seq, e.seq]
+    );
+    assert_eq!(
+        store.due_pushes(T0 + 40_000, 0, T0, 1).await.unwrap().len(),
+        1
+    );
+}
+
+async fn stale_claim_is_taken_over(store: Arc<dyn Store>) {
+    device(&store, "d1", "alice").await;
+    let e = one_entry(&store, "d1", PushPolicy::Fallback, T0).await;
+    let t1 = T0 + 1000;
+    assert!(store.claim_push("d1", e.seq, t1).await.unwrap());
+    // The worker died. Not stale yet:
+    assert!(!store
+        .claim_push("d1", e.seq, t1 + STALE_CLAIM_MS)
+        .await
+        .unwrap());
+    assert!(store
+        .due_pushes(t1 + 10, 0, t1, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    // Listed once the claim is older than stale_before...
+    let due = store.due_pushes(t1 + 10, 0, t1 + 1, 10).await.unwrap();
+    assert_eq!(due.iter().map(|e| e.seq).collect::<Vec<_>>(), [e.seq]);
+    // ...and claimable again, by exactly one taker.
+    let later = t1 + STALE_CLAIM_MS + 1;
+    assert!(store.claim_push("d1", e.seq, later).await.unwrap());
+    assert!(!store.claim_push("d1", e.seq, later + 1).await.unwrap());
+}
+
+async fn finish_push_shows_in_delivery_state(store: Arc<dyn Store>) {
+    device(&store, "d1", "alice").await;
+    let ok = one_entry(&store, "d1", PushPolicy::Fallback, T0).await;
+    assert!(store.claim_push("d1", ok.seq, T0 + 1).await.unwrap());
+    store
+        .finish_push("d1", ok.seq, PushMark::Pushed, Some("apns"), None, T0 + 2)
+        .await
+        .unwrap();
+    let (_, rows) = store.message(&ok.message.id).await.unwrap().unwrap();
+    let w = rows[0].to_wire(T0 + 3);
+    assert_eq!(w.state, DeliveryState::Pushed);
+    assert_eq!(w.push_provider.as_deref(), Some("apns"));
+    assert!(w.pushed_at.is_some());
+    assert!(!store.claim_push("d1", ok.seq, T0 + 4).await.unwrap());
+    assert!(store
+        .due_pushes(T0 + DAY - 1, 0, T0 + DAY - 1, 10)
+        .await
+        .unwrap()
+        .is_empty());
+
+    let bad = one_entry(&store, "d1", PushPolicy::Fallback, T0).await;
+    assert!(store.claim_push("d1", bad.seq, T0 + 1).await.unwrap());
+    store
+        .finish_push(
+            "d1",
+            bad.seq,
+            PushMark::Failed,
+            Some("fcm"),
+            Some("UNREGISTERED"),
+            T0 + 2,
+        )
+        .await
+        .unwrap();
+    let (_, rows) = store.message(&bad.message.id).await.unwrap().unwrap();
+    let w = rows[0].to_wire(T0 + 3);
+    assert_eq!(w.state, DeliveryState::PushFailed);
+    assert_eq!(w.reason.as_deref(), Some("UNREGISTERED"));
+
+    // A late ack wins over the push outcome.
+    store.ack("d1", bad.seq, T0 + 5).await.unwrap();
+    assert_eq!(
+        delivery_state(&store, &bad.message.id, "d1", T0 + 6).await,
+        DeliveryState::Acked
+    );
+}
+
+async fn request_push_rules(store: Arc<dyn Store>) {
+    device(&store, "d1", "alice").await;
+    let live = LiveCheck(Arc::new(|_: &str| true));
+    let mut m = new_msg(to_device("d1"), T0);
+    m.payload.push = PushPolicy::Fallback;
+    m.live = live.clone();
+    let e = publish_ok(&store, m).await.remove(0);
+    assert!(!e.push_pending);
+    // Ack timeout: the push is requested once.
+    assert!(store.request_push("d1", e.seq, T0 + 10).await.unwrap());
+    assert!(!store.request_push("d1", e.seq, T0 + 11).await.unwrap());
+    // It is due from now on.
+    let due = store.due_pushes(T0 + 10, 0, T0, 10).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert!(store.claim_push("d1", e.seq, T0 + 12).await.unwrap());
+
+    let mut m = new_msg(to_device("d1"), T0);
+    m.live = live.clone();
+    let acked = publish_ok(&store, m).await.remove(0);
+    store.ack("d1", acked.seq, T0 + 1).await.unwrap();
+    assert!(!store.request_push("d1", acked.seq, T0 + 2).await.unwrap());
+
+    let mut m = new_msg(to_device("d1"), T0);
+    m.live = live;
+    let expired = publish_ok(&store, m).await.remove(0);
+    assert!(!store
+        .request_push("d1", expired.seq, T0 + DAY)
+        .await
+        .unwrap());
+    assert!(!store.request_push("d1", 999, T0).await.unwrap());
+}
+
+async fn delete_device_removes_inbox(store: Arc<dyn Store>) {
+    device(&store, "d1", "alice").await;
+    device(&store, "d2", "alice").await;
+    store.subscribe("d1", "t").await.unwrap();
+    let m = new_msg(Target::User("alice".into()), T0);
+    let id = m.id.clone();
+    publish_ok(&store, m).await;
+    one_entry(&store, "d1", PushPolicy::Always, T0).await;
+
+    assert!(store.delete_device("d1").await.unwrap());
+    assert!(!store.delete_device("d1").await.unwrap());
+    assert!(store.device("d1").await.unwrap().is_none());
+    assert!(store
+        .fetch_after("d1", 0, 100, T0)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store.device_topics("d1").await.unwrap().is_empty());
+    assert!(store
+        .due_pushes(T0 + 1000, 0, T0, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let (_, rows) = store.message(&id).await.unwrap().unwrap();
+    assert_eq!(
+        rows.iter()
+            .map(|r| r.device_id.as_str())
+            .collect::<Vec<_>>(),
+        ["d2"]
+    );
+    // Topic fan-out no longer reaches it; re-claiming starts a fresh inbox.
+    assert!(publish_ok(&store, new_msg(Target::Topic("t".into()), T0))
+        .await
+        .is_empty());
+    let d = store.claim_device("d1", "bob", T0).await.unwrap();
+    assert_eq!((d.user_id.as_str(), d.last_seq), ("bob", 0));
+}
+
+async fn sweep_deletes_old_entries(store: Arc<dyn Store>) {
+    device(&store, "d1", "alice").await;
+    let mut short = new_msg(to_device("d1"), T0);
+    short.expires_at = T0 + 1000;
+    let short_id = short.id.clone();
+    publish_ok(&store, short).await;
+    let long = new_msg(to_device("d1"), T0);
+    let long_id = long.id.clone();
+    publish_ok(&store, long).await;
+
+    // Expired but within retention: kept for status queries.
+    assert_eq!(store.sweep(T0 + 2000, 5000).await.unwrap(), 0);
+    assert!(store.message(&short_id).await.unwrap().is_some());
+    assert_eq!(store.sweep(T0 + 7000, 5000).await.unwrap(), 1);
+    assert!(store.message(&short_id).await.unwrap().is_none());
+    let (_, rows) = store.message(&long_id).await.unwrap().unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        store
+            .fetch_after("d1", 0, 10, T0 + 7000)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect::<Vec<_>>(),
+        [2]
+    );
+    // Seqs keep increasing after a sweep.
+    assert_eq!(one_entry(&store, "d1", PushPolicy::Never, T0).await.seq, 3);
+}
+
+async fn message_status_rows(store: Arc<dyn Store>) {
+    for d in ["a", "b", "c", "d"] {
+        device(&store, d, "alice").await;
+    }
+    let live = LiveCheck(Arc::new(|d: &str| d == "a" || d == "b"));
+    let mut m = new_msg(Target::User("alice".into()), T0);
+    m.payload.push = PushPolicy::Fallback;
+    m.live = live;
+    let id = m.id.clone();
+    let e = publish_ok(&store, m).await;
+    assert_eq!(e.len(), 4);
+    store
+        .mark_sent(&[("a".into(), 1, 1), ("b".into(), 1, 5)], T0 + 10)
+        .await
+        .unwrap();
+    // A second mark does not move sent_at.
+    store
+        .mark_sent(&[("a".into(), 1, 1)], T0 + 20)
+        .await
+        .unwrap();
+    store.mark_sent(&[], T0 + 20).await.unwrap();
+    store.ack("a", 1, T0 + 30).await.unwrap();
+    assert!(store.claim_push("c", 1, T0 + 40).await.unwrap());
+    store
+        .finish_push("c", 1, PushMark::Pushed, Some("fcm"), None, T0 + 50)
+        .await
+        .unwrap();
+
+    let (msg, rows) = store.message(&id).await.unwrap().unwrap();
+    assert_eq!(msg.id, id);
+    let now = T0 + 60;
+    let wire: Vec<_> = rows.iter().map(|r| r.to_wire(now)).collect();
+    assert_eq!(
+        wire.iter()
+            .map(|w| (w.device_id.as_str(), w.state))
+            .collect::<Vec<_>>(),
+        [
+            ("a", DeliveryState::Acked),
+            ("b", DeliveryState::Sent),
+            ("c", DeliveryState::Pushed),
+            ("d", DeliveryState::Queued),
+        ]
+    );
+    assert_eq!(rows[0].sent_at, Some(T0 + 10));
+    assert_eq!(rows[0].acked_at, Some(T0 + 30));
+    assert_eq!(rows[1].sent_at, Some(T0 + 10));
+    assert_eq!(rows[2].push_at, Some(T0 + 50));
+    assert_eq!(rows[2].push_provider.as_deref(), Some("fcm"));
+    assert_eq!(rows[3].push_state.as_deref(), Some("pending"));
+    assert_eq!(rows[3].to_wire(T0 + DAY).state, DeliveryState::Expired);
+    assert!(store.message("missing").await.unwrap().is_none());
+}
