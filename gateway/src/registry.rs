@@ -15,6 +15,9 @@ use crate::store::InboxEntry;
 pub enum SessionEvent {
     /// A freshly committed inbox entry, with the instant the publish committed.
     Deliver(InboxEntry, Instant),
+    /// The device acked up to this seq over HTTP (`POST /v1/me/ack`): the session
+    /// must not treat those entries as unacked any more.
+    AckedElsewhere(i64),
 }
 
 /// Why a session was told to go away from outside.

@@ -116,8 +116,10 @@ where
     };
     // Whatever is still queued stays in the inbox and is replayed on reconnect.
     inbox.events.close();
-    while inbox.events.try_recv().is_ok() {
-        router.metrics.session_queue_depth.dec();
+    while let Ok(event) = inbox.events.try_recv() {
+        if matches!(event, SessionEvent::Deliver(..)) {
+            router.metrics.session_queue_depth.dec();
+        }
     }
     session.finish(reason).await;
     reason
@@ -177,6 +179,11 @@ where
                     Some(SessionEvent::Deliver(entry, committed_at)) => {
                         self.router.metrics.session_queue_depth.dec();
                         self.on_deliver(entry, committed_at).await?;
+                    }
+                    Some(SessionEvent::AckedElsewhere(seq)) => {
+                        while self.unacked.front().is_some_and(|(e, _)| e.seq <= seq) {
+                            self.unacked.pop_front();
+                        }
                     }
                     None => return Err(CloseReason::Kicked),
                 },

@@ -521,3 +521,27 @@ async fn silent_client_is_dropped_after_two_heartbeats() {
     .await;
     drop(dev);
 }
+
+#[tokio::test]
+async fn an_ack_over_http_satisfies_the_live_session() {
+    let tg = TestGateway::start_with(|c| c.delivery.ack_timeout_ms = 500).await;
+    register(&tg, "n", "nd", Some(("fcm", "tok"))).await;
+    let mut dev = connect(&tg, "n", "nd", None).await;
+    publish(&tg, json!({"to": {"device": "nd"}, "data": {}})).await;
+    assert_eq!(dev.msg().await.seq, 1);
+    // The app acks through HTTP (e.g. from a background handler), not the socket.
+    let token = tg.mint_token("n", Duration::from_secs(60));
+    let (s, _) = post(
+        &tg,
+        "/v1/me/ack",
+        &token,
+        json!({"device_id": "nd", "seq": 1}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    // Past the ack timeout the session is still up and nothing was pushed.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    dev.send(&ClientFrame::Ping).await;
+    assert_eq!(dev.frame().await, Some(ServerFrame::Pong));
+    assert!(tg.fcm.sent().is_empty());
+}

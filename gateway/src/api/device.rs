@@ -217,5 +217,11 @@ pub async fn ack(
         ));
     }
     let acked_seq = state.store.ack(&device.id, req.seq, now_ms()).await?;
+    // A live session must not push (after its ack timeout) what was acked here.
+    if let Some(session) = state.registry.get(&device.id) {
+        let _ = session
+            .events
+            .try_send(crate::registry::SessionEvent::AckedElsewhere(acked_seq));
+    }
     Ok(Json(AckResponse { acked_seq }))
 }
