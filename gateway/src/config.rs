@@ -23,12 +23,38 @@ pub struct Config {
     /// `postgres://herald:secret@db:5432/herald` (env `HERALD_DATABASE_URL`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub database_url: Option<String>,
+    /// How nodes tell each other about live sessions: "local" (one node, the default)
+    /// or "nats" (cluster mode; needs `store = "postgres"` and the `[nats]` section).
+    pub bus: String,
+    pub nats: NatsConfig,
     /// Public base URL printed in examples (defaults to http://{listen}).
     pub public_url: Option<String>,
     pub auth: AuthConfig,
     pub delivery: DeliveryConfig,
     pub limits: LimitsConfig,
     pub push: PushConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// NATS server(s), comma-separated, e.g. `nats://10.0.0.5:4222,nats://10.0.0.6:4222`.
+    pub url: String,
+    /// First token of every subject Herald uses, so several clusters can share a NATS.
+    pub subject_prefix: String,
+    /// How long a node waits for the node holding a device's session to answer; past
+    /// it the device is treated as offline (its entries stay in the inbox regardless).
+    pub request_timeout_ms: u64,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            url: "nats://127.0.0.1:4222".into(),
+            subject_prefix: "herald".into(),
+            request_timeout_ms: 2_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -104,6 +130,10 @@ pub struct PushConfig {
     pub max_backoff_ms: u64,
     /// How often the store is searched for due retries and orphaned pushes.
     pub poll_interval_ms: u64,
+    /// A push claimed longer ago than this was being sent by a node that died: it is
+    /// recorded as failed (outcome unknown), never sent twice. Keep it well above the
+    /// providers' request timeouts.
+    pub stale_claim_ms: u64,
     /// Firebase Cloud Messaging (HTTP v1); see docs/push.md.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fcm: Option<crate::push::config::FcmConfig>,
@@ -123,6 +153,7 @@ impl Default for PushConfig {
             base_backoff_ms: d.base_backoff.as_millis() as u64,
             max_backoff_ms: d.max_backoff.as_millis() as u64,
             poll_interval_ms: d.poll_interval.as_millis() as u64,
+            stale_claim_ms: d.stale_claim.as_millis() as u64,
             fcm: None,
             apns: None,
         }
@@ -139,7 +170,7 @@ impl PushConfig {
             max_backoff: Duration::from_millis(self.max_backoff_ms),
             max_attempts: self.max_attempts.max(1),
             poll_interval: Duration::from_millis(self.poll_interval_ms.max(10)),
-            ..Default::default()
+            stale_claim: Duration::from_millis(self.stale_claim_ms.max(1_000)),
         }
     }
 }
@@ -151,6 +182,8 @@ impl Default for Config {
             data_dir: PathBuf::from("herald-data"),
             store: "sqlite".into(),
             database_url: None,
+            bus: "local".into(),
+            nats: NatsConfig::default(),
             public_url: None,
             auth: AuthConfig::default(),
             delivery: DeliveryConfig::default(),

@@ -8,6 +8,7 @@ use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
 use crate::clock::now_ms;
+use crate::cluster::ClusterBus;
 use crate::metrics::Metrics;
 use crate::push::dispatcher::PushDispatcher;
 use crate::registry::{KickReason, SessionEvent, SessionRegistry};
@@ -20,6 +21,7 @@ pub struct DeliveryRouter {
     pub push: PushDispatcher,
     pub metrics: Metrics,
     pub sent: SentRecorder,
+    pub cluster: ClusterBus,
 }
 
 impl DeliveryRouter {
@@ -27,6 +29,7 @@ impl DeliveryRouter {
     /// session is a slow consumer; it is closed and will catch up by replay.
     pub fn route(&self, entries: Vec<InboxEntry>, committed_at: Instant) {
         let mut missed = Vec::new();
+        let mut remote = Vec::new();
         for entry in entries {
             let mut live = false;
             if let Some(handle) = self.registry.get(&entry.device_id) {
@@ -42,11 +45,43 @@ impl DeliveryRouter {
                     Err(TrySendError::Closed(_)) => {}
                 }
             }
-            if entry.push_pending {
+            if !live && self.cluster.is_clustered() {
+                // The publish transaction only knew this node's sessions, so the entry
+                // may carry a fallback push that another node's session makes moot.
+                remote.push(entry);
+            } else if entry.push_pending {
                 self.push.enqueue(entry);
             } else if !live && entry.message.payload.push == PushPolicy::Fallback {
                 // Live when the transaction looked, gone now: fall back after all.
                 missed.push(entry);
+            }
+        }
+        self.push.request(missed);
+        if !remote.is_empty() {
+            let router = self.clone();
+            tokio::spawn(async move { router.route_remote(remote).await });
+        }
+    }
+
+    /// Offers entries to sessions on other nodes, then settles their pushes: one a
+    /// session took needs no fallback push; one nobody took gets it.
+    async fn route_remote(&self, entries: Vec<InboxEntry>) {
+        let mut cancel = Vec::new();
+        let mut missed = Vec::new();
+        for (entry, live) in self.cluster.deliver_remote(entries).await {
+            let fallback = entry.message.payload.push == PushPolicy::Fallback;
+            match (live, entry.push_pending) {
+                (true, true) if fallback => cancel.push((entry.device_id.clone(), entry.seq)),
+                (_, true) => self.push.enqueue(entry),
+                (false, false) if fallback => missed.push(entry),
+                _ => {}
+            }
+        }
+        if !cancel.is_empty() {
+            // If this fails the push stays pending and is sent later: a notification
+            // the device did not need, never a lost message.
+            if let Err(e) = self.store.cancel_pushes(&cancel).await {
+                tracing::warn!(error = %e, "cannot cancel fallback pushes of remotely delivered entries");
             }
         }
         self.push.request(missed);

@@ -5,6 +5,7 @@ pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod delivery;
 pub mod error;
@@ -28,6 +29,7 @@ use tokio_util::task::TaskTracker;
 use crate::api::{AppState, RateLimiter};
 use crate::auth::DeviceTokens;
 use crate::clock::now_ms;
+use crate::cluster::ClusterBus;
 use crate::config::Config;
 use crate::delivery::{DeliveryRouter, SentRecorder};
 use crate::metrics::Metrics;
@@ -96,8 +98,10 @@ impl Application {
         })?;
         let tokens = DeviceTokens::from_config(&config.auth, store.as_ref()).await?;
         let metrics = Metrics::new();
+        let cluster = ClusterBus::connect(&config, &metrics).await?;
         let shutdown = CancellationToken::new();
         let registry = Arc::new(SessionRegistry::new(config.delivery.session_queue));
+        cluster.spawn_resync(registry.clone());
         let push = PushDispatcher::start(
             store.clone(),
             providers,
@@ -111,6 +115,7 @@ impl Application {
             push,
             metrics: metrics.clone(),
             sent: SentRecorder::start(store.clone()),
+            cluster,
         };
         let d = &config.delivery;
         let session_cfg = SessionConfig {

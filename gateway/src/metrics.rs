@@ -20,6 +20,7 @@ pub struct Metrics {
     pub publish_to_deliver: Histogram,
     pub session_queue_depth: IntGauge,
     pub push_queue_depth: IntGauge,
+    pub cluster_routes: IntCounterVec,
 }
 
 impl Metrics {
@@ -72,6 +73,14 @@ impl Metrics {
         .unwrap();
         let push_queue_depth =
             IntGauge::new("push_queue_depth", "Pushes waiting for a worker").unwrap();
+        let cluster_routes = IntCounterVec::new(
+            Opts::new(
+                "cluster_routes_total",
+                "Inbox entries sent to other nodes over NATS, by outcome (live: a session took it; offline: no node has the device; error: NATS failed or timed out)",
+            ),
+            &["outcome"],
+        )
+        .unwrap();
         for c in [
             Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(connections_total.clone()),
@@ -85,6 +94,7 @@ impl Metrics {
             Box::new(publish_to_deliver.clone()),
             Box::new(session_queue_depth.clone()),
             Box::new(push_queue_depth.clone()),
+            Box::new(cluster_routes.clone()),
         ] {
             registry.register(c).expect("unique metric");
         }
@@ -102,6 +112,7 @@ impl Metrics {
             publish_to_deliver,
             session_queue_depth,
             push_queue_depth,
+            cluster_routes,
         }
     }
 

@@ -18,6 +18,9 @@ pub enum SessionEvent {
     /// The device acked up to this seq over HTTP (`POST /v1/me/ack`): the session
     /// must not treat those entries as unacked any more.
     AckedElsewhere(i64),
+    /// Notifications may have been missed (the cluster bus was down): re-read the
+    /// inbox after the last seq sent.
+    Resync,
 }
 
 /// Why a session was told to go away from outside.
@@ -132,6 +135,24 @@ impl SessionRegistry {
             .unwrap()
             .get(device_id)
             .cloned()
+    }
+
+    /// The handle of the session `session_id`, if it is still the device's current one.
+    pub fn current(&self, device_id: &str, session_id: u64) -> Option<SessionHandle> {
+        self.get(device_id).filter(|h| h.session_id == session_id)
+    }
+
+    /// Sends `event()` to every session that has room for it; returns how many got it.
+    pub fn broadcast(&self, event: impl Fn() -> SessionEvent) -> usize {
+        let handles: Vec<SessionHandle> = self
+            .shards
+            .iter()
+            .flat_map(|s| s.lock().unwrap().values().cloned().collect::<Vec<_>>())
+            .collect();
+        handles
+            .iter()
+            .filter(|h| h.events.try_send(event()).is_ok())
+            .count()
     }
 
     pub fn is_online(&self, device_id: &str) -> bool {

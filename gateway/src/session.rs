@@ -185,6 +185,7 @@ where
                             self.unacked.pop_front();
                         }
                     }
+                    Some(SessionEvent::Resync) => self.fill_from_store(i64::MAX).await?,
                     None => return Err(CloseReason::Kicked),
                 },
                 _ = heartbeat.tick() => {

@@ -3,79 +3,22 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
+use common::process::{toml_string, HeraldProcess, BIN};
 use common::{connect_with_token, WAIT};
 use herald_gateway::testing::TempDir;
 use herald_protocol::ServerFrame;
 use serde_json::json;
 
-const BIN: &str = env!("CARGO_BIN_EXE_herald");
-
-struct Gateway {
-    child: Child,
-    base: String,
-    /// The first-start banner's API key, if this start printed one.
-    api_key: Option<String>,
+fn spawn(data_dir: &Path) -> HeraldProcess {
+    HeraldProcess::spawn(data_dir, &[], &[])
 }
 
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn(data_dir: &Path) -> Gateway {
-    spawn_with(data_dir, &[])
-}
-
-// The child is reaped by `Gateway`'s Drop.
-#[allow(clippy::zombie_processes)]
-fn spawn_with(data_dir: &Path, extra: &[&str]) -> Gateway {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
-        .args(extra)
-        .env("HERALD_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn herald");
-    let (tx, rx) = mpsc::channel::<String>();
-    let out = child.stdout.take().unwrap();
-    let err = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    // Logs go to stderr; drain them so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in BufReader::new(err).lines().map_while(Result::ok) {});
-    let mut api_key = None;
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
-            .expect("herald did not report its address");
-        if let Some(k) = line.strip_prefix("API key (service routes):") {
-            api_key = Some(k.trim().to_owned());
-        }
-        if let Some(base) = line.strip_prefix("herald listening on ") {
-            let base = base.trim().to_owned();
-            // Keep draining output so the child never blocks on a full pipe.
-            std::thread::spawn(move || while rx.recv().is_ok() {});
-            return Gateway {
-                child,
-                base,
-                api_key,
-            };
-        }
-    }
+fn spawn_with(data_dir: &Path, extra: &[&str]) -> HeraldProcess {
+    HeraldProcess::spawn(data_dir, extra, &[])
 }
 
 fn cli(data_dir: &Path, args: &[&str]) -> (bool, String, String) {
@@ -394,8 +337,4 @@ async fn a_push_waiting_for_retry_survives_kill_9_and_is_sent_once() {
     assert_eq!(mock.send_requests(), 2, "one refused attempt, one push");
     assert_eq!(mock.bodies().len(), 2);
     mock.assert_no_problems();
-}
-
-fn toml_string(s: &str) -> String {
-    toml::Value::String(s.to_owned()).to_string()
 }

@@ -7,11 +7,13 @@
 //! server is unreachable the PostgreSQL tests fail (never skip): start it with
 //! `scripts/ensure-services.sh`.
 
+mod common;
+
 use std::future::Future;
 use std::sync::Arc;
 
 use herald_gateway::store::postgres::PostgresStore;
-use herald_gateway::store::sqlite::{SqliteStore, STALE_CLAIM_MS};
+use herald_gateway::store::sqlite::SqliteStore;
 use herald_gateway::store::{
     ApiKeyRecord, InboxEntry, LiveCheck, MessagePayload, NewMessage, PublishOutcome, PushMark,
     Store, StoreError,
@@ -22,9 +24,7 @@ use herald_protocol::{
     PushTokenState, RegisterDeviceRequest, Target,
 };
 use serde_json::json;
-use sqlx::{Connection, Executor, PgConnection};
 
-const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 const T0: i64 = 1_700_000_000_000;
 const DAY: i64 = 24 * 3600 * 1000;
 
@@ -41,63 +41,12 @@ where
     test(store).await;
 }
 
-struct PgDb {
-    admin_url: String,
-    name: String,
-    url: String,
-}
-
-impl PgDb {
-    async fn create() -> PgDb {
-        let admin_url = std::env::var("HERALD_TEST_DATABASE_URL")
-            .ok()
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| DEFAULT_PG_URL.to_string());
-        let mut admin = match PgConnection::connect(&admin_url).await {
-            Ok(c) => c,
-            Err(e) => {
-                let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
-                panic!(
-                    "PostgreSQL is not reachable at {admin_url}: {e}\n\
-                     The store conformance tests need a PostgreSQL server{}: start it with \
-                     `scripts/ensure-services.sh`, or point HERALD_TEST_DATABASE_URL at one \
-                     (a role allowed to CREATE DATABASE).",
-                    if ci { " (CI=true)" } else { "" }
-                )
-            }
-        };
-        let name = format!("herald_t_{}", uuid::Uuid::new_v4().simple());
-        admin
-            .execute(format!("CREATE DATABASE {name}").as_str())
-            .await
-            .unwrap_or_else(|e| panic!("CREATE DATABASE {name} on {admin_url}: {e}"));
-        let _ = admin.close().await;
-        let mut url = reqwest::Url::parse(&admin_url).expect("HERALD_TEST_DATABASE_URL is a URL");
-        url.set_path(&format!("/{name}"));
-        PgDb {
-            admin_url,
-            name,
-            url: url.to_string(),
-        }
-    }
-
-    /// Best effort: a leftover `herald_t_*` database is harmless.
-    async fn drop_db(&self) {
-        if let Ok(mut admin) = PgConnection::connect(&self.admin_url).await {
-            let _ = admin
-                .execute(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name).as_str())
-                .await;
-            let _ = admin.close().await;
-        }
-    }
-}
-
 async fn run_postgres<F, Fut>(test: F)
 where
     F: FnOnce(Arc<dyn Store>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let db = PgDb::create().await;
+    let db = common::pg::PgDb::create().await;
     let opened = PostgresStore::open(&db.url).await;
     let store: Arc<dyn Store> = match opened {
         Ok(s) => Arc::new(s),
@@ -159,7 +108,9 @@ conformance!(
     concurrent_claims_push_once,
     no_claim_after_ack_or_expiry,
     retry_push_is_due_later_with_attempts,
-    stale_claim_is_taken_over,
+    orphaned_claim_fails_and_is_never_resent,
+    cancel_pushes_withdraws_only_unattempted_pending,
+    concurrent_batch_claims_push_once,
     finish_push_shows_in_delivery_state,
     request_push_rules,
     delete_device_removes_inbox,
@@ -781,16 +732,12 @@ async fn no_claim_after_ack_or_expiry(store: Arc<dyn Store>) {
 
     // Acked or expired entries are not due either.
     assert!(store
-        .due_pushes(T0 + 10_000, 0, T0 + DAY, 100)
+        .due_pushes(T0 + 10_000, 0, 100)
         .await
         .unwrap()
         .iter()
         .all(|e| e.seq != a.seq));
-    assert!(store
-        .due_pushes(T0 + DAY, 0, T0 + 2 * DAY, 100)
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(store.due_pushes(T0 + DAY, 0, 100).await.unwrap().is_empty());
 }
 
 async fn retry_push_is_due_later_with_attempts(store: Arc<dyn Store>) {
@@ -798,11 +745,11 @@ async fn retry_push_is_due_later_with_attempts(store: Arc<dyn Store>) {
     let e = one_entry(&store, "d1", PushPolicy::Fallback, T0).await;
     // Fresh pending entries wait out the grace period (the publisher queued them).
     assert!(store
-        .due_pushes(T0 + 1000, 5000, T0, 10)
+        .due_pushes(T0 + 1000, 5000, 10)
         .await
         .unwrap()
         .is_empty());
-    let due = store.due_pushes(T0 + 6000, 5000, T0, 10).await.unwrap();
+    let due = store.due_pushes(T0 + 6000, 5000, 10).await.unwrap();
     assert_eq!(due.len(), 1);
     assert_eq!((due[0].seq, due[0].push_attempts), (e.seq, 0));
     assert!(due[0].push_pending);
@@ -811,7 +758,7 @@ async fn retry_push_is_due_later_with_attempts(store: Arc<dyn Store>) {
     assert!(store.claim_push("d1", e.seq, T0 + 6000).await.unwrap());
     // Claimed and fresh: not due.
     assert!(store
-        .due_pushes(T0 + 6001, 5000, T0, 10)
+        .due_pushes(T0 + 6001, 5000, 10)
         .await
         .unwrap()
         .is_empty());
@@ -820,18 +767,15 @@ async fn retry_push_is_due_later_with_attempts(store: Arc<dyn Store>) {
         .await
         .unwrap();
     assert!(store
-        .due_pushes(T0 + 19_999, 5000, T0, 10)
+        .due_pushes(T0 + 19_999, 5000, 10)
         .await
         .unwrap()
         .is_empty());
-    let due = store.due_pushes(T0 + 20_000, 5000, T0, 10).await.unwrap();
+    let due = store.due_pushes(T0 + 20_000, 5000, 10).await.unwrap();
     assert_eq!(due.len(), 1);
     assert_eq!(due[0].push_attempts, 1);
     // A retry is not subject to the fresh grace.
-    let due = store
-        .due_pushes(T0 + 20_000, 1_000_000, T0, 10)
-        .await
-        .unwrap();
+    let due = store.due_pushes(T0 + 20_000, 1_000_000, 10).await.unwrap();
     assert_eq!(due.len(), 1);
 
     assert!(store.claim_push("d1", e.seq, T0 + 20_000).await.unwrap());
@@ -844,46 +788,122 @@ async fn retry_push_is_due_later_with_attempts(store: Arc<dyn Store>) {
         .retry_push("d1", e.seq, T0 + 90_000, "ignored")
         .await
         .unwrap();
-    let due = store.due_pushes(T0 + 30_000, 0, T0, 10).await.unwrap();
+    let due = store.due_pushes(T0 + 30_000, 0, 10).await.unwrap();
     assert_eq!(due[0].push_attempts, 2);
     let (_, rows) = store.message(&e.message.id).await.unwrap().unwrap();
     assert_eq!(rows[0].reason.as_deref(), Some("503"));
 
     // Oldest due first, limit honoured.
     let f = one_entry(&store, "d1", PushPolicy::Always, T0 - 10).await;
-    let due = store.due_pushes(T0 + 40_000, 0, T0, 10).await.unwrap();
+    let due = store.due_pushes(T0 + 40_000, 0, 10).await.unwrap();
     assert_eq!(
         due.iter().map(|e| e.seq).collect::<Vec<_>>(),
         [f.seq, e.seq]
     );
-    assert_eq!(
-        store.due_pushes(T0 + 40_000, 0, T0, 1).await.unwrap().len(),
-        1
-    );
+    assert_eq!(store.due_pushes(T0 + 40_000, 0, 1).await.unwrap().len(), 1);
 }
 
-async fn stale_claim_is_taken_over(store: Arc<dyn Store>) {
+async fn orphaned_claim_fails_and_is_never_resent(store: Arc<dyn Store>) {
     device(&store, "d1", "alice").await;
     let e = one_entry(&store, "d1", PushPolicy::Fallback, T0).await;
     let t1 = T0 + 1000;
     assert!(store.claim_push("d1", e.seq, t1).await.unwrap());
-    // The worker died. Not stale yet:
-    assert!(!store
-        .claim_push("d1", e.seq, t1 + STALE_CLAIM_MS)
+    // The sender died mid-request. Its claim is never claimable or due again...
+    assert!(!store.claim_push("d1", e.seq, t1 + DAY / 2).await.unwrap());
+    assert!(store.due_pushes(t1 + 10, 0, 10).await.unwrap().is_empty());
+    // ...not settled while it may still be in flight...
+    assert_eq!(store.fail_orphaned_pushes(t1, t1 + 10).await.unwrap(), 0);
+    // ...and once stale, recorded as failed with an unknown outcome, exactly once.
+    assert_eq!(
+        store.fail_orphaned_pushes(t1 + 1, t1 + 20).await.unwrap(),
+        1
+    );
+    assert_eq!(
+        store.fail_orphaned_pushes(t1 + 1, t1 + 30).await.unwrap(),
+        0
+    );
+    let (_, rows) = store.message(&e.message.id).await.unwrap().unwrap();
+    let w = rows[0].to_wire(t1 + 40);
+    assert_eq!(w.state, DeliveryState::PushFailed);
+    assert_eq!(
+        w.reason.as_deref(),
+        Some(herald_gateway::store::ORPHANED_PUSH_REASON)
+    );
+    assert!(!store.claim_push("d1", e.seq, t1 + 50).await.unwrap());
+    assert!(store.due_pushes(t1 + 60, 0, 10).await.unwrap().is_empty());
+}
+
+async fn cancel_pushes_withdraws_only_unattempted_pending(store: Arc<dyn Store>) {
+    device(&store, "d1", "alice").await;
+    let fresh = one_entry(&store, "d1", PushPolicy::Fallback, T0).await;
+    let retried = one_entry(&store, "d1", PushPolicy::Fallback, T0).await;
+    let claimed = one_entry(&store, "d1", PushPolicy::Fallback, T0).await;
+    assert!(fresh.push_pending && retried.push_pending && claimed.push_pending);
+    assert!(store.claim_push("d1", retried.seq, T0 + 1).await.unwrap());
+    store
+        .retry_push("d1", retried.seq, T0 + 2, "503")
         .await
-        .unwrap());
-    assert!(store
-        .due_pushes(t1 + 10, 0, t1, 10)
+        .unwrap();
+    assert!(store.claim_push("d1", claimed.seq, T0 + 1).await.unwrap());
+
+    let items: Vec<(String, i64)> = [fresh.seq, retried.seq, claimed.seq]
+        .iter()
+        .map(|s| ("d1".to_string(), *s))
+        .collect();
+    store.cancel_pushes(&items).await.unwrap();
+
+    // The unattempted one is gone from the push path; the others are untouched.
+    assert!(!store.claim_push("d1", fresh.seq, T0 + 3).await.unwrap());
+    let due: Vec<i64> = store
+        .due_pushes(T0 + 10_000, 0, 10)
         .await
         .unwrap()
-        .is_empty());
-    // Listed once the claim is older than stale_before...
-    let due = store.due_pushes(t1 + 10, 0, t1 + 1, 10).await.unwrap();
-    assert_eq!(due.iter().map(|e| e.seq).collect::<Vec<_>>(), [e.seq]);
-    // ...and claimable again, by exactly one taker.
-    let later = t1 + STALE_CLAIM_MS + 1;
-    assert!(store.claim_push("d1", e.seq, later).await.unwrap());
-    assert!(!store.claim_push("d1", e.seq, later + 1).await.unwrap());
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(due, [retried.seq]);
+    assert_eq!(
+        delivery_state(&store, &fresh.message.id, "d1", T0 + 4).await,
+        DeliveryState::Queued
+    );
+    // A withdrawn push can still be requested again later (ack timeout).
+    assert!(store.request_push("d1", fresh.seq, T0 + 5).await.unwrap());
+    store.cancel_pushes(&[]).await.unwrap();
+}
+
+async fn concurrent_batch_claims_push_once(store: Arc<dyn Store>) {
+    device(&store, "d1", "alice").await;
+    let mut items = Vec::new();
+    for _ in 0..40 {
+        let e = one_entry(&store, "d1", PushPolicy::Fallback, T0).await;
+        items.push(("d1".to_string(), e.seq));
+    }
+    // Four "nodes" claim overlapping batches at once, in different orders.
+    let mut tasks = Vec::new();
+    for n in 0..4usize {
+        let store = store.clone();
+        let mut mine = items.clone();
+        mine.rotate_left(n * 10);
+        if n % 2 == 1 {
+            mine.reverse();
+        }
+        tasks.push(tokio::spawn(async move {
+            let won = store.claim_pushes(&mine, T0 + 5).await.unwrap();
+            mine.into_iter()
+                .zip(won)
+                .filter(|(_, w)| *w)
+                .map(|(i, _)| i)
+                .collect::<Vec<_>>()
+        }));
+    }
+    let mut winners = Vec::new();
+    for t in tasks {
+        winners.extend(t.await.unwrap());
+    }
+    winners.sort();
+    let mut expected = items.clone();
+    expected.sort();
+    assert_eq!(winners, expected, "every push claimed exactly once");
 }
 
 async fn finish_push_shows_in_delivery_state(store: Arc<dyn Store>) {
@@ -901,7 +921,7 @@ async fn finish_push_shows_in_delivery_state(store: Arc<dyn Store>) {
     assert!(w.pushed_at.is_some());
     assert!(!store.claim_push("d1", ok.seq, T0 + 4).await.unwrap());
     assert!(store
-        .due_pushes(T0 + DAY - 1, 0, T0 + DAY - 1, 10)
+        .due_pushes(T0 + DAY - 1, 0, 10)
         .await
         .unwrap()
         .is_empty());
@@ -944,7 +964,7 @@ async fn request_push_rules(store: Arc<dyn Store>) {
     assert!(store.request_push("d1", e.seq, T0 + 10).await.unwrap());
     assert!(!store.request_push("d1", e.seq, T0 + 11).await.unwrap());
     // It is due from now on.
-    let due = store.due_pushes(T0 + 10, 0, T0, 10).await.unwrap();
+    let due = store.due_pushes(T0 + 10, 0, 10).await.unwrap();
     assert_eq!(due.len(), 1);
     assert!(store.claim_push("d1", e.seq, T0 + 12).await.unwrap());
 
@@ -982,11 +1002,7 @@ async fn delete_device_removes_inbox(store: Arc<dyn Store>) {
         .unwrap()
         .is_empty());
     assert!(store.device_topics("d1").await.unwrap().is_empty());
-    assert!(store
-        .due_pushes(T0 + 1000, 0, T0, 10)
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(store.due_pushes(T0 + 1000, 0, 10).await.unwrap().is_empty());
     let (_, rows) = store.message(&id).await.unwrap().unwrap();
     assert_eq!(
         rows.iter()

@@ -72,6 +72,11 @@ pub async fn connect(
             tracker.track_future(async move {
                 let inbox = state.registry.register(&device_id);
                 let session_id = inbox.session_id;
+                // Reachable from other nodes before the replay reads the store.
+                let _presence = match state.registry.current(&device_id, session_id) {
+                    Some(handle) => Some(state.router.cluster.attach(&device_id, handle).await),
+                    None => None, // already replaced by a newer session of the device
+                };
                 state.metrics.connections.inc();
                 state.metrics.connections_total.inc();
                 let reason = run_session(
@@ -140,7 +145,7 @@ pub async fn register_device(
         .store
         .register_device(&device_id, &claims.sub, &req, now_ms())
         .await?;
-    Ok(Json(device.to_wire(state.registry.is_online(&device_id))))
+    Ok(Json(device.to_wire(state.is_online(&device_id).await)))
 }
 
 #[derive(Debug, Deserialize)]
@@ -222,6 +227,8 @@ pub async fn ack(
         let _ = session
             .events
             .try_send(crate::registry::SessionEvent::AckedElsewhere(acked_seq));
+    } else {
+        state.router.cluster.acked(&device.id, acked_seq).await;
     }
     Ok(Json(AckResponse { acked_seq }))
 }

@@ -47,6 +47,13 @@ pub struct AppState {
     pub sessions: TaskTracker,
 }
 
+impl AppState {
+    /// Presence: a live session on this node or, in cluster mode, on any other.
+    pub async fn is_online(&self, device_id: &str) -> bool {
+        self.registry.is_online(device_id) || self.router.cluster.is_live_remote(device_id).await
+    }
+}
+
 pub fn app(state: AppState) -> Router {
     let limits = &state.config.limits;
     let publish = Router::new()

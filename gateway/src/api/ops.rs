@@ -6,6 +6,7 @@ use axum::response::IntoResponse;
 
 use super::AppState;
 use crate::error::AppError;
+use crate::store::StoreError;
 
 pub async fn healthz() -> &'static str {
     "ok\n"
@@ -18,7 +19,15 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
             "shutting down\n".to_string(),
         );
     }
-    match state.store.ping().await {
+    if let Err(problem) = state.router.cluster.health() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cluster bus unavailable: {problem}\n"),
+        );
+    }
+    // A store that hangs (network loss) must not hang the load balancer's probe.
+    let ping = tokio::time::timeout(std::time::Duration::from_secs(2), state.store.ping()).await;
+    match ping.unwrap_or_else(|_| Err(StoreError::Other(anyhow::anyhow!("no answer within 2 s")))) {
         Ok(()) => {
             // A push credential problem does not make the node unready (live delivery
             // and publishing still work), but it must be impossible to miss.

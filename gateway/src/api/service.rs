@@ -175,7 +175,7 @@ pub async fn get_device(
         .device(&id)
         .await?
         .ok_or_else(|| AppError::NotFound(format!("no device {id}")))?;
-    let online = state.registry.is_online(&id);
+    let online = state.is_online(&id).await;
     Ok(Json(device.to_wire(online)))
 }
 
@@ -185,10 +185,13 @@ pub async fn user_devices(
     Path(user): Path<String>,
 ) -> Result<Json<DeviceList>, AppError> {
     let devices = state.store.user_devices(&user).await?;
+    let online =
+        futures_util::future::join_all(devices.iter().map(|d| state.is_online(&d.id))).await;
     Ok(Json(DeviceList {
         devices: devices
             .iter()
-            .map(|d| d.to_wire(state.registry.is_online(&d.id)))
+            .zip(online)
+            .map(|(d, online)| d.to_wire(online))
             .collect(),
     }))
 }
@@ -202,6 +205,7 @@ pub async fn delete_device(
         return Err(AppError::NotFound(format!("no device {id}")));
     }
     state.registry.kick(&id, KickReason::Deleted);
+    state.router.cluster.kick_deleted(&id).await;
     Ok(StatusCode::NO_CONTENT)
 }
 

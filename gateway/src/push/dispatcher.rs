@@ -30,7 +30,8 @@ pub struct PushSettings {
     pub max_attempts: u32,
     /// How often the store is searched for due and orphaned pushes.
     pub poll_interval: Duration,
-    /// A claim older than this is taken over (its worker died).
+    /// A claim older than this belongs to a sender that died mid-request: recorded as
+    /// failed (outcome unknown), never re-sent. Far above any provider timeout.
     pub stale_claim: Duration,
 }
 
@@ -181,9 +182,17 @@ async fn poll_due(
         }
         let now = now_ms();
         let stale_before = now - settings.stale_claim.as_millis() as i64;
+        match dispatcher.store.fail_orphaned_pushes(stale_before, now).await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                pushes = n,
+                "pushes claimed by a sender that stopped mid-request are recorded as failed (outcome unknown), not sent twice"
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot settle orphaned pushes"),
+        }
         match dispatcher
             .store
-            .due_pushes(now, FRESH_GRACE_MS, stale_before, room.min(1024) as u32)
+            .due_pushes(now, FRESH_GRACE_MS, room.min(1024) as u32)
             .await
         {
             Ok(due) => {

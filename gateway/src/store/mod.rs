@@ -90,6 +90,10 @@ pub fn wants_push(policy: herald_protocol::PushPolicy, live: bool) -> bool {
     }
 }
 
+/// Recorded on a push whose sender stopped between claiming it and recording the
+/// provider's answer.
+pub const ORPHANED_PUSH_REASON: &str = "push outcome unknown: the node sending it stopped mid-request; not sent again (at most one push per message), the message stays in the inbox for the next sync";
+
 /// A message to append to every inbox its target resolves to.
 #[derive(Debug, Clone)]
 pub struct NewMessage {
@@ -320,15 +324,20 @@ pub trait Store: Send + Sync + 'static {
         reason: &str,
     ) -> StoreResult<()>;
     /// Pending pushes due by `now` (fresh ones only once older than `fresh_grace_ms`,
-    /// since the publisher already queued them), and claims older than `stale_before`
-    /// whose worker died. Oldest first.
+    /// since the publisher already queued them). Oldest first.
     async fn due_pushes(
         &self,
         now: i64,
         fresh_grace_ms: i64,
-        stale_before: i64,
         limit: u32,
     ) -> StoreResult<Vec<InboxEntry>>;
+    /// Claims older than `stale_before` belong to a sender that died mid-request, so
+    /// whether the provider got them is unknown. They are recorded as failed with
+    /// `ORPHANED_PUSH_REASON`, never sent again: a push goes out at most once.
+    async fn fail_orphaned_pushes(&self, stale_before: i64, now: i64) -> StoreResult<u64>;
+    /// Withdraws pending pushes that were never attempted (a session on another node
+    /// took the entry live, so its fallback push is moot).
+    async fn cancel_pushes(&self, items: &[(String, i64)]) -> StoreResult<()>;
     async fn finish_push(
         &self,
         device_id: &str,

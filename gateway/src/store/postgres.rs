@@ -11,10 +11,13 @@
 //! - the unique index on `(api_key_id, idempotency_key)` arbitrates concurrent
 //!   publishes with one key: the loser's insert does nothing, it rolls back and
 //!   retries, and then finds the winner's message (`Duplicate`);
-//! - `claim_push` is one conditional `UPDATE`, which PostgreSQL re-checks after
-//!   waiting for a concurrent claimant's row lock, so exactly one node wins;
+//! - `claim_pushes` locks the candidate rows `FOR UPDATE SKIP LOCKED` and flips them
+//!   to `sending` in the same statement: rows another node is claiming right now are
+//!   skipped (that node sends them), and a row whose claim committed meanwhile no
+//!   longer matches when PostgreSQL re-checks it, so exactly one node wins each push;
 //! - `sending` rows are *not* reset at open (another node may be sending them); a
-//!   claim older than `STALE_CLAIM_MS` is taken over instead.
+//!   claim older than the stale limit belongs to a node that died, and is recorded as
+//!   failed with an unknown outcome (`fail_orphaned_pushes`), never sent twice.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,10 +30,10 @@ use herald_protocol::{
 use sqlx::postgres::{PgPoolOptions, PgRow};
 use sqlx::{Connection, PgConnection, PgPool, Row};
 
-use super::sqlite::STALE_CLAIM_MS;
 use super::{
     ApiKeyRecord, DeliveryRow, Device, InboxEntry, MessagePayload, NewMessage, PublishOutcome,
-    PushMark, Store, StoreError, StoreResult, StoredMessage,
+    PushAction, PushMark, PushResult, Store, StoreError, StoreResult, StoredMessage,
+    ORPHANED_PUSH_REASON,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
@@ -681,20 +684,126 @@ impl Store for PostgresStore {
     }
 
     async fn claim_push(&self, device_id: &str, seq: i64, now: i64) -> StoreResult<bool> {
-        // A concurrent claimant waits for the winner's row lock, then re-evaluates the
-        // WHERE clause against the updated row ('sending', fresh) and matches nothing.
-        let res = sqlx::query(
-            "UPDATE deliveries SET push_state = 'sending', push_at = $1
-             WHERE device_id = $2 AND seq = $3 AND acked_at IS NULL AND expires_at > $1
-               AND (push_state = 'pending' OR (push_state = 'sending' AND push_at < $4))",
+        let claimed = self
+            .claim_pushes(&[(device_id.to_owned(), seq)], now)
+            .await?;
+        Ok(claimed[0])
+    }
+
+    async fn claim_pushes(&self, items: &[(String, i64)], now: i64) -> StoreResult<Vec<bool>> {
+        let devices: Vec<&str> = items.iter().map(|(d, _)| d.as_str()).collect();
+        let seqs: Vec<i64> = items.iter().map(|(_, s)| *s).collect();
+        let won: Vec<(String, i64)> = sqlx::query_as(
+            "WITH wanted AS (
+                 SELECT d.device_id, d.seq FROM deliveries d
+                 JOIN unnest($2::TEXT[], $3::BIGINT[]) AS r(device_id, seq)
+                   ON d.device_id = r.device_id AND d.seq = r.seq
+                 WHERE d.push_state = 'pending' AND d.acked_at IS NULL AND d.expires_at > $1
+                 FOR UPDATE OF d SKIP LOCKED)
+             UPDATE deliveries d SET push_state = 'sending', push_at = $1
+             FROM wanted w WHERE d.device_id = w.device_id AND d.seq = w.seq
+             RETURNING d.device_id, d.seq",
         )
         .bind(now)
-        .bind(device_id)
-        .bind(seq)
-        .bind(now - STALE_CLAIM_MS)
+        .bind(&devices)
+        .bind(&seqs)
+        .fetch_all(&self.pool)
+        .await?;
+        let won: std::collections::HashSet<(String, i64)> = won.into_iter().collect();
+        Ok(items.iter().map(|item| won.contains(item)).collect())
+    }
+
+    async fn record_push_results(&self, results: &[PushResult], now: i64) -> StoreResult<()> {
+        let (mut fin_dev, mut fin_seq, mut fin_state, mut fin_provider, mut fin_reason) =
+            (vec![], vec![], vec![], vec![], vec![]);
+        let (mut re_dev, mut re_seq, mut re_due, mut re_reason) = (vec![], vec![], vec![], vec![]);
+        for r in results {
+            match &r.action {
+                PushAction::Finish {
+                    mark,
+                    provider,
+                    reason,
+                } => {
+                    fin_dev.push(r.device_id.as_str());
+                    fin_seq.push(r.seq);
+                    fin_state.push(match mark {
+                        PushMark::Pushed => "pushed",
+                        PushMark::Failed => "failed",
+                    });
+                    fin_provider.push(provider.as_deref());
+                    fin_reason.push(reason.as_deref());
+                }
+                PushAction::Retry { due_at, reason } => {
+                    re_dev.push(r.device_id.as_str());
+                    re_seq.push(r.seq);
+                    re_due.push(*due_at);
+                    re_reason.push(reason.as_str());
+                }
+            }
+        }
+        let mut tx = self.pool.begin().await?;
+        if !fin_dev.is_empty() {
+            sqlx::query(
+                "UPDATE deliveries d SET push_state = r.state, push_at = $1, push_provider = r.provider, reason = r.reason
+                 FROM unnest($2::TEXT[], $3::BIGINT[], $4::TEXT[], $5::TEXT[], $6::TEXT[])
+                      AS r(device_id, seq, state, provider, reason)
+                 WHERE d.device_id = r.device_id AND d.seq = r.seq",
+            )
+            .bind(now)
+            .bind(&fin_dev)
+            .bind(&fin_seq)
+            .bind(&fin_state)
+            .bind(&fin_provider)
+            .bind(&fin_reason)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !re_dev.is_empty() {
+            sqlx::query(
+                "UPDATE deliveries d SET push_state = 'pending', push_due_at = r.due_at,
+                        push_attempts = d.push_attempts + 1, reason = r.reason
+                 FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::TEXT[])
+                      AS r(device_id, seq, due_at, reason)
+                 WHERE d.device_id = r.device_id AND d.seq = r.seq AND d.push_state = 'sending'",
+            )
+            .bind(&re_dev)
+            .bind(&re_seq)
+            .bind(&re_due)
+            .bind(&re_reason)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn fail_orphaned_pushes(&self, stale_before: i64, now: i64) -> StoreResult<u64> {
+        let res = sqlx::query(
+            "UPDATE deliveries SET push_state = 'failed', push_at = $1, reason = $2
+             WHERE push_state = 'sending' AND push_at < $3",
+        )
+        .bind(now)
+        .bind(ORPHANED_PUSH_REASON)
+        .bind(stale_before)
         .execute(&self.pool)
         .await?;
-        Ok(res.rows_affected() == 1)
+        Ok(res.rows_affected())
+    }
+
+    async fn cancel_pushes(&self, items: &[(String, i64)]) -> StoreResult<()> {
+        let devices: Vec<&str> = items.iter().map(|(d, _)| d.as_str()).collect();
+        let seqs: Vec<i64> = items.iter().map(|(_, s)| *s).collect();
+        sqlx::query(
+            "UPDATE deliveries d SET push_state = NULL, push_due_at = NULL
+             FROM unnest($1::TEXT[], $2::BIGINT[]) AS r(device_id, seq)
+             WHERE d.device_id = r.device_id AND d.seq = r.seq
+               AND d.push_state = 'pending' AND d.push_attempts = 0",
+        )
+        .bind(&devices)
+        .bind(&seqs)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     async fn retry_push(
@@ -721,23 +830,19 @@ impl Store for PostgresStore {
         &self,
         now: i64,
         fresh_grace_ms: i64,
-        stale_before: i64,
         limit: u32,
     ) -> StoreResult<Vec<InboxEntry>> {
         // Several nodes may list the same rows; that is harmless, because only one of
-        // them can win `claim_push` for each.
+        // them can win the claim for each.
         let rows = sqlx::query(
             "SELECT d.device_id, d.seq, d.push_attempts, m.id, m.target_kind, m.target, m.payload, m.created_at, m.expires_at
              FROM deliveries d JOIN messages m ON m.id = d.message_id
-             WHERE d.push_state IN ('pending', 'sending') AND d.push_due_at <= $1 AND d.expires_at > $1
-               AND d.acked_at IS NULL
-               AND ((d.push_state = 'pending' AND (d.push_attempts > 0 OR d.push_due_at <= $2))
-                    OR (d.push_state = 'sending' AND d.push_at < $3))
-             ORDER BY d.push_due_at LIMIT $4",
+             WHERE d.push_state = 'pending' AND d.push_due_at <= $1 AND d.expires_at > $1
+               AND d.acked_at IS NULL AND (d.push_attempts > 0 OR d.push_due_at <= $2)
+             ORDER BY d.push_due_at LIMIT $3",
         )
         .bind(now)
         .bind(now - fresh_grace_ms)
-        .bind(stale_before)
         .bind(limit as i64)
         .fetch_all(&self.pool)
         .await?;

@@ -29,9 +29,6 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite"
 /// Publishes committed in one transaction at most.
 const MAX_GROUP: usize = 256;
 
-/// A push claimed longer ago than this belongs to a worker that died.
-pub const STALE_CLAIM_MS: i64 = 60_000;
-
 type PublishReply = oneshot::Sender<StoreResult<PublishOutcome>>;
 
 pub struct SqliteStore {
@@ -65,11 +62,14 @@ impl SqliteStore {
             .run(&write)
             .await
             .map_err(|e| StoreError::Other(anyhow::anyhow!("migrating {}: {e}", path.display())))?;
-        // One node owns this file: pushes a previous run was sending when it died are
-        // pending again (the provider may see a repeat; the SDK de-duplicates).
-        sqlx::query("UPDATE deliveries SET push_state = 'pending' WHERE push_state = 'sending'")
-            .execute(&write)
-            .await?;
+        // One node owns this file: pushes a previous run was sending when it died have
+        // an unknown outcome, and a push is never risked twice.
+        sqlx::query(
+            "UPDATE deliveries SET push_state = 'failed', reason = ? WHERE push_state = 'sending'",
+        )
+        .bind(super::ORPHANED_PUSH_REASON)
+        .execute(&write)
+        .await?;
         let read = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(opts.read_only(true))
@@ -684,22 +684,18 @@ impl Store for SqliteStore {
         &self,
         now: i64,
         fresh_grace_ms: i64,
-        stale_before: i64,
         limit: u32,
     ) -> StoreResult<Vec<InboxEntry>> {
         let rows = sqlx::query(
             "SELECT d.device_id, d.seq, d.push_attempts, m.id, m.target_kind, m.target, m.payload, m.created_at, m.expires_at
              FROM deliveries d JOIN messages m ON m.id = d.message_id
-             WHERE d.push_state IN ('pending', 'sending') AND d.push_due_at <= ? AND d.expires_at > ?
-               AND d.acked_at IS NULL
-               AND ((d.push_state = 'pending' AND (d.push_attempts > 0 OR d.push_due_at <= ?))
-                    OR (d.push_state = 'sending' AND d.push_at < ?))
+             WHERE d.push_state = 'pending' AND d.push_due_at <= ? AND d.expires_at > ?
+               AND d.acked_at IS NULL AND (d.push_attempts > 0 OR d.push_due_at <= ?)
              ORDER BY d.push_due_at LIMIT ?",
         )
         .bind(now)
         .bind(now)
         .bind(now - fresh_grace_ms)
-        .bind(stale_before)
         .bind(limit as i64)
         .fetch_all(&self.read)
         .await?;
@@ -722,6 +718,35 @@ impl Store for SqliteStore {
             });
         }
         Ok(out)
+    }
+
+    async fn fail_orphaned_pushes(&self, stale_before: i64, now: i64) -> StoreResult<u64> {
+        let res = sqlx::query(
+            "UPDATE deliveries SET push_state = 'failed', push_at = ?, reason = ?
+             WHERE push_state = 'sending' AND push_at < ?",
+        )
+        .bind(now)
+        .bind(super::ORPHANED_PUSH_REASON)
+        .bind(stale_before)
+        .execute(&self.write)
+        .await?;
+        Ok(res.rows_affected())
+    }
+
+    async fn cancel_pushes(&self, items: &[(String, i64)]) -> StoreResult<()> {
+        let mut tx = self.write.begin().await?;
+        for (device_id, seq) in items {
+            sqlx::query(
+                "UPDATE deliveries SET push_state = NULL, push_due_at = NULL
+                 WHERE device_id = ? AND seq = ? AND push_state = 'pending' AND push_attempts = 0",
+            )
+            .bind(device_id)
+            .bind(seq)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn finish_push(
@@ -751,13 +776,12 @@ impl Store for SqliteStore {
             let res = sqlx::query(
                 "UPDATE deliveries SET push_state = 'sending', push_at = ?
                  WHERE device_id = ? AND seq = ? AND acked_at IS NULL AND expires_at > ?
-                   AND (push_state = 'pending' OR (push_state = 'sending' AND push_at < ?))",
+                   AND push_state = 'pending'",
             )
             .bind(now)
             .bind(device_id)
             .bind(seq)
             .bind(now)
-            .bind(now - STALE_CLAIM_MS)
             .execute(&mut *tx)
             .await?;
             out.push(res.rows_affected() == 1);

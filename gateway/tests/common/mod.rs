@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 pub mod fcm_mock;
+pub mod pg;
+pub mod process;
 
 use std::time::Duration;
 

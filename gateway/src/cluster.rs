@@ -1,0 +1,482 @@
+//! Routing between gateway nodes (cluster mode, `bus = "nats"`).
+//!
+//! Every live session subscribes to its device's subject, `{prefix}.dev.{device}`.
+//! A node that committed an entry for a device with no session on it sends the entry
+//! there as a NATS request: a reply means a session on some node took it; "no
+//! responders" means no node has the device, so the push path takes over. Presence
+//! questions, kicks (replaced, deleted) and HTTP acks travel on the same subject.
+//!
+//! NATS is only a doorbell: the entry is already committed to the shared store, so
+//! a lost request costs at most a push the device did not need, never a message —
+//! the session fills any gap from the store, and after a NATS outage every session
+//! re-reads its inbox (`SessionEvent::Resync`).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::{Client, Event, RequestErrorKind};
+use futures_util::stream::{self, StreamExt};
+use herald_protocol::Target;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::Notify;
+
+use crate::clock::now_ms;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::registry::{KickReason, SessionEvent, SessionHandle, SessionRegistry};
+use crate::store::{InboxEntry, MessagePayload, StoredMessage};
+
+/// Requests in flight at once when a publish fans out to devices on other nodes.
+const ROUTE_CONCURRENCY: usize = 256;
+
+/// How a node reaches the sessions of other nodes. `Local` is the single-node bus:
+/// every session is in this node's registry, so there is nobody else to ask.
+#[derive(Clone)]
+pub enum ClusterBus {
+    Local,
+    Nats(Arc<NatsBus>),
+}
+
+pub struct NatsBus {
+    client: Client,
+    prefix: String,
+    /// Tells kicks this node sent from kicks other nodes sent.
+    node_id: String,
+    request_timeout: Duration,
+    metrics: Metrics,
+    /// Notified when the connection comes back after a loss.
+    reconnected: Arc<Notify>,
+}
+
+/// What one node tells the session of a device on another node.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+enum BusFrame {
+    /// A committed inbox entry (request; the reply is `REPLY_LIVE`, `_FULL`, `_GONE`).
+    Deliver {
+        entry: Box<WireEntry>,
+        committed_at_ms: i64,
+    },
+    /// Is the device connected here? (request; any reply means yes)
+    Presence,
+    /// The device acked up to `seq` over HTTP.
+    Acked { seq: i64 },
+    /// Close the session: a newer one replaced it, or the device was deleted.
+    Kick {
+        reason: WireKick,
+        node: String,
+        session_id: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum WireKick {
+    Replaced,
+    Deleted,
+}
+
+const REPLY_LIVE: &[u8] = b"live";
+const REPLY_FULL: &[u8] = b"full";
+const REPLY_GONE: &[u8] = b"gone";
+
+#[derive(Debug, Serialize, Deserialize)]
+struct WireEntry {
+    device_id: String,
+    seq: i64,
+    push_pending: bool,
+    push_attempts: u32,
+    id: String,
+    target: Target,
+    payload: MessagePayload,
+    created_at: i64,
+    expires_at: i64,
+}
+
+impl From<&InboxEntry> for WireEntry {
+    fn from(e: &InboxEntry) -> WireEntry {
+        WireEntry {
+            device_id: e.device_id.clone(),
+            seq: e.seq,
+            push_pending: e.push_pending,
+            push_attempts: e.push_attempts,
+            id: e.message.id.clone(),
+            target: e.message.target.clone(),
+            payload: e.message.payload.clone(),
+            created_at: e.message.created_at,
+            expires_at: e.message.expires_at,
+        }
+    }
+}
+
+impl From<WireEntry> for InboxEntry {
+    fn from(w: WireEntry) -> InboxEntry {
+        InboxEntry {
+            device_id: w.device_id,
+            seq: w.seq,
+            push_pending: w.push_pending,
+            push_attempts: w.push_attempts,
+            message: Arc::new(StoredMessage {
+                id: w.id,
+                target: w.target,
+                payload: w.payload,
+                created_at: w.created_at,
+                expires_at: w.expires_at,
+            }),
+        }
+    }
+}
+
+/// Keeps a session reachable from other nodes; dropping it unsubscribes.
+pub struct ClusterPresence {
+    task: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for ClusterPresence {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// NATS subjects are dot-separated tokens; device ids may contain dots (and `%` is
+/// not a valid id character, so the escape cannot collide with a real id).
+fn subject_token(device_id: &str) -> String {
+    device_id.replace('.', "%2E")
+}
+
+impl ClusterBus {
+    /// Connects to NATS if the config asks for it. The connection is retried in the
+    /// background for as long as it takes; `/readyz` reports it meanwhile.
+    pub async fn connect(config: &Config, metrics: &Metrics) -> anyhow::Result<ClusterBus> {
+        match config.bus.as_str() {
+            "local" => Ok(ClusterBus::Local),
+            "nats" => {
+                if config.store != "postgres" {
+                    anyhow::bail!(
+                        "bus \"nats\" routes between nodes that share one store; set store = \"postgres\" (HERALD_STORE=postgres) and database_url"
+                    );
+                }
+                let node_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+                // Set while the connection is down, so the reconnect triggers a resync.
+                let lost = Arc::new(AtomicBool::new(false));
+                let reconnected = Arc::new(Notify::new());
+                let (cb_lost, cb_reconnected) = (lost.clone(), reconnected.clone());
+                let client = async_nats::ConnectOptions::new()
+                    .name(format!("herald-{node_id}"))
+                    .retry_on_initial_connect()
+                    .max_reconnects(None)
+                    .event_callback(move |event| {
+                        let (lost, reconnected) = (cb_lost.clone(), cb_reconnected.clone());
+                        async move {
+                            match event {
+                                Event::Disconnected => {
+                                    tracing::warn!(
+                                        "lost the NATS connection; node not ready until it is back"
+                                    );
+                                    lost.store(true, Ordering::SeqCst);
+                                }
+                                Event::Connected => {
+                                    tracing::info!("connected to NATS");
+                                    if lost.swap(false, Ordering::SeqCst) {
+                                        reconnected.notify_one();
+                                    }
+                                }
+                                other => tracing::warn!(event = %other, "NATS"),
+                            }
+                        }
+                    })
+                    .connect(config.nats.url.as_str())
+                    .await
+                    .map_err(|e| {
+                        anyhow::anyhow!(
+                            "NATS url {:?} is not usable: {e}; check [nats] url / HERALD_NATS__URL",
+                            config.nats.url
+                        )
+                    })?;
+                tracing::info!(node = %node_id, url = %config.nats.url, "cluster mode: routing over NATS");
+                Ok(ClusterBus::Nats(Arc::new(NatsBus {
+                    client,
+                    prefix: config.nats.subject_prefix.clone(),
+                    node_id,
+                    request_timeout: Duration::from_millis(config.nats.request_timeout_ms.max(1)),
+                    metrics: metrics.clone(),
+                    reconnected,
+                })))
+            }
+            other => anyhow::bail!("bus {other:?} is not supported; use \"local\" or \"nats\""),
+        }
+    }
+
+    pub fn is_clustered(&self) -> bool {
+        matches!(self, ClusterBus::Nats(_))
+    }
+
+    /// `Err` with the reason while this node cannot reach the other nodes.
+    pub fn health(&self) -> Result<(), String> {
+        match self {
+            ClusterBus::Local => Ok(()),
+            ClusterBus::Nats(bus) => match bus.client.connection_state() {
+                async_nats::connection::State::Connected => Ok(()),
+                state => Err(format!("NATS {state}")),
+            },
+        }
+    }
+
+    /// Makes the session reachable from other nodes and closes older sessions of the
+    /// same device on them. Must complete before the session replays its inbox, so
+    /// that every commit after the replay's read is also routed to it.
+    pub async fn attach(&self, device_id: &str, handle: SessionHandle) -> ClusterPresence {
+        let ClusterBus::Nats(bus) = self else {
+            return ClusterPresence { task: None };
+        };
+        let subject = bus.device_subject(device_id);
+        bus.send(
+            &subject,
+            &BusFrame::Kick {
+                reason: WireKick::Replaced,
+                node: bus.node_id.clone(),
+                session_id: handle.session_id,
+            },
+        )
+        .await;
+        let mut sub = match bus.client.subscribe(subject.clone()).await {
+            Ok(sub) => sub,
+            Err(e) => {
+                // Still served locally; other nodes see it offline and push instead.
+                tracing::warn!(device = %device_id, error = %e, "cannot subscribe on NATS");
+                return ClusterPresence { task: None };
+            }
+        };
+        // The subscription must be on the server before the replay reads the store.
+        if tokio::time::timeout(bus.request_timeout, bus.client.flush())
+            .await
+            .map(|r| r.is_err())
+            .unwrap_or(true)
+        {
+            tracing::warn!(device = %device_id, "NATS flush failed; the session resyncs when NATS is back");
+        }
+        let bus = bus.clone();
+        let task = tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                let frame: BusFrame = match serde_json::from_slice(&msg.payload) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        tracing::warn!(subject = %msg.subject, error = %e, "ignoring a malformed cluster frame");
+                        continue;
+                    }
+                };
+                let reply: Option<&'static [u8]> = match frame {
+                    BusFrame::Deliver {
+                        entry,
+                        committed_at_ms,
+                    } => {
+                        let waited =
+                            Duration::from_millis((now_ms() - committed_at_ms).max(0) as u64);
+                        let committed_at = Instant::now()
+                            .checked_sub(waited)
+                            .unwrap_or_else(Instant::now);
+                        match handle
+                            .events
+                            .try_send(SessionEvent::Deliver((*entry).into(), committed_at))
+                        {
+                            Ok(()) => {
+                                bus.metrics.session_queue_depth.inc();
+                                Some(REPLY_LIVE)
+                            }
+                            Err(TrySendError::Full(_)) => {
+                                handle.kick(KickReason::SlowConsumer);
+                                Some(REPLY_FULL)
+                            }
+                            Err(TrySendError::Closed(_)) => Some(REPLY_GONE),
+                        }
+                    }
+                    BusFrame::Presence => Some(REPLY_LIVE),
+                    BusFrame::Acked { seq } => {
+                        let _ = handle.events.try_send(SessionEvent::AckedElsewhere(seq));
+                        None
+                    }
+                    BusFrame::Kick {
+                        reason,
+                        node,
+                        session_id,
+                    } => {
+                        if node != bus.node_id || session_id != handle.session_id {
+                            handle.kick(match reason {
+                                WireKick::Replaced => KickReason::Replaced,
+                                WireKick::Deleted => KickReason::Deleted,
+                            });
+                        }
+                        None
+                    }
+                };
+                if let (Some(reply), Some(to)) = (reply, msg.reply) {
+                    let _ = bus.client.publish(to, reply.into()).await;
+                }
+            }
+        });
+        ClusterPresence {
+            task: Some(task.abort_handle()),
+        }
+    }
+
+    /// Offers entries to sessions on other nodes; returns each entry with whether a
+    /// session took it. Errors and timeouts count as "not taken": the entry is in the
+    /// store either way, and the caller falls back to push.
+    pub async fn deliver_remote(&self, entries: Vec<InboxEntry>) -> Vec<(InboxEntry, bool)> {
+        let ClusterBus::Nats(bus) = self else {
+            return entries.into_iter().map(|e| (e, false)).collect();
+        };
+        let committed_at_ms = now_ms();
+        stream::iter(entries)
+            .map(|entry| {
+                let bus = bus.clone();
+                async move {
+                    let frame = BusFrame::Deliver {
+                        entry: Box::new(WireEntry::from(&entry)),
+                        committed_at_ms,
+                    };
+                    let subject = bus.device_subject(&entry.device_id);
+                    let live = match bus.request(subject, &frame).await {
+                        Ok(reply) => reply == REPLY_LIVE,
+                        Err(_) => false,
+                    };
+                    (entry, live)
+                }
+            })
+            .buffer_unordered(ROUTE_CONCURRENCY)
+            .collect()
+            .await
+    }
+
+    /// Whether the device has a live session on another node.
+    pub async fn is_live_remote(&self, device_id: &str) -> bool {
+        match self {
+            ClusterBus::Local => false,
+            ClusterBus::Nats(bus) => bus
+                .request(bus.device_subject(device_id), &BusFrame::Presence)
+                .await
+                .is_ok(),
+        }
+    }
+
+    /// Closes the device's session wherever it is (the device was deleted).
+    pub async fn kick_deleted(&self, device_id: &str) {
+        if let ClusterBus::Nats(bus) = self {
+            let frame = BusFrame::Kick {
+                reason: WireKick::Deleted,
+                node: bus.node_id.clone(),
+                session_id: 0,
+            };
+            bus.send(&bus.device_subject(device_id), &frame).await;
+        }
+    }
+
+    /// Tells the device's session, wherever it is, about an ack made over HTTP.
+    pub async fn acked(&self, device_id: &str, seq: i64) {
+        if let ClusterBus::Nats(bus) = self {
+            bus.send(&bus.device_subject(device_id), &BusFrame::Acked { seq })
+                .await;
+        }
+    }
+
+    /// After a NATS outage, sessions may have missed doorbells: make every local
+    /// session re-read its inbox.
+    pub fn spawn_resync(&self, registry: Arc<SessionRegistry>) {
+        if let ClusterBus::Nats(bus) = self {
+            let reconnected = bus.reconnected.clone();
+            tokio::spawn(async move {
+                loop {
+                    reconnected.notified().await;
+                    let n = registry.broadcast(|| SessionEvent::Resync);
+                    tracing::info!(
+                        sessions = n,
+                        "NATS is back; local sessions re-read their inboxes"
+                    );
+                }
+            });
+        }
+    }
+}
+
+impl NatsBus {
+    fn device_subject(&self, device_id: &str) -> String {
+        format!("{}.dev.{}", self.prefix, subject_token(device_id))
+    }
+
+    async fn send(&self, subject: &str, frame: &BusFrame) {
+        let body = serde_json::to_vec(frame).expect("bus frames serialize");
+        if let Err(e) = self.client.publish(subject.to_owned(), body.into()).await {
+            tracing::warn!(subject, error = %e, "cannot publish on NATS");
+        }
+    }
+
+    /// Ok(reply) from the first node that answered; Err when none did.
+    async fn request(&self, subject: String, frame: &BusFrame) -> Result<bytes::Bytes, ()> {
+        let body = serde_json::to_vec(frame).expect("bus frames serialize");
+        let request = async_nats::Request::new()
+            .payload(body.into())
+            .timeout(Some(self.request_timeout));
+        let outcome = |label: &str| {
+            self.metrics
+                .cluster_routes
+                .with_label_values(&[label])
+                .inc()
+        };
+        match self.client.send_request(subject, request).await {
+            Ok(msg) => {
+                if matches!(frame, BusFrame::Deliver { .. }) {
+                    outcome(if &msg.payload[..] == REPLY_LIVE {
+                        "live"
+                    } else {
+                        "offline"
+                    });
+                }
+                Ok(msg.payload)
+            }
+            Err(e) => {
+                let label = match e.kind() {
+                    RequestErrorKind::NoResponders => "offline",
+                    _ => {
+                        tracing::debug!(error = %e, "NATS request failed");
+                        "error"
+                    }
+                };
+                if matches!(frame, BusFrame::Deliver { .. }) {
+                    outcome(label);
+                }
+                Err(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_ids_with_dots_stay_one_subject_token() {
+        assert_eq!(subject_token("ios.phone-1"), "ios%2Ephone-1");
+        assert_eq!(subject_token("user@x:1"), "user@x:1");
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let frame = BusFrame::Kick {
+            reason: WireKick::Deleted,
+            node: "n1".into(),
+            session_id: 7,
+        };
+        let json = serde_json::to_string(&frame).unwrap();
+        assert_eq!(
+            json,
+            r#"{"t":"kick","reason":"deleted","node":"n1","session_id":7}"#
+        );
+        let back: BusFrame = serde_json::from_str(&json).unwrap();
+        assert!(matches!(back, BusFrame::Kick { session_id: 7, .. }));
+    }
+}
