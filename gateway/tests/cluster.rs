@@ -212,22 +212,12 @@ impl Cluster {
 }
 
 /// Polls `f` until it returns Some, for at most `SLOW_WAIT`.
-async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+async fn eventually<T, F, Fut>(what: &str, f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + SLOW_WAIT;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::eventually_within(SLOW_WAIT, what, f).await
 }
 
 async fn connect(url: &str, token: &str) -> Device {

@@ -14,6 +14,10 @@ use serde_json::json;
 async fn live_delivery_then_ack_is_recorded() {
     let tg = TestGateway::start().await;
     let mut dev = connect(&tg, "alice", "phone", None).await;
+    // The session answers pings only once its initial replay is done; publishing
+    // before that could make this message a replay instead of a live delivery.
+    dev.send(&ClientFrame::Ping).await;
+    assert_eq!(dev.frame().await, Some(ServerFrame::Pong));
     let r = publish(
         &tg,
         json!({"to": {"device": "phone"}, "data": {"text": "hi"}}),

@@ -167,12 +167,21 @@ pub async fn register(
 }
 
 /// Polls `f` until it returns Some or the wait runs out.
-pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + WAIT;
+    eventually_within(WAIT, what, f).await
+}
+
+/// `eventually` with a wait of its own.
+pub async fn eventually_within<T, F, Fut>(wait: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + wait;
     loop {
         if let Some(v) = f().await {
             return v;

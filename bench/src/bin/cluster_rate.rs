@@ -1,0 +1,305 @@
+//! Cross-node delivery in cluster mode: three real `herald` processes (release build)
+//! on one fresh PostgreSQL database and the machine's NATS. N devices connect over
+//! WebSockets, spread over the nodes; every message is published to a node *other*
+//! than the one holding its device (`--same-node` publishes to the device's own node,
+//! for comparison). Devices ack everything. Reports delivered messages/s and
+//! publish→deliver latency (the publisher's send time, carried in the message, to the
+//! device's receive time; one clock, one machine).
+//!
+//! cargo build --release -p herald-gateway --bin herald -p herald-bench --bin cluster_rate
+//! target/release/cluster_rate [devices=300] [messages=20000] [publishers=64] [--same-node]
+//!
+//! Needs PostgreSQL (HERALD_BENCH_DATABASE_URL, default
+//! postgres://postgres@127.0.0.1:5432/test, a role that may CREATE DATABASE) and NATS
+//! (HERALD_BENCH_NATS_URL, default nats://127.0.0.1:4222): `scripts/ensure-services.sh`.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::{SinkExt, StreamExt};
+use herald_gateway::testing::TempDir;
+use serde_json::{json, Value};
+use sqlx::{Connection, Executor, PgConnection};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Every run stops by itself after this long.
+const DEADLINE: Duration = Duration::from_secs(180);
+const NODES: usize = 3;
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
+struct Node {
+    child: Child,
+    base: String,
+    api_key: Option<String>,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn herald_binary() -> anyhow::Result<std::path::PathBuf> {
+    if let Ok(p) = std::env::var("HERALD_BIN") {
+        return Ok(p.into());
+    }
+    let exe = std::env::current_exe()?;
+    let bin = exe.with_file_name("herald");
+    anyhow::ensure!(
+        bin.exists(),
+        "{} not found: build it first with `cargo build --release -p herald-gateway --bin herald` (or set HERALD_BIN)",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+fn spawn_node(config: &std::path::Path, dir: &std::path::Path) -> anyhow::Result<Node> {
+    let mut child = Command::new(herald_binary()?)
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(config)
+        .arg("--data-dir")
+        .arg(dir)
+        .env("HERALD_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let out = BufReader::new(child.stdout.take().unwrap());
+    let mut api_key = None;
+    for line in out.lines() {
+        let line = line?;
+        if let Some(k) = line.strip_prefix("API key (service routes):") {
+            api_key = Some(k.trim().to_owned());
+        }
+        if let Some(base) = line.strip_prefix("herald listening on ") {
+            return Ok(Node {
+                child,
+                base: base.trim().to_owned(),
+                api_key,
+            });
+        }
+    }
+    anyhow::bail!("herald exited before listening (its log is above)")
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64 / 1000.0
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let same_node = std::env::args().any(|a| a == "--same-node");
+    let args: Vec<u64> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let devices = *args.first().unwrap_or(&300) as usize;
+    let messages = *args.get(1).unwrap_or(&20_000) as usize;
+    let publishers = *args.get(2).unwrap_or(&64) as usize;
+    anyhow::ensure!(
+        (1..=20_000).contains(&devices) && messages <= 1_000_000 && publishers >= 1,
+        "bounded: 1..=20000 devices, at most 1,000,000 messages"
+    );
+    let started = Instant::now();
+
+    // A fresh database for this run, dropped at the end.
+    let admin_url = std::env::var("HERALD_BENCH_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let nats_url =
+        std::env::var("HERALD_BENCH_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let db = format!("herald_bench_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = PgConnection::connect(&admin_url).await.map_err(|e| {
+        anyhow::anyhow!("PostgreSQL at {admin_url}: {e}; start it with scripts/ensure-services.sh")
+    })?;
+    admin
+        .execute(format!("CREATE DATABASE {db}").as_str())
+        .await?;
+    let mut db_url = url::Url::parse(&admin_url)?;
+    db_url.set_path(&format!("/{db}"));
+
+    let result = run(
+        devices,
+        messages,
+        publishers,
+        same_node,
+        db_url.as_str(),
+        &nats_url,
+    )
+    .await;
+    let _ = admin
+        .execute(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)").as_str())
+        .await;
+    result?;
+    eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+async fn run(
+    devices: usize,
+    messages: usize,
+    publishers: usize,
+    same_node: bool,
+    db_url: &str,
+    nats_url: &str,
+) -> anyhow::Result<()> {
+    let tmp = TempDir::new("herald-bench-cluster");
+    let config = tmp.0.join("herald.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "store = \"postgres\"\ndatabase_url = {db}\nbus = \"nats\"\n\
+             [nats]\nurl = {nats}\nsubject_prefix = \"bench{pid}\"\n\
+             [limits]\npublish_rate_per_key = 1000000\npublish_burst_per_key = 1000000\n\
+             connect_rate_per_ip = 100000\nconnect_burst_per_ip = 100000\n\
+             [delivery]\nack_timeout_ms = 60000\n",
+            db = toml::Value::String(db_url.into()),
+            nats = toml::Value::String(nats_url.into()),
+            pid = std::process::id(),
+        ),
+    )?;
+    eprintln!("starting {NODES} nodes…");
+    let mut nodes = Vec::new();
+    for i in 0..NODES {
+        let dir = tmp.0.join(format!("node{i}"));
+        std::fs::create_dir_all(&dir)?;
+        nodes.push(spawn_node(&config, &dir)?);
+    }
+    let api_key = nodes[0].api_key.clone().expect("first start prints a key");
+    let bases: Vec<String> = nodes.iter().map(|n| n.base.clone()).collect();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(publishers)
+        .build()?;
+
+    eprintln!("connecting {devices} devices…");
+    let delivered = Arc::new(AtomicU64::new(0));
+    let latencies: Arc<Mutex<Vec<u64>>> = Arc::new(Mutex::new(Vec::with_capacity(messages)));
+    let mut readers = Vec::new();
+    for d in 0..devices {
+        let token: Value = http
+            .post(format!("{}/v1/tokens", bases[0]))
+            .bearer_auth(&api_key)
+            .json(&json!({"user": format!("u{d}")}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let token = token["token"].as_str().unwrap().to_owned();
+        let url = format!(
+            "{}/v1/connect?device_id=d{d}&after=0",
+            bases[d % NODES].replacen("http://", "ws://", 1)
+        );
+        let mut req = url.into_client_request()?;
+        req.headers_mut()
+            .insert("Authorization", format!("Bearer {token}").parse()?);
+        req.headers_mut()
+            .insert("Sec-WebSocket-Protocol", "herald.v1".parse()?);
+        let (ws, _) = tokio_tungstenite::connect_async(req).await?;
+        let (mut tx, mut rx) = ws.split();
+        let (delivered, latencies) = (delivered.clone(), latencies.clone());
+        readers.push(tokio::spawn(async move {
+            while let Some(Ok(msg)) = rx.next().await {
+                let Message::Text(text) = msg else { continue };
+                let frame: Value = serde_json::from_str(text.as_str()).unwrap_or_default();
+                if frame["type"] != "msg" {
+                    continue;
+                }
+                let received = now_us();
+                if let Some(t) = frame["data"]["t"].as_u64() {
+                    latencies.lock().unwrap().push(received.saturating_sub(t));
+                }
+                delivered.fetch_add(1, Ordering::Relaxed);
+                let ack = json!({"type": "ack", "seq": frame["seq"]}).to_string();
+                if tx.send(Message::Text(ack.into())).await.is_err() {
+                    break;
+                }
+            }
+        }));
+    }
+    // Let every session finish its (empty) replay.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mode = if same_node { "same node" } else { "cross node" };
+    eprintln!("publishing {messages} messages ({mode}) with {publishers} concurrent publishers…");
+    let next = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..publishers {
+        let (http, bases, api_key) = (http.clone(), bases.clone(), api_key.clone());
+        let (next, errors) = (next.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if i >= messages || t0.elapsed() > DEADLINE {
+                    return;
+                }
+                let d = i % devices;
+                let node = if same_node {
+                    d % NODES
+                } else {
+                    (d + 1) % NODES
+                };
+                let body = json!({"to": {"device": format!("d{d}")}, "data": {"t": now_us()}, "push": "never"});
+                let ok = http
+                    .post(format!("{}/v1/messages", bases[node]))
+                    .bearer_auth(&api_key)
+                    .json(&body)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().as_u16() == 202);
+                if !ok {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    let mut last = 0;
+    while delivered.load(Ordering::Relaxed) + errors.load(Ordering::Relaxed) < messages as u64 {
+        anyhow::ensure!(
+            t0.elapsed() < DEADLINE,
+            "deadline: only {} of {messages} delivered",
+            delivered.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = delivered.load(Ordering::Relaxed);
+        if now / 5000 != last / 5000 {
+            eprintln!("  {now} delivered…");
+        }
+        last = now;
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    for t in tasks {
+        t.await?;
+    }
+    for r in &readers {
+        r.abort();
+    }
+    let mut lat = latencies.lock().unwrap().clone();
+    lat.sort_unstable();
+    let n = delivered.load(Ordering::Relaxed);
+    println!(
+        "{mode}: {n} delivered of {messages} to {devices} devices on {NODES} nodes in {elapsed:.2} s = {:.0} msg/s; publish→deliver ms p50 {:.2} p90 {:.2} p99 {:.2} max {:.2}; errors {}",
+        n as f64 / elapsed,
+        percentile(&lat, 0.50),
+        percentile(&lat, 0.90),
+        percentile(&lat, 0.99),
+        percentile(&lat, 1.0),
+        errors.load(Ordering::Relaxed)
+    );
+    drop(nodes);
+    Ok(())
+}
