@@ -7,6 +7,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod delivery;
+pub mod demo;
 pub mod error;
 pub mod metrics;
 pub mod push;
