@@ -644,6 +644,13 @@ impl Backend {
             if record.state == want {
                 return Ok(record);
             }
+            if record.state == DeliveryState::PushFailed {
+                bail!(
+                    "{message_id} is push_failed ({}), expected {}",
+                    record.reason.as_deref().unwrap_or("no reason given"),
+                    want.as_str()
+                );
+            }
             if Instant::now() > deadline {
                 bail!(
                     "{message_id} is still {} after {} s, expected {}",
