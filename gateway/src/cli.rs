@@ -1,8 +1,9 @@
-//! The `herald` command line: serve, keys, token, migrate.
+//! The `herald` command line: serve, keys, token, migrate, demo.
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use herald_protocol::PushProviderKind;
 
 use crate::clock::rfc3339;
 use crate::config::Config;
@@ -45,6 +46,39 @@ pub enum Command {
     },
     /// Apply store migrations and exit.
     Migrate,
+    /// Walk through delivery on this machine: live + ack, offline → push, catch-up.
+    ///
+    /// Starts its own gateway (temporary directory, 127.0.0.1:0), a device on the
+    /// client SDK and a push provider that prints what APNs/FCM would receive; ignores
+    /// --config, --data-dir and --listen. Exits 0 when every step behaved as told.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Whose push payload to show.
+    #[arg(long, value_enum, default_value_t = DemoPlatform::Fcm)]
+    pub platform: DemoPlatform,
+    /// Keep the temporary directory (gateway store, device store) instead of removing it.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DemoPlatform {
+    /// Apple Push Notification service: the aps payload and apns-* headers.
+    Apns,
+    /// Firebase Cloud Messaging: the HTTP v1 `message` body.
+    Fcm,
+}
+
+impl From<DemoPlatform> for PushProviderKind {
+    fn from(p: DemoPlatform) -> Self {
+        match p {
+            DemoPlatform::Apns => PushProviderKind::Apns,
+            DemoPlatform::Fcm => PushProviderKind::Fcm,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -8,6 +8,7 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod delivery;
+pub mod demo;
 pub mod error;
 pub mod metrics;
 pub mod push;

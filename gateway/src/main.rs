@@ -4,25 +4,32 @@ use herald_gateway::Application;
 
 #[tokio::main]
 async fn main() {
+    let cli = Cli::parse();
+    // The demo tells its story on stdout; the gateway's routine logs would drown it.
+    let default_filter = match cli.command {
+        Command::Demo(_) => "warn",
+        _ => "info,sqlx=warn",
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
-                .unwrap_or_else(|_| "info,sqlx=warn".into()),
+                .unwrap_or_else(|_| default_filter.into()),
         )
         .init();
-    if let Err(e) = run(Cli::parse()).await {
+    if let Err(e) = run(cli).await {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let cfg = cli.global.load_config()?;
+    // The demo configures its own gateway; the others read --config and HERALD_*.
+    let config = || cli.global.load_config();
     match cli.command {
         Command::Serve => {
-            let app = Application::build(cfg).await?;
+            let app = Application::build(config()?).await?;
             let addr = app.local_addr();
             let base = app.state().config.public_url(addr);
             cli::first_start_banner(app.state().store.as_ref(), &app.state().tokens, &base).await?;
@@ -32,9 +39,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             app.run_until_stopped(shutdown_signal()).await?;
             tracing::info!("herald stopped");
         }
-        Command::Keys { action } => cli::run_keys(&cfg, action).await?,
-        Command::Token { action } => cli::run_token(&cfg, action).await?,
+        Command::Keys { action } => cli::run_keys(&config()?, action).await?,
+        Command::Token { action } => cli::run_token(&config()?, action).await?,
+        Command::Demo(args) => {
+            herald_gateway::demo::run(herald_gateway::demo::DemoOptions {
+                platform: args.platform.into(),
+                keep: args.keep,
+            })
+            .await?
+        }
         Command::Migrate => {
+            let cfg = config()?;
             herald_gateway::open_store(&cfg).await?;
             match cfg.store.as_str() {
                 "sqlite" => eprintln!("store at {} is up to date", cfg.data_dir.display()),
