@@ -2,7 +2,7 @@
 
 Usage:
     python api_drift.py swift  bindings/generated/swift/Herald.swift  SAMPLE.swift...
-    python api_drift.py kotlin API.json                               SAMPLE.kt...
+    python api_drift.py kotlin API.json[,API2.json]                   SAMPLE.kt...
 
 The Swift binding's declarations (types, members with argument labels and defaults,
 enum cases, record field types, protocol requirements, free functions) are read from
@@ -453,12 +453,16 @@ def kt_name(node):
     return text(ident) if ident is not None else None
 
 
-def kotlin_api(path):
+def kotlin_api(paths):
     """The API JSON printed by scripts/lib/KotlinApiDump.kt (reflection over the
-    compiled binding)."""
+    compiled binding); several files (comma-separated) are merged."""
     import json
 
-    data = json.load(open(path))
+    data = {"types": {}, "functions": {}}
+    for path in paths.split(","):
+        part = json.load(open(path))
+        data["types"].update(part["types"])
+        data["functions"].update(part["functions"])
     api = Api()
     for name, d in data["types"].items():
         t = api.type(name)
@@ -509,7 +513,16 @@ def kt_call_args(call):
                     positional += 1
         elif part.type in ("annotated_lambda", "lambda_literal"):
             positional += 1
+    # `f(a, b) { ... }` parses as call(call(f, (a, b)), lambda): the lambda is f's too.
+    outer = call.parent
+    if outer is not None and outer.type == "call_expression" and outer.children[0] == call:
+        positional += sum(1 for c in outer.children[1:] if c.type in ("annotated_lambda", "lambda_literal"))
     return positional, named
+
+
+# Kotlin standard-library functions callable on any receiver.
+KT_ANY_MEMBERS = {"let", "also", "apply", "run", "takeIf", "takeUnless", "to", "toString", "equals",
+                  "hashCode", "javaClass"}
 
 
 def kt_navigation_parts(node):
@@ -649,6 +662,8 @@ def kotlin_check(api, files, parser):
 
     def check_member(t, member, where, what, args=None):
         count(where)
+        if member in KT_ANY_MEMBERS:
+            return
         if member not in t.members:
             problems.append(f"{where}: {what}: '{t.name}' has no member '{member}' in the generated binding")
             return

@@ -11,6 +11,7 @@ import androidx.lifecycle.Lifecycle
 import androidx.lifecycle.ProcessLifecycleOwner
 import com.google.firebase.messaging.FirebaseMessagingService
 import com.google.firebase.messaging.RemoteMessage
+import dev.herald.sample.core.HeraldController
 import dev.herald.sdk.HeraldException
 
 /**
@@ -25,7 +26,7 @@ class HeraldMessagingService : FirebaseMessagingService() {
     }
 
     override fun onMessageReceived(remoteMessage: RemoteMessage) {
-        val controller = app.controllerForPush() ?: return
+        val controller: HeraldController = app.controllerForPush() ?: return
         // The messages this push brought that the app had not seen yet (fetched from the
         // gateway for a sync hint); already in the list. A foreign push gives none.
         val fresh = try {

@@ -113,7 +113,7 @@ class SampleApplication : Application() {
 
     /** Blocking: from FirebaseMessagingService.onNewToken or the background executor. */
     fun registerFcmToken(token: String) {
-        val c = controllerForPush() ?: return // registered at the next sign-in
+        val c: HeraldController = controllerForPush() ?: return // registered at the next sign-in
         try {
             c.registerPushToken(PushProvider.FCM, token)
         } catch (e: HeraldException) {
