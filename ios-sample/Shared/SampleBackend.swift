@@ -24,7 +24,7 @@ final class SampleBackendTokenProvider: TokenProvider {
         request.httpBody = try JSONSerialization.data(withJSONObject: ["user": user])
 
         let done = DispatchSemaphore(value: 0)
-        var answer: (Data?, URLResponse?, Error?)
+        var answer: (Data?, URLResponse?, Error?) = (nil, nil, nil)
         URLSession.shared.dataTask(with: request) { data, response, error in
             answer = (data, response, error)
             done.signal()
