@@ -115,24 +115,18 @@ def show(signature):
 
 
 def swift_signature(decl):
+    """[(argument label or None for `_`, has a default)] of a func / init."""
     sig = []
-    for p in decl.children:
+    kids = list(decl.children)
+    for pos, p in enumerate(kids):
         if p.type != "parameter":
             continue
         names = [c for c in p.children if c.type == "simple_identifier"]
-        external = text(names[0]) if names else None
-        if external == "_":
-            external = None
-        # `= default` follows the parameter as siblings in this grammar.
-        sig.append([external, False])
-    # Defaults: a `=` directly after a parameter node.
-    kids = list(decl.children)
-    params = [k for k in kids if k.type == "parameter"]
-    for idx, p in enumerate(params):
-        pos = kids.index(p)
-        if pos + 1 < len(kids) and kids[pos + 1].type == "=":
-            sig[idx][1] = True
-    return [tuple(x) for x in sig]
+        label = text(names[0]) if names else None
+        # In this grammar `= default` follows the parameter node as its siblings.
+        has_default = pos + 1 < len(kids) and kids[pos + 1].type == "="
+        sig.append((None if label == "_" else label, has_default))
+    return sig
 
 
 def swift_is_public(decl):
@@ -573,14 +567,10 @@ def kt_declared_name(node):
     return kt_name(node)
 
 
-SCOPE_DECLS = ("parameter", "class_parameter", "property_declaration", "variable_declaration")
-
-
 def kt_scope_lookup(node, name, api, resolve=None):
     """Resolves `name` at `node` by walking out through the enclosing scopes: smart casts
     (`when (x) { is T -> }`), lambda / catch / for / function parameters, declarations in
     enclosing blocks and class bodies. Returns (found, binding type or None)."""
-    child = node
     scope = node.parent
     while scope is not None:
         if scope.type == "when_entry":
@@ -618,7 +608,6 @@ def kt_scope_lookup(node, name, api, resolve=None):
         for decl in candidates:
             if kt_declared_name(decl) == name:
                 return True, kt_decl_type(decl, api, resolve)
-        child = scope
         scope = scope.parent
     return False, None
 
