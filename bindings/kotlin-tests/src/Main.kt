@@ -1,11 +1,10 @@
 // Kotlin tests of the generated binding against a real gateway (started by run.sh).
 // A plain `main`: runs every check, prints "N passed, M failed", exits non-zero on
-// any failure. Environment: HERALD_URL, HERALD_API_KEY, HERALD_TEST_DIR.
+// any failure (helpers in TestKit.kt). Environment: HERALD_URL, HERALD_API_KEY,
+// HERALD_TEST_DIR.
 
 import dev.herald.sdk.*
 import java.io.File
-import java.net.HttpURLConnection
-import java.net.URI
 import java.util.concurrent.CopyOnWriteArrayList
 import java.util.concurrent.atomic.AtomicInteger
 
@@ -13,52 +12,8 @@ val baseUrl: String = System.getenv("HERALD_URL") ?: error("HERALD_URL not set")
 val apiKey: String = System.getenv("HERALD_API_KEY") ?: error("HERALD_API_KEY not set")
 val testDir: File = File(System.getenv("HERALD_TEST_DIR") ?: error("HERALD_TEST_DIR not set"))
 
-var passed = 0
-var failed = 0
-
-class CheckFailed(message: String) : Exception(message)
-
-fun check(cond: Boolean, what: () -> String) {
-    if (!cond) throw CheckFailed(what())
-}
-
-fun test(name: String, body: () -> Unit) {
-    val started = System.currentTimeMillis()
-    try {
-        body()
-        passed++
-        println("ok   $name (${System.currentTimeMillis() - started} ms)")
-    } catch (e: Throwable) {
-        failed++
-        println("FAIL $name: $e")
-    }
-}
-
-/** Polls until [cond] holds, at most [timeoutMs]. */
-fun waitFor(what: String, timeoutMs: Long = 15_000, cond: () -> Boolean) {
-    val deadline = System.currentTimeMillis() + timeoutMs
-    while (!cond()) {
-        if (System.currentTimeMillis() > deadline) throw CheckFailed("timed out waiting for $what")
-        Thread.sleep(20)
-    }
-}
-
-fun http(method: String, path: String, body: String?, bearer: String): Pair<Int, String> {
-    val c = URI(baseUrl + path).toURL().openConnection() as HttpURLConnection
-    c.requestMethod = method
-    c.connectTimeout = 5000
-    c.readTimeout = 10000
-    c.setRequestProperty("Authorization", "Bearer $bearer")
-    if (body != null) {
-        c.doOutput = true
-        c.setRequestProperty("Content-Type", "application/json")
-        c.outputStream.use { it.write(body.toByteArray()) }
-    }
-    val code = c.responseCode
-    val stream = if (code < 400) c.inputStream else c.errorStream
-    val text = stream?.bufferedReader()?.use { it.readText() } ?: ""
-    return code to text
-}
+fun http(method: String, path: String, body: String?, bearer: String): Pair<Int, String> =
+    httpRequest(method, baseUrl + path, body, bearer)
 
 fun jsonField(json: String, name: String): String =
     Regex("\"$name\"\\s*:\\s*\"([^\"]*)\"").find(json)?.groupValues?.get(1)
@@ -255,6 +210,5 @@ fun main() {
         client.shutdown()
     }
 
-    println("$passed passed, $failed failed")
-    kotlin.system.exitProcess(if (failed == 0) 0 else 1)
+    finish()
 }
