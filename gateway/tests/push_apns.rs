@@ -83,7 +83,7 @@ fn alert_high_priority_with_collapse() {
         body,
         with_aps(
             json!({"alert": {"title": "New order", "body": "Order 17 is ready"},
-                   "badge": 2, "sound": "default"}),
+                   "badge": 2, "sound": "default", "mutable-content": 1}),
             full_keys()
         )
     );
@@ -112,7 +112,13 @@ fn alert_normal_priority_body_only() {
         ..request()
     };
     let (body, h) = golden(&req);
-    assert_eq!(body, with_aps(json!({"alert": "Just a body"}), full_keys()));
+    assert_eq!(
+        body,
+        with_aps(
+            json!({"alert": "Just a body", "mutable-content": 1}),
+            full_keys()
+        )
+    );
     assert_eq!(
         h,
         headers(&[
@@ -190,7 +196,7 @@ fn oversized_data_keeps_the_alert_as_a_hint() {
         body,
         with_aps(
             json!({"alert": {"title": "New order", "body": "Order 17 is ready"},
-                   "badge": 2, "sound": "default"}),
+                   "badge": 2, "sound": "default", "mutable-content": 1}),
             hint_keys()
         )
     );

@@ -227,6 +227,10 @@ pub struct ApnsMessage {
 }
 
 impl ApnsMessage {
+    fn alert_is_visible(&self) -> bool {
+        self.alert_title.is_some() || self.alert_body.is_some()
+    }
+
     /// The a2 payload (body plus the options a2 turns into headers).
     pub fn payload(&self) -> Payload<'_> {
         let mut builder = DefaultNotificationBuilder::new();
@@ -262,8 +266,11 @@ impl ApnsMessage {
                 .and_then(|c| CollapseId::new(c).ok()),
         };
         let mut payload = builder.build(&self.device_token, options);
-        // The builder always writes `mutable-content: 0`; leave it out.
-        payload.aps.mutable_content = None;
+        // A visible alert lets the app's notification service extension run (the SDK's
+        // `handle_push` records the message there, so the app does not show it twice
+        // when the socket delivers it too); background pushes go to the app itself.
+        // (The builder always writes `mutable-content: 0` otherwise.)
+        payload.aps.mutable_content = self.alert_is_visible().then_some(1);
         for (k, v) in &self.custom {
             payload
                 .data
