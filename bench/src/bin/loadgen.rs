@@ -34,6 +34,9 @@ use tokio_util::sync::CancellationToken;
 
 type Ws = WebSocketStream<TcpStream>;
 
+/// A handshake (TCP, upgrade, hello, subscribe) slower than this counts as an error.
+const HANDSHAKE_LIMIT: Duration = Duration::from_secs(30);
+
 #[derive(Debug, Parser)]
 #[command(about = "Herald WebSocket load generator; every run is bounded and stops by itself")]
 struct Cli {
@@ -49,6 +52,7 @@ enum TargetKind {
     Herald,
     Floor,
     Socketio,
+    Pushpin,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -58,15 +62,19 @@ struct Common {
     target: TargetKind,
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     url: String,
+    /// Where publishes go when that is not --url (Pushpin: its GRIP origin).
+    #[arg(long)]
+    publish_url: Option<String>,
     /// Herald API key for POST /v1/messages.
     #[arg(long, env = "HERALD_API_KEY")]
     api_key: Option<String>,
     /// Herald's HS256 device-token secret (auth.jwt_secret), to mint device JWTs here.
     #[arg(long, env = "HERALD_JWT_SECRET")]
     jwt_secret: Option<String>,
-    /// Process whose RSS is reported (the server under test).
-    #[arg(long)]
-    server_pid: Option<u32>,
+    /// Processes whose RSS, with their children's, is reported (the server under test;
+    /// comma-separated when it is several, like Pushpin and its origin).
+    #[arg(long, value_delimiter = ',')]
+    server_pid: Vec<u32>,
     /// Loopback source addresses to spread client sockets over (127.1.0.1, …).
     #[arg(long, default_value_t = 64)]
     source_addrs: u32,
@@ -184,6 +192,7 @@ impl Stats {
 struct Target {
     kind: TargetKind,
     base: String,
+    publish_base: String,
     server: SocketAddr,
     api_key: Option<String>,
     jwt: Option<jsonwebtoken::EncodingKey>,
@@ -245,6 +254,12 @@ impl Target {
         Ok(Target {
             kind: c.target,
             base: c.url.trim_end_matches('/').to_owned(),
+            publish_base: c
+                .publish_url
+                .as_deref()
+                .unwrap_or(&c.url)
+                .trim_end_matches('/')
+                .to_owned(),
             server: SocketAddr::new(ip, port),
             api_key: c.api_key.clone(),
             jwt,
@@ -272,7 +287,7 @@ impl Target {
         let after = after.map(|a| format!("&after={a}")).unwrap_or_default();
         match self.kind {
             TargetKind::Herald => format!("{ws}/v1/connect?device_id={device}{after}"),
-            TargetKind::Floor => format!("{ws}/ws?device_id={device}"),
+            TargetKind::Floor | TargetKind::Pushpin => format!("{ws}/ws?device_id={device}"),
             TargetKind::Socketio => {
                 format!("{ws}/socket.io/?EIO=4&transport=websocket&device_id={device}")
             }
@@ -311,7 +326,7 @@ impl Target {
         let (mut ws, _) =
             tokio_tungstenite::client_async_with_config(req, stream, Some(config)).await?;
         let last_seq = match self.kind {
-            TargetKind::Herald | TargetKind::Floor => loop {
+            TargetKind::Herald | TargetKind::Floor | TargetKind::Pushpin => loop {
                 match self.read(&mut ws).await? {
                     Incoming::Frame(f) if f.kind == "welcome" => break f.last_seq,
                     Incoming::Frame(f) => bail!("expected welcome, got {}", f.kind),
@@ -341,10 +356,12 @@ impl Target {
 
     fn parse(&self, text: &str) -> Incoming {
         match self.kind {
-            TargetKind::Herald | TargetKind::Floor => match serde_json::from_str(text) {
-                Ok(f) => Incoming::Frame(f),
-                Err(_) => Incoming::Other,
-            },
+            TargetKind::Herald | TargetKind::Floor | TargetKind::Pushpin => {
+                match serde_json::from_str(text) {
+                    Ok(f) => Incoming::Frame(f),
+                    Err(_) => Incoming::Other,
+                }
+            }
             TargetKind::Socketio => {
                 if text == "2" {
                     return Incoming::EnginePing;
@@ -362,7 +379,9 @@ impl Target {
 
     fn encode(&self, frame: serde_json::Value) -> Message {
         match self.kind {
-            TargetKind::Herald | TargetKind::Floor => Message::text(frame.to_string()),
+            TargetKind::Herald | TargetKind::Floor | TargetKind::Pushpin => {
+                Message::text(frame.to_string())
+            }
             TargetKind::Socketio => {
                 let event = frame["type"].as_str().unwrap_or("").to_owned();
                 Message::text(format!("42{}", json!([event, frame])))
@@ -378,8 +397,8 @@ impl Target {
                 .http
                 .post(format!("{}/v1/messages", self.base))
                 .bearer_auth(self.api_key.as_deref().unwrap_or_default()),
-            TargetKind::Floor | TargetKind::Socketio => {
-                self.http.post(format!("{}/publish", self.base))
+            TargetKind::Floor | TargetKind::Socketio | TargetKind::Pushpin => {
+                self.http.post(format!("{}/publish", self.publish_base))
             }
         };
         let resp = req.json(&body).send().await?;
@@ -411,12 +430,54 @@ fn source_ip(i: usize, n: u32) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 1, (k / 250) as u8, (k % 250 + 1) as u8))
 }
 
-fn rss_kib(pid: Option<u32>) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
+/// RSS of `roots` and every process below them (Pushpin runs as several processes).
+fn rss_kib(roots: &[u32]) -> Option<u64> {
+    if roots.is_empty() {
+        return None;
+    }
+    let mut total = 0;
+    for &root in roots {
+        total += process_rss_kib(root)?;
+    }
+    let mut parents = roots.to_vec();
+    // Few processes on this machine: a scan of /proc per level is cheap enough.
+    while let Some(parent) = parents.pop() {
+        for child in child_pids(parent) {
+            total += process_rss_kib(child).unwrap_or(0);
+            parents.push(child);
+        }
+    }
+    Some(total)
+}
+
+fn process_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+fn child_pids(parent: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            // /proc/PID/stat: "pid (comm) state ppid …"; comm may contain spaces.
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|st| {
+                    st.rsplit_once(')')?
+                        .1
+                        .split_whitespace()
+                        .nth(1)?
+                        .parse::<u32>()
+                        .ok()
+                })
+                == Some(parent)
+        })
+        .collect()
 }
 
 /// One connected device: reads until `stop`, acks every message, records latency.
@@ -527,7 +588,7 @@ async fn open_fleet(
     let connected = Arc::new(AtomicU64::new(0));
     let mut opening = tokio::task::JoinSet::new();
     let mut tasks = tokio::task::JoinSet::new();
-    let mut rss_samples = vec![(0, rss_kib(common.server_pid).unwrap_or(0))];
+    let mut rss_samples = vec![(0, rss_kib(&common.server_pid).unwrap_or(0))];
     let step = (n / 20).max(1);
     for i in 0..n {
         let permit = limit.clone().acquire_owned().await.unwrap();
@@ -547,7 +608,7 @@ async fn open_fleet(
             None
         };
         opening.spawn(async move {
-            let opened = async {
+            let opened = tokio::time::timeout(HANDSHAKE_LIMIT, async {
                 let (mut ws, _) = target.open(source, &device, after).await?;
                 if let Some(topic) = topic {
                     ws.send(target.encode(json!({"type": "subscribe", "topic": topic})))
@@ -561,8 +622,9 @@ async fn open_fleet(
                     }
                 }
                 anyhow::Ok(ws)
-            }
-            .await;
+            })
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("no welcome within {HANDSHAKE_LIMIT:?}")));
             drop(permit);
             match opened {
                 Ok(ws) => {
@@ -593,7 +655,7 @@ async fn open_fleet(
             }
         }
         if (i + 1) % step == 0 {
-            if let Some(rss) = rss_kib(common.server_pid) {
+            if let Some(rss) = rss_kib(&common.server_pid) {
                 rss_samples.push((connected.load(Ordering::Relaxed) as usize, rss));
             }
         }
@@ -616,7 +678,7 @@ async fn open_fleet(
         }
     }
     let connected = connected.load(Ordering::Relaxed) as usize;
-    if let Some(rss) = rss_kib(common.server_pid) {
+    if let Some(rss) = rss_kib(&common.server_pid) {
         rss_samples.push((connected, rss));
     }
     Fleet {
@@ -727,7 +789,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let common = cli.common;
     let target = Arc::new(Target::new(&common)?);
     let stats = Stats::new();
-    let baseline_rss = rss_kib(common.server_pid);
+    let baseline_rss = rss_kib(&common.server_pid);
     let wait_limit = Duration::from_secs(common.max_seconds);
     let mut report = json!({
         "target": common.target,
@@ -747,7 +809,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let fleet = open_fleet(&target, &stats, &common, connections, None, None).await;
             tokio::time::sleep(Duration::from_secs(hold_seconds)).await;
-            let rss = rss_kib(common.server_pid);
+            let rss = rss_kib(&common.server_pid);
             r.insert(
                 "connections_held".into(),
                 json!(stats.alive.load(Ordering::Relaxed)),
@@ -829,7 +891,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             r.insert("round_seconds".into(), json!(round_seconds));
-            r.insert("server_rss_kib".into(), json!(rss_kib(common.server_pid)));
+            r.insert("server_rss_kib".into(), json!(rss_kib(&common.server_pid)));
             fleet.close().await;
         }
         Scenario::Reconnect { clients, messages } => {
@@ -879,7 +941,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map(|(c, b)| (b + messages as i64 - c.load(Ordering::Relaxed)).max(0))
                 .sum();
             r.insert("messages_lost".into(), json!(missing));
-            r.insert("server_rss_kib".into(), json!(rss_kib(common.server_pid)));
+            r.insert("server_rss_kib".into(), json!(rss_kib(&common.server_pid)));
             fleet.close().await;
             stats.latency.lock().unwrap().reset();
         }
@@ -965,6 +1027,6 @@ async fn targeted(
         "acked_per_second".into(),
         json!(stats.acked.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64()),
     );
-    r.insert("server_rss_kib".into(), json!(rss_kib(common.server_pid)));
+    r.insert("server_rss_kib".into(), json!(rss_kib(&common.server_pid)));
     fleet.close().await;
 }
