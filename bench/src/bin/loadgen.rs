@@ -571,6 +571,27 @@ struct Fleet {
     rss_samples: Vec<(usize, u64)>,
 }
 
+/// A device whose handshake is done, with what its client task needs.
+type Opened = (
+    usize,
+    Ws,
+    Arc<AtomicI64>,
+    Arc<Target>,
+    Arc<Stats>,
+    CancellationToken,
+);
+
+fn start_client(tasks: &mut tokio::task::JoinSet<()>, opened: Opened) {
+    let (index, ws, last_seq, target, stats, stop) = opened;
+    stats.alive.fetch_add(1, Ordering::Relaxed);
+    let client = Client {
+        index,
+        ws,
+        last_seq,
+    };
+    tasks.spawn(run_client(target, stats, client, stop));
+}
+
 /// Opens devices `0..n` (optionally subscribing each to `topic`), `concurrency`
 /// handshakes at a time; `after` gives each device's cursor for a reconnect.
 async fn open_fleet(
@@ -638,20 +659,8 @@ async fn open_fleet(
             }
         });
         while let Some(done) = opening.try_join_next() {
-            if let Ok(Some((index, ws, last_seq, target, stats, stop))) = done {
-                {
-                    stats.alive.fetch_add(1, Ordering::Relaxed);
-                    tasks.spawn(run_client(
-                        target,
-                        stats,
-                        Client {
-                            index,
-                            ws,
-                            last_seq,
-                        },
-                        stop,
-                    ));
-                }
+            if let Ok(Some(opened)) = done {
+                start_client(&mut tasks, opened);
             }
         }
         if (i + 1) % step == 0 {
@@ -661,20 +670,8 @@ async fn open_fleet(
         }
     }
     while let Some(done) = opening.join_next().await {
-        if let Ok(Some((index, ws, last_seq, target, stats, stop))) = done {
-            {
-                stats.alive.fetch_add(1, Ordering::Relaxed);
-                tasks.spawn(run_client(
-                    target,
-                    stats,
-                    Client {
-                        index,
-                        ws,
-                        last_seq,
-                    },
-                    stop,
-                ));
-            }
+        if let Ok(Some(opened)) = done {
+            start_client(&mut tasks, opened);
         }
     }
     let connected = connected.load(Ordering::Relaxed) as usize;
@@ -823,39 +820,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             r.insert("rss_samples".into(), json!(fleet.rss_samples));
             fleet.close().await;
         }
-        Scenario::Throughput {
-            connections,
-            messages,
-            rate,
-        } => {
-            targeted(
-                &target,
-                &stats,
-                &common,
-                r,
+        Scenario::Throughput { .. } | Scenario::Latency { .. } => {
+            let (connections, messages, rate) = match cli.scenario {
+                Scenario::Throughput {
+                    connections,
+                    messages,
+                    rate,
+                } => (connections, messages, rate),
+                Scenario::Latency {
+                    connections,
+                    rate,
+                    seconds,
+                } => (connections, rate * seconds, rate),
+                _ => unreachable!("matched above"),
+            };
+            let run = TargetedRun {
                 connections,
                 messages,
                 rate,
                 wait_limit,
-            )
-            .await;
-        }
-        Scenario::Latency {
-            connections,
-            rate,
-            seconds,
-        } => {
-            targeted(
-                &target,
-                &stats,
-                &common,
-                r,
-                connections,
-                rate * seconds,
-                rate,
-                wait_limit,
-            )
-            .await;
+            };
+            targeted(&target, &stats, &common, r, run).await;
         }
         Scenario::Fanout {
             subscribers,
@@ -979,18 +964,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+struct TargetedRun {
+    connections: usize,
+    messages: u64,
+    rate: u64,
+    wait_limit: Duration,
+}
+
 /// Throughput and latency: targeted publishes to random devices of the fleet.
-#[allow(clippy::too_many_arguments)]
 async fn targeted(
     target: &Arc<Target>,
     stats: &Arc<Stats>,
     common: &Common,
     r: &mut serde_json::Map<String, serde_json::Value>,
-    connections: usize,
-    messages: u64,
-    rate: u64,
-    wait_limit: Duration,
+    run: TargetedRun,
 ) {
+    let TargetedRun {
+        connections,
+        messages,
+        rate,
+        wait_limit,
+    } = run;
     let fleet = open_fleet(target, stats, common, connections, None, None).await;
     r.insert(
         "connections_held".into(),
