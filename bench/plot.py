@@ -1,8 +1,10 @@
-"""Plots of the load generator's JSON reports (run through bench/plot.sh).
+"""Plots and a summary table of the load generator's JSON reports (run through
+bench/plot.sh).
 
 latency.png: publish→deliver latency by percentile, one line per report of the
 `latency` scenario. rss.png: server RSS while an `idle` fleet was opening, one line per
-report of the `idle` scenario.
+report of the `idle` scenario. summary.md: one row per report, the numbers BENCHMARKS.md
+quotes.
 """
 import json
 import pathlib
@@ -18,6 +20,36 @@ def label(path, report):
     return path.stem
 
 
+def fmt(v, digits=0):
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def summary(reports):
+    rows = ["| report | held | msg/s delivered | msg/s acked | p50 / p90 / p99 / max ms | RSS KiB (per conn) | rounds / catch-up s | errors | load avg |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for path, r in reports:
+        lat = r["latency"]
+        latency = "—" if not lat["samples"] else " / ".join(fmt(lat[k], 1) for k in ("p50_ms", "p90_ms", "p99_ms", "max_ms"))
+        rss = fmt(r.get("server_rss_kib"))
+        if r.get("server_rss_per_connection_kib") is not None:
+            rss += f" ({r['server_rss_per_connection_kib']:.1f})"
+        timing = "—"
+        if r.get("round_seconds"):
+            timing = ", ".join(fmt(s, 3) for s in r["round_seconds"])
+        elif "catch_up_seconds" in r:
+            timing = f"{fmt(r['catch_up_seconds'], 3)} (lost {r['messages_lost']})"
+        rows.append(
+            f"| {path.stem} | {fmt(r.get('connections_held'))} | {fmt(r.get('delivered_per_second'))} | "
+            f"{fmt(r.get('acked_per_second'))} | {latency} | {rss} | {timing} | {r['errors']} | "
+            f"{r['load_average'].split()[0]} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
 def main(results):
     reports = []
     for path in sorted(results.glob("*.json")):
@@ -25,6 +57,9 @@ def main(results):
             reports.append((path, json.loads(path.read_text())))
         except json.JSONDecodeError as e:
             sys.exit(f"{path} is not a loadgen report ({e}); remove it or re-run it")
+
+    (results / "summary.md").write_text(summary(reports))
+    print(f"wrote {results / 'summary.md'}")
 
     fig, ax = plt.subplots(figsize=(8, 5))
     drawn = 0

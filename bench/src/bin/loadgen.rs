@@ -93,6 +93,10 @@ struct Common {
     /// Hard wall-clock bound of the whole run; it exits (code 3) when it is reached.
     #[arg(long, default_value_t = 300)]
     max_seconds: u64,
+    /// Do not ack messages (to see what acks cost the server; Herald then closes
+    /// sessions after its ack timeout, so keep such runs shorter than that).
+    #[arg(long)]
+    no_ack: bool,
     /// Also write the JSON report here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -198,6 +202,7 @@ struct Target {
     jwt: Option<jsonwebtoken::EncodingKey>,
     http: reqwest::Client,
     payload: String,
+    no_ack: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -268,6 +273,7 @@ impl Target {
                 .timeout(Duration::from_secs(60))
                 .build()?,
             payload: "x".repeat(c.payload_bytes),
+            no_ack: c.no_ack,
         })
     }
 
@@ -542,6 +548,9 @@ async fn client_loop(target: &Target, stats: &Stats, mut c: Client, stop: Cancel
                         .record(now.saturating_sub(d.t).max(1));
                 }
                 stats.delivered.fetch_add(1, Ordering::Relaxed);
+                if target.no_ack {
+                    continue;
+                }
                 if c.ws
                     .send(target.encode(json!({"type": "ack", "seq": f.seq})))
                     .await
@@ -793,6 +802,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         "scenario": format!("{:?}", cli.scenario).split_whitespace().next().unwrap_or("").to_owned(),
         "args": format!("{:?}", cli.scenario),
         "payload_bytes": common.payload_bytes,
+        "acks": !common.no_ack,
         "server_rss_baseline_kib": baseline_rss,
         "unix_time": SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs(),
         "load_average": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_owned(),
