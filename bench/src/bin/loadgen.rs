@@ -523,11 +523,9 @@ async fn client_loop(target: &Target, stats: &Stats, mut c: Client, stop: Cancel
             }
         };
         match target.parse(text.as_str()) {
-            Incoming::EnginePing => {
-                if c.ws.send(Message::text("3")).await.is_err() {
-                    stats.error(format!("client {}: cannot answer ping", c.index));
-                    return;
-                }
+            Incoming::EnginePing if c.ws.send(Message::text("3")).await.is_err() => {
+                stats.error(format!("client {}: cannot answer ping", c.index));
+                return;
             }
             Incoming::Frame(f) if f.kind == "msg" => {
                 let last = c.last_seq.load(Ordering::Relaxed);
@@ -620,7 +618,7 @@ async fn open_fleet(
     let mut tasks = tokio::task::JoinSet::new();
     let mut rss_samples = vec![(0, rss_kib(&common.server_pid).unwrap_or(0))];
     let step = (n / 20).max(1);
-    for i in 0..n {
+    for (i, cursor) in cursors.iter().enumerate() {
         let permit = limit.clone().acquire_owned().await.unwrap();
         let (target, stats, stop, opened_count) = (
             target.clone(),
@@ -628,7 +626,7 @@ async fn open_fleet(
             stop.clone(),
             connected.clone(),
         );
-        let cursor = cursors[i].clone();
+        let cursor = cursor.clone();
         let device = format!("{}-{i}", common.device_prefix);
         let source = source_ip(i, common.source_addrs);
         let topic = topic.map(str::to_owned);
