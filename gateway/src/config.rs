@@ -102,6 +102,15 @@ pub struct LimitsConfig {
     pub max_message_bytes: usize,
     /// Largest WebSocket frame/message a client may send.
     pub max_ws_frame_bytes: usize,
+    /// Read buffer of each WebSocket. tokio-tungstenite's default (128 KiB) would be
+    /// most of an idle connection's memory; frames larger than this still arrive, in
+    /// several reads.
+    pub ws_read_buffer_bytes: usize,
+    /// Bytes a WebSocket collects before writing them out; 0 writes each frame at once.
+    pub ws_write_buffer_bytes: usize,
+    /// Bytes a WebSocket may hold unwritten before sending fails (the session then
+    /// closes). tokio-tungstenite's default is unbounded.
+    pub ws_max_write_buffer_bytes: usize,
     /// Largest request body of other routes.
     pub max_body_bytes: usize,
     /// Sustained publishes per second per API key, and the burst above it.
@@ -228,6 +237,9 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_message_bytes: 64 * 1024,
             max_ws_frame_bytes: 16 * 1024,
+            ws_read_buffer_bytes: 4 * 1024,
+            ws_write_buffer_bytes: 0,
+            ws_max_write_buffer_bytes: 256 * 1024,
             max_body_bytes: 16 * 1024,
             publish_rate_per_key: 2_000,
             publish_burst_per_key: 4_000,

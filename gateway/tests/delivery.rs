@@ -549,3 +549,42 @@ async fn an_ack_over_http_satisfies_the_live_session() {
     assert_eq!(dev.frame().await, Some(ServerFrame::Pong));
     assert!(tg.fcm.sent().is_empty());
 }
+
+/// The WebSocket buffers are configurable and small by default (idle connections
+/// dominate); frames many times larger than the read buffer must still cross whole in
+/// both directions.
+#[tokio::test]
+async fn frames_larger_than_the_configured_ws_buffers_cross_whole() {
+    use futures_util::SinkExt;
+    let tg = TestGateway::start_with(|c| {
+        c.limits.ws_read_buffer_bytes = 512;
+        c.limits.ws_write_buffer_bytes = 0;
+        c.limits.ws_max_write_buffer_bytes = 64 * 1024;
+    })
+    .await;
+    let mut dev = connect(&tg, "alice", "phone", None).await;
+    let big = "b".repeat(12 * 1024);
+    publish(
+        &tg,
+        json!({"to": {"device": "phone"}, "data": {"big": big}}),
+    )
+    .await;
+    let m = dev.msg().await;
+    assert_eq!(m.data["big"].as_str().unwrap().len(), 12 * 1024);
+    // An ack frame padded to 8 KiB (JSON allows the whitespace) is read across many
+    // 512-byte reads and still counts.
+    let padded = format!(
+        "{{\"type\":\"ack\",{}\"seq\":{}}}",
+        " ".repeat(8 * 1024),
+        m.seq
+    );
+    dev.ws
+        .send(tokio_tungstenite::tungstenite::Message::Text(padded.into()))
+        .await
+        .unwrap();
+    eventually("acked_seq 1", || async {
+        let (_, d) = get(&tg, "/v1/devices/phone", &tg.api_key).await;
+        (d["acked_seq"] == 1).then_some(())
+    })
+    .await;
+}

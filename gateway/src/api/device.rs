@@ -60,10 +60,9 @@ pub async fn connect(
         .protocols([SUBPROTOCOL])
         .max_message_size(limits.max_ws_frame_bytes)
         .max_frame_size(limits.max_ws_frame_bytes)
-        // Idle connections dominate; small buffers keep them cheap.
-        .read_buffer_size(4 * 1024)
-        .write_buffer_size(0)
-        .max_write_buffer_size(256 * 1024);
+        .read_buffer_size(limits.ws_read_buffer_bytes)
+        .write_buffer_size(limits.ws_write_buffer_bytes)
+        .max_write_buffer_size(limits.ws_max_write_buffer_bytes);
     let device_id = device.id;
     let tracker = state.sessions.clone();
     Ok(ws
