@@ -26,15 +26,60 @@ use super::{
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
 
-/// Publishes committed in one transaction at most.
+/// Writes (publishes and acks) committed in one transaction at most.
 const MAX_GROUP: usize = 256;
 
-type PublishReply = oneshot::Sender<StoreResult<PublishOutcome>>;
+/// A write that waits for its group's commit: every fsync is shared by up to
+/// `MAX_GROUP` publishes and acks, which is what lets one SQLite writer keep up with
+/// many devices acking at once.
+enum GroupWrite {
+    Publish(
+        Box<NewMessage>,
+        oneshot::Sender<StoreResult<PublishOutcome>>,
+    ),
+    Ack {
+        device_id: String,
+        seq: i64,
+        now: i64,
+        reply: oneshot::Sender<StoreResult<i64>>,
+    },
+}
+
+enum GroupOutcome {
+    Publish(StoreResult<PublishOutcome>),
+    Ack(StoreResult<i64>),
+}
+
+impl GroupWrite {
+    fn answer(self, outcome: GroupOutcome) {
+        match (self, outcome) {
+            (GroupWrite::Publish(_, reply), GroupOutcome::Publish(r)) => {
+                let _ = reply.send(r);
+            }
+            (GroupWrite::Ack { reply, .. }, GroupOutcome::Ack(r)) => {
+                let _ = reply.send(r);
+            }
+            _ => unreachable!("outcomes are produced in the order and kind of their writes"),
+        }
+    }
+
+    fn fail(self, msg: &str) {
+        let err = || StoreError::Other(anyhow::anyhow!("commit failed: {msg}"));
+        match self {
+            GroupWrite::Publish(_, reply) => {
+                let _ = reply.send(Err(err()));
+            }
+            GroupWrite::Ack { reply, .. } => {
+                let _ = reply.send(Err(err()));
+            }
+        }
+    }
+}
 
 pub struct SqliteStore {
     read: SqlitePool,
     write: SqlitePool,
-    publishes: mpsc::Sender<(NewMessage, PublishReply)>,
+    writes: mpsc::Sender<GroupWrite>,
 }
 
 impl SqliteStore {
@@ -74,35 +119,45 @@ impl SqliteStore {
             .max_connections(4)
             .connect_with(opts.read_only(true))
             .await?;
-        let (tx, rx) = mpsc::channel(4096);
+        let (writes, rx) = mpsc::channel(4096);
         tokio::spawn(group_commit_loop(write.clone(), rx));
         Ok(SqliteStore {
             read,
             write,
-            publishes: tx,
+            writes,
         })
     }
 }
 
-async fn group_commit_loop(pool: SqlitePool, mut rx: mpsc::Receiver<(NewMessage, PublishReply)>) {
+impl SqliteStore {
+    /// Hands a write to the group-commit writer and waits for its group's commit.
+    async fn group_write<T>(
+        &self,
+        write: GroupWrite,
+        rx: oneshot::Receiver<StoreResult<T>>,
+    ) -> StoreResult<T> {
+        let stopped = || StoreError::Other(anyhow::anyhow!("store writer stopped"));
+        self.writes.send(write).await.map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+}
+
+async fn group_commit_loop(pool: SqlitePool, mut rx: mpsc::Receiver<GroupWrite>) {
     let mut batch = Vec::with_capacity(MAX_GROUP);
     while rx.recv_many(&mut batch, MAX_GROUP).await > 0 {
-        let results = commit_group(&pool, &batch).await;
-        match results {
-            Ok(results) => {
-                for ((_, reply), result) in batch.drain(..).zip(results) {
-                    let _ = reply.send(result);
+        match commit_group(&pool, &batch).await {
+            Ok(outcomes) => {
+                for (write, outcome) in batch.drain(..).zip(outcomes) {
+                    write.answer(outcome);
                 }
             }
             Err(e) => {
                 // The transaction rolled back: nothing of this group was stored, so
-                // every caller is told it failed (none got a 202).
-                tracing::error!(error = %e, "publish group failed to commit");
+                // every caller is told it failed (no publish got a 202).
+                tracing::error!(error = %e, "write group failed to commit");
                 let msg = e.to_string();
-                for (_, reply) in batch.drain(..) {
-                    let _ = reply.send(Err(StoreError::Other(anyhow::anyhow!(
-                        "commit failed: {msg}"
-                    ))));
+                for write in batch.drain(..) {
+                    write.fail(&msg);
                 }
             }
         }
@@ -111,19 +166,67 @@ async fn group_commit_loop(pool: SqlitePool, mut rx: mpsc::Receiver<(NewMessage,
 
 async fn commit_group(
     pool: &SqlitePool,
-    batch: &[(NewMessage, PublishReply)],
-) -> Result<Vec<StoreResult<PublishOutcome>>, sqlx::Error> {
+    batch: &[GroupWrite],
+) -> Result<Vec<GroupOutcome>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let mut results = Vec::with_capacity(batch.len());
-    for (msg, _) in batch {
-        match publish_one(&mut tx, msg).await {
-            Ok(outcome) => results.push(Ok(outcome)),
-            Err(StoreError::Db(e)) => return Err(e),
-            Err(e) => results.push(Err(e)),
-        }
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for write in batch {
+        let outcome = match write {
+            GroupWrite::Publish(msg, _) => match publish_one(&mut tx, msg).await {
+                Err(StoreError::Db(e)) => return Err(e),
+                r => GroupOutcome::Publish(r),
+            },
+            GroupWrite::Ack {
+                device_id,
+                seq,
+                now,
+                ..
+            } => match ack_one(&mut tx, device_id, *seq, *now).await {
+                Err(StoreError::Db(e)) => return Err(e),
+                r => GroupOutcome::Ack(r),
+            },
+        };
+        outcomes.push(outcome);
     }
     tx.commit().await?;
-    Ok(results)
+    Ok(outcomes)
+}
+
+/// Cumulative ack inside a group's transaction; returns the acked seq afterwards.
+async fn ack_one(
+    conn: &mut SqliteConnection,
+    device_id: &str,
+    seq: i64,
+    now: i64,
+) -> StoreResult<i64> {
+    let row = sqlx::query("SELECT acked_seq, last_seq FROM devices WHERE id = ?")
+        .bind(device_id)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("device {device_id} is not registered")))?;
+    let acked: i64 = row.get("acked_seq");
+    let last: i64 = row.get("last_seq");
+    // An ack beyond what was assigned cannot be honest; clamp rather than let a
+    // buggy client skip messages that do not exist yet.
+    let target = seq.min(last);
+    if target > acked {
+        sqlx::query(
+            "UPDATE deliveries SET acked_at = ? WHERE device_id = ? AND seq > ? AND seq <= ? AND acked_at IS NULL",
+        )
+        .bind(now)
+        .bind(device_id)
+        .bind(acked)
+        .bind(target)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query("UPDATE devices SET acked_seq = ?, last_seen = ? WHERE id = ?")
+            .bind(target)
+            .bind(now)
+            .bind(device_id)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(target.max(acked))
 }
 
 /// Validation happens before any write, so a rejected message leaves no trace in the
@@ -534,12 +637,8 @@ impl Store for SqliteStore {
 
     async fn publish(&self, msg: NewMessage) -> StoreResult<PublishOutcome> {
         let (tx, rx) = oneshot::channel();
-        self.publishes
-            .send((msg, tx))
+        self.group_write(GroupWrite::Publish(Box::new(msg), tx), rx)
             .await
-            .map_err(|_| StoreError::Other(anyhow::anyhow!("store writer stopped")))?;
-        rx.await
-            .map_err(|_| StoreError::Other(anyhow::anyhow!("store writer stopped")))?
     }
 
     async fn fetch_after(
@@ -593,36 +692,14 @@ impl Store for SqliteStore {
     }
 
     async fn ack(&self, device_id: &str, seq: i64, now: i64) -> StoreResult<i64> {
-        let mut tx = self.write.begin().await?;
-        let row = sqlx::query("SELECT acked_seq, last_seq FROM devices WHERE id = ?")
-            .bind(device_id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("device {device_id} is not registered")))?;
-        let acked: i64 = row.get("acked_seq");
-        let last: i64 = row.get("last_seq");
-        // An ack beyond what was assigned cannot be honest; clamp rather than let a
-        // buggy client skip messages that do not exist yet.
-        let target = seq.min(last);
-        if target > acked {
-            sqlx::query(
-                "UPDATE deliveries SET acked_at = ? WHERE device_id = ? AND seq > ? AND seq <= ? AND acked_at IS NULL",
-            )
-            .bind(now)
-            .bind(device_id)
-            .bind(acked)
-            .bind(target)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query("UPDATE devices SET acked_seq = ?, last_seen = ? WHERE id = ?")
-                .bind(target)
-                .bind(now)
-                .bind(device_id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(target.max(acked))
+        let (reply, rx) = oneshot::channel();
+        let write = GroupWrite::Ack {
+            device_id: device_id.to_owned(),
+            seq,
+            now,
+            reply,
+        };
+        self.group_write(write, rx).await
     }
 
     async fn mark_sent(&self, ranges: &[(String, i64, i64)], now: i64) -> StoreResult<()> {
