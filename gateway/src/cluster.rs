@@ -279,10 +279,10 @@ impl ClusterBus {
                         let committed_at = Instant::now()
                             .checked_sub(waited)
                             .unwrap_or_else(Instant::now);
-                        match handle
-                            .events
-                            .try_send(SessionEvent::Deliver((*entry).into(), committed_at))
-                        {
+                        match handle.events.try_send(SessionEvent::Deliver(Box::new((
+                            (*entry).into(),
+                            committed_at,
+                        )))) {
                             Ok(()) => {
                                 bus.metrics.session_queue_depth.inc();
                                 Some(REPLY_LIVE)

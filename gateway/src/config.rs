@@ -103,8 +103,8 @@ pub struct LimitsConfig {
     /// Largest WebSocket frame/message a client may send.
     pub max_ws_frame_bytes: usize,
     /// Read buffer of each WebSocket. tokio-tungstenite's default (128 KiB) would be
-    /// most of an idle connection's memory; frames larger than this still arrive, in
-    /// several reads.
+    /// most of an idle connection's memory; clients send small frames (acks, pings), and
+    /// larger ones still arrive, in several reads. 2 KiB: BENCHMARKS.md.
     pub ws_read_buffer_bytes: usize,
     /// Bytes a WebSocket collects before writing them out; 0 writes each frame at once.
     pub ws_write_buffer_bytes: usize,
@@ -237,7 +237,7 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_message_bytes: 64 * 1024,
             max_ws_frame_bytes: 16 * 1024,
-            ws_read_buffer_bytes: 4 * 1024,
+            ws_read_buffer_bytes: 2 * 1024,
             ws_write_buffer_bytes: 0,
             ws_max_write_buffer_bytes: 256 * 1024,
             max_body_bytes: 16 * 1024,

@@ -33,10 +33,10 @@ impl DeliveryRouter {
         for entry in entries {
             let mut live = false;
             if let Some(handle) = self.registry.get(&entry.device_id) {
-                match handle
-                    .events
-                    .try_send(SessionEvent::Deliver(entry.clone(), committed_at))
-                {
+                match handle.events.try_send(SessionEvent::Deliver(Box::new((
+                    entry.clone(),
+                    committed_at,
+                )))) {
                     Ok(()) => {
                         live = true;
                         self.metrics.session_queue_depth.inc();

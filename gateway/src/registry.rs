@@ -14,7 +14,9 @@ use crate::store::InboxEntry;
 #[derive(Debug)]
 pub enum SessionEvent {
     /// A freshly committed inbox entry, with the instant the publish committed.
-    Deliver(InboxEntry, Instant),
+    /// Boxed: a session's queue allocates its first block of slots up front, so the
+    /// slot size is paid by every idle connection.
+    Deliver(Box<(InboxEntry, Instant)>),
     /// The device acked up to this seq over HTTP (`POST /v1/me/ack`): the session
     /// must not treat those entries as unacked any more.
     AckedElsewhere(i64),

@@ -121,7 +121,7 @@ where
             router.metrics.session_queue_depth.dec();
         }
     }
-    session.finish(reason).await;
+    Box::pin(session.finish(reason)).await;
     reason
 }
 
@@ -148,8 +148,11 @@ where
                 .map(|d| d.last_seq)
                 .unwrap_or(0),
         };
-        self.send_frame(&welcome).await?;
-        self.fill_from_store(i64::MAX).await?;
+        // Work that runs once or per event is boxed: the session future lives as long
+        // as the connection, and its size is the largest state it can be in, paid by
+        // every idle connection (see BENCHMARKS.md).
+        Box::pin(self.send_frame(&welcome)).await?;
+        Box::pin(self.fill_from_store(i64::MAX)).await?;
 
         let mut heartbeat = interval_at(Instant::now() + self.cfg.heartbeat, self.cfg.heartbeat);
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -162,7 +165,7 @@ where
                 biased;
                 _ = shutdown.cancelled() => {
                     let frame = ServerFrame::Reconnect { after_ms: self.cfg.shutdown_reconnect_ms };
-                    let _ = self.send_frame(&frame).await;
+                    let _ = Box::pin(self.send_frame(&frame)).await;
                     return Err(CloseReason::Shutdown);
                 }
                 frame = self.socket.next() => match frame {
@@ -170,29 +173,30 @@ where
                     Some(Err(_)) => return Err(CloseReason::SocketError),
                     Some(Ok(msg)) => {
                         self.last_heard = Instant::now();
-                        if self.on_client_message(msg).await? {
+                        if Box::pin(self.on_client_message(msg)).await? {
                             return Ok(());
                         }
                     }
                 },
                 event = inbox.events.recv() => match event {
-                    Some(SessionEvent::Deliver(entry, committed_at)) => {
+                    Some(SessionEvent::Deliver(delivery)) => {
+                        let (entry, committed_at) = *delivery;
                         self.router.metrics.session_queue_depth.dec();
-                        self.on_deliver(entry, committed_at).await?;
+                        Box::pin(self.on_deliver(entry, committed_at)).await?;
                     }
                     Some(SessionEvent::AckedElsewhere(seq)) => {
                         while self.unacked.front().is_some_and(|(e, _)| e.seq <= seq) {
                             self.unacked.pop_front();
                         }
                     }
-                    Some(SessionEvent::Resync) => self.fill_from_store(i64::MAX).await?,
+                    Some(SessionEvent::Resync) => Box::pin(self.fill_from_store(i64::MAX)).await?,
                     None => return Err(CloseReason::Kicked),
                 },
                 _ = heartbeat.tick() => {
                     if self.last_heard.elapsed() > self.cfg.heartbeat * 2 {
                         return Err(CloseReason::HeartbeatTimeout);
                     }
-                    self.send(Message::Ping(Default::default())).await?;
+                    Box::pin(self.send(Message::Ping(Default::default()))).await?;
                 }
                 _ = sleep_until_opt(ack_deadline) => {
                     let frame = ServerFrame::Error {
@@ -203,7 +207,7 @@ where
                             self.cfg.ack_timeout.as_millis()
                         ),
                     };
-                    let _ = self.send_frame(&frame).await;
+                    let _ = Box::pin(self.send_frame(&frame)).await;
                     return Err(CloseReason::AckTimeout);
                 }
             }

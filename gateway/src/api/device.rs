@@ -73,7 +73,9 @@ pub async fn connect(
                 let session_id = inbox.session_id;
                 // Reachable from other nodes before the replay reads the store.
                 let _presence = match state.registry.current(&device_id, session_id) {
-                    Some(handle) => Some(state.router.cluster.attach(&device_id, handle).await),
+                    Some(handle) => {
+                        Some(Box::pin(state.router.cluster.attach(&device_id, handle)).await)
+                    }
                     None => None, // already replaced by a newer session of the device
                 };
                 state.metrics.connections.inc();
