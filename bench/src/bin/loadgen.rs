@@ -93,6 +93,10 @@ struct Common {
     /// Hard wall-clock bound of the whole run; it exits (code 3) when it is reached.
     #[arg(long, default_value_t = 300)]
     max_seconds: u64,
+    /// Stop waiting for outstanding deliveries once none has arrived for this long, and
+    /// report what did arrive (a server that dropped connections never delivers the rest).
+    #[arg(long, default_value_t = 15)]
+    stall_seconds: u64,
     /// Do not ack messages (to see what acks cost the server; Herald then closes
     /// sessions after its ack timeout, so keep such runs shorter than that).
     #[arg(long)]
@@ -738,15 +742,30 @@ async fn publish_paced(
     (ok.load(Ordering::Relaxed), started.elapsed().as_secs_f64())
 }
 
-/// Waits until `delivered` reaches `expected` or `limit` passes; returns when it did.
-async fn wait_delivered(stats: &Stats, expected: u64, limit: Duration) -> Option<Instant> {
+/// Waits until `delivered` reaches `expected`, `limit` passes, or nothing new has been
+/// delivered for `stall`. Returns whether everything arrived, and when the last delivery
+/// seen did (so a partial run's rate is not diluted by the time spent waiting).
+async fn wait_delivered(
+    stats: &Stats,
+    expected: u64,
+    limit: Duration,
+    stall: Duration,
+) -> (bool, Instant) {
     let deadline = Instant::now() + limit;
+    let mut seen = stats.delivered.load(Ordering::Relaxed);
+    let mut last_progress = Instant::now();
     loop {
-        if stats.delivered.load(Ordering::Relaxed) >= expected {
-            return Some(Instant::now());
+        let now = Instant::now();
+        let delivered = stats.delivered.load(Ordering::Relaxed);
+        if delivered >= expected {
+            return (true, now);
         }
-        if Instant::now() > deadline {
-            return None;
+        if delivered != seen {
+            seen = delivered;
+            last_progress = now;
+        }
+        if now > deadline || now - last_progress > stall {
+            return (false, last_progress);
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
@@ -795,6 +814,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let stats = Stats::new();
     let baseline_rss = rss_kib(&common.server_pid);
     let wait_limit = Duration::from_secs(common.max_seconds);
+    let stall_limit = Duration::from_secs(common.stall_seconds);
     let mut report = json!({
         "target": common.target,
         "scenario": format!("{:?}", cli.scenario).split_whitespace().next().unwrap_or("").to_owned(),
@@ -847,6 +867,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 messages,
                 rate,
                 wait_limit,
+                stall_limit,
             };
             targeted(&target, &stats, &common, r, run).await;
         }
@@ -877,8 +898,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .await
                 {
                     Ok(n) => {
-                        let done = wait_delivered(&stats, before + n, wait_limit).await;
-                        round_seconds.push(done.map(|d| (d - started).as_secs_f64()));
+                        let (all, at) =
+                            wait_delivered(&stats, before + n, wait_limit, stall_limit).await;
+                        round_seconds.push(all.then(|| (at - started).as_secs_f64()));
                     }
                     Err(e) => stats.error(format!("{e:#}")),
                 }
@@ -922,10 +944,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let fleet = open_fleet(&target, &stats, &common, clients, None, Some(cursors)).await;
             r.insert("reconnected".into(), json!(fleet.connected));
             r.insert("reconnect_seconds".into(), json!(fleet.connect_seconds));
-            let done = wait_delivered(&stats, delivered_before + published, wait_limit).await;
+            let (all, at) = wait_delivered(
+                &stats,
+                delivered_before + published,
+                wait_limit,
+                stall_limit,
+            )
+            .await;
             r.insert(
                 "catch_up_seconds".into(),
-                json!(done.map(|d| (d - storm).as_secs_f64())),
+                json!(all.then(|| (at - storm).as_secs_f64())),
             );
             let missing: i64 = fleet
                 .cursors
@@ -977,6 +1005,7 @@ struct TargetedRun {
     messages: u64,
     rate: u64,
     wait_limit: Duration,
+    stall_limit: Duration,
 }
 
 /// Throughput and latency: targeted publishes to random devices of the fleet.
@@ -992,6 +1021,7 @@ async fn targeted(
         messages,
         rate,
         wait_limit,
+        stall_limit,
     } = run;
     let fleet = open_fleet(target, stats, common, connections, None, None).await;
     r.insert(
@@ -1012,15 +1042,15 @@ async fn targeted(
         |i| json!({"device": format!("{prefix}-{}", i.wrapping_mul(7_919) % n)}),
     )
     .await;
-    let done = wait_delivered(stats, published, wait_limit).await;
-    let elapsed = done.unwrap_or_else(Instant::now) - started;
+    let (all, last_delivery) = wait_delivered(stats, published, wait_limit, stall_limit).await;
+    let elapsed = last_delivery - started;
     r.insert("rate_asked".into(), json!(rate));
     r.insert("published".into(), json!(published));
     r.insert(
         "publish_per_second".into(),
         json!(published as f64 / publish_seconds),
     );
-    r.insert("all_delivered".into(), json!(done.is_some()));
+    r.insert("all_delivered".into(), json!(all));
     r.insert(
         "delivered_per_second".into(),
         json!(stats.delivered.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64()),
