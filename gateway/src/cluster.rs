@@ -19,13 +19,12 @@ use async_nats::{Client, Event, RequestErrorKind};
 use futures_util::stream::{self, StreamExt};
 use herald_protocol::Target;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::Notify;
 
 use crate::clock::now_ms;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::registry::{KickReason, SessionEvent, SessionHandle, SessionRegistry};
+use crate::registry::{KickReason, Offer, SessionEvent, SessionHandle, SessionRegistry};
 use crate::store::{InboxEntry, MessagePayload, StoredMessage};
 
 /// Requests in flight at once when a publish fans out to devices on other nodes.
@@ -279,20 +278,13 @@ impl ClusterBus {
                         let committed_at = Instant::now()
                             .checked_sub(waited)
                             .unwrap_or_else(Instant::now);
-                        match handle.events.try_send(SessionEvent::Deliver(Box::new((
-                            (*entry).into(),
-                            committed_at,
-                        )))) {
-                            Ok(()) => {
-                                bus.metrics.session_queue_depth.inc();
-                                Some(REPLY_LIVE)
-                            }
-                            Err(TrySendError::Full(_)) => {
-                                handle.kick(KickReason::SlowConsumer);
-                                Some(REPLY_FULL)
-                            }
-                            Err(TrySendError::Closed(_)) => Some(REPLY_GONE),
-                        }
+                        Some(
+                            match handle.offer((*entry).into(), committed_at, &bus.metrics) {
+                                Offer::Taken => REPLY_LIVE,
+                                Offer::Full => REPLY_FULL,
+                                Offer::Gone => REPLY_GONE,
+                            },
+                        )
                     }
                     BusFrame::Presence => Some(REPLY_LIVE),
                     BusFrame::Acked { seq } => {

@@ -5,13 +5,12 @@ use std::time::{Duration, Instant};
 
 use herald_protocol::PushPolicy;
 use tokio::sync::mpsc;
-use tokio::sync::mpsc::error::TrySendError;
 
 use crate::clock::now_ms;
 use crate::cluster::ClusterBus;
 use crate::metrics::Metrics;
 use crate::push::dispatcher::PushDispatcher;
-use crate::registry::{KickReason, SessionEvent, SessionRegistry};
+use crate::registry::{Offer, SessionRegistry};
 use crate::store::{InboxEntry, Store};
 
 #[derive(Clone)]
@@ -31,20 +30,9 @@ impl DeliveryRouter {
         let mut missed = Vec::new();
         let mut remote = Vec::new();
         for entry in entries {
-            let mut live = false;
-            if let Some(handle) = self.registry.get(&entry.device_id) {
-                match handle.events.try_send(SessionEvent::Deliver(Box::new((
-                    entry.clone(),
-                    committed_at,
-                )))) {
-                    Ok(()) => {
-                        live = true;
-                        self.metrics.session_queue_depth.inc();
-                    }
-                    Err(TrySendError::Full(_)) => handle.kick(KickReason::SlowConsumer),
-                    Err(TrySendError::Closed(_)) => {}
-                }
-            }
+            let live = self.registry.get(&entry.device_id).is_some_and(|handle| {
+                handle.offer(entry.clone(), committed_at, &self.metrics) == Offer::Taken
+            });
             if !live && self.cluster.is_clustered() {
                 // The publish transaction only knew this node's sessions, so the entry
                 // may carry a fallback push that another node's session makes moot.

@@ -6,8 +6,10 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::Metrics;
 use crate::store::InboxEntry;
 
 /// What the rest of the gateway can tell a session.
@@ -46,10 +48,40 @@ pub struct SessionHandle {
     reason: std::sync::Arc<Mutex<Option<KickReason>>>,
 }
 
+/// What became of an entry offered to a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offer {
+    /// Queued: the session will write it.
+    Taken,
+    /// The queue was full: the session was kicked as a slow consumer (it catches up
+    /// by replay when it reconnects).
+    Full,
+    /// The session already ended.
+    Gone,
+}
+
 impl SessionHandle {
     pub fn kick(&self, reason: KickReason) {
         self.reason.lock().unwrap().get_or_insert(reason);
         self.kill.cancel();
+    }
+
+    /// Queues a committed entry without ever waiting on the session.
+    pub fn offer(&self, entry: InboxEntry, committed_at: Instant, metrics: &Metrics) -> Offer {
+        match self
+            .events
+            .try_send(SessionEvent::Deliver(Box::new((entry, committed_at))))
+        {
+            Ok(()) => {
+                metrics.session_queue_depth.inc();
+                Offer::Taken
+            }
+            Err(TrySendError::Full(_)) => {
+                self.kick(KickReason::SlowConsumer);
+                Offer::Full
+            }
+            Err(TrySendError::Closed(_)) => Offer::Gone,
+        }
     }
 }
 
