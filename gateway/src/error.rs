@@ -19,6 +19,8 @@ pub enum AppError {
     Conflict(String),
     #[error("{0}")]
     TooLarge(String),
+    #[error("{0}")]
+    NotAcceptable(String),
     #[error("{field}: {message}")]
     Invalid { field: String, message: String },
     #[error("rate limit exceeded; retry after {retry_after_s} s")]
@@ -45,6 +47,7 @@ impl AppError {
             AppError::NotFound(_) => StatusCode::NOT_FOUND,
             AppError::Conflict(_) => StatusCode::CONFLICT,
             AppError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            AppError::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             AppError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             AppError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             AppError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -60,6 +63,7 @@ impl AppError {
             AppError::NotFound(_) => "not_found",
             AppError::Conflict(_) => "conflict",
             AppError::TooLarge(_) => "too_large",
+            AppError::NotAcceptable(_) => "not_acceptable",
             AppError::Invalid { .. } => "invalid_field",
             AppError::RateLimited { .. } => "rate_limited",
             AppError::Unavailable => "unavailable",

@@ -101,14 +101,18 @@ where
         last_heard: Instant::now(),
     };
     let kill = inbox.kill.clone();
+    // Biased: a kick cancels `kill` before the registry drops the session's sender,
+    // so checking `kill` first reports why (replaced, deleted…) instead of the closed
+    // queue the session loop would see.
     let result = tokio::select! {
-        r = session.run(&mut inbox, &shutdown) => r,
+        biased;
         _ = kill.cancelled() => Err(match inbox.kick_reason() {
             Some(KickReason::SlowConsumer) => CloseReason::SlowConsumer,
             Some(KickReason::Replaced) => CloseReason::Replaced,
             Some(KickReason::Deleted) => CloseReason::Deleted,
             _ => CloseReason::Kicked,
         }),
+        r = session.run(&mut inbox, &shutdown) => r,
     };
     let reason = match result {
         Ok(()) => CloseReason::ClientClosed,

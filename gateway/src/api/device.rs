@@ -12,6 +12,7 @@ use herald_protocol::{
 use serde::Deserialize;
 
 use super::{require_id, ApiJson, ApiQuery, AppState, DeviceAuth};
+use crate::auth::DeviceClaims;
 use crate::clock::now_ms;
 use crate::error::AppError;
 use crate::session::run_session;
@@ -34,27 +35,8 @@ pub async fn connect(
     ApiQuery(params): ApiQuery<ConnectParams>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, AppError> {
-    state
-        .connect_limiter
-        .check_ip(peer.ip())
-        .map_err(|retry_after_s| AppError::RateLimited { retry_after_s })?;
-    if state.shutdown.is_cancelled() {
-        return Err(AppError::Unavailable);
-    }
-    require_id("device_id", &params.device_id)?;
-    if params.after.is_some_and(|a| a < 0) {
-        return Err(AppError::invalid("after", "must be 0 or more"));
-    }
-    let now = now_ms();
-    let device = state
-        .store
-        .claim_device(&params.device_id, &claims.sub, now)
-        .await?;
-    let after = params.after.unwrap_or(device.acked_seq);
-    if after > device.acked_seq {
-        // The client holds everything up to `after`: that is an ack.
-        state.store.ack(&device.id, after, now).await?;
-    }
+    let (device_id, after) =
+        open_session(&state, peer, &claims, &params.device_id, params.after).await?;
     let limits = &state.config.limits;
     let ws = ws
         .protocols([SUBPROTOCOL])
@@ -63,44 +45,85 @@ pub async fn connect(
         .read_buffer_size(limits.ws_read_buffer_bytes)
         .write_buffer_size(limits.ws_write_buffer_bytes)
         .max_write_buffer_size(limits.ws_max_write_buffer_bytes);
-    let device_id = device.id;
     let tracker = state.sessions.clone();
     Ok(ws
         .on_failed_upgrade(|e| tracing::debug!(error = %e, "websocket upgrade failed"))
         .on_upgrade(move |socket| {
-            tracker.track_future(async move {
-                let inbox = state.registry.register(&device_id);
-                let session_id = inbox.session_id;
-                // Reachable from other nodes before the replay reads the store.
-                let _presence = match state.registry.current(&device_id, session_id) {
-                    Some(handle) => {
-                        Some(Box::pin(state.router.cluster.attach(&device_id, handle)).await)
-                    }
-                    None => None, // already replaced by a newer session of the device
-                };
-                state.metrics.connections.inc();
-                state.metrics.connections_total.inc();
-                let reason = run_session(
-                    socket,
-                    device_id.clone(),
-                    after,
-                    inbox,
-                    &state.router,
-                    &state.session_cfg,
-                    state.shutdown.clone(),
-                )
-                .await;
-                state.registry.deregister(&device_id, session_id);
-                state.metrics.connections.dec();
-                state
-                    .metrics
-                    .sessions_closed
-                    .with_label_values(&[reason.label()])
-                    .inc();
-                let _ = state.store.touch_device(&device_id, now_ms()).await;
-                tracing::debug!(device = %device_id, reason = reason.label(), "session closed");
-            })
+            tracker.track_future(serve_session(state, device_id, after, socket))
         }))
+}
+
+/// What every live transport (WebSocket, SSE) checks before it starts a session:
+/// rate, shutdown, the device id, ownership; and the client's cursor, which acks
+/// everything up to it. Returns the device id and the cursor to replay after.
+pub(super) async fn open_session(
+    state: &AppState,
+    peer: SocketAddr,
+    claims: &DeviceClaims,
+    device_id: &str,
+    after: Option<i64>,
+) -> Result<(String, i64), AppError> {
+    state
+        .connect_limiter
+        .check_ip(peer.ip())
+        .map_err(|retry_after_s| AppError::RateLimited { retry_after_s })?;
+    if state.shutdown.is_cancelled() {
+        return Err(AppError::Unavailable);
+    }
+    require_id("device_id", device_id)?;
+    if after.is_some_and(|a| a < 0) {
+        return Err(AppError::invalid("after", "must be 0 or more"));
+    }
+    let now = now_ms();
+    let device = state
+        .store
+        .claim_device(device_id, &claims.sub, now)
+        .await?;
+    let after = after.unwrap_or(device.acked_seq);
+    if after > device.acked_seq {
+        // The client holds everything up to `after`: that is an ack.
+        state.store.ack(&device.id, after, now).await?;
+    }
+    Ok((device.id, after))
+}
+
+/// One live session of a device over any transport, from registration to the
+/// presence update after it ends. Replaces (kicks) the device's previous session,
+/// whatever its transport.
+pub(super) async fn serve_session<S, E>(state: AppState, device_id: String, after: i64, socket: S)
+where
+    S: futures_util::Stream<Item = Result<axum::extract::ws::Message, E>>
+        + futures_util::Sink<axum::extract::ws::Message>
+        + Unpin,
+{
+    let inbox = state.registry.register(&device_id);
+    let session_id = inbox.session_id;
+    // Reachable from other nodes before the replay reads the store.
+    let _presence = match state.registry.current(&device_id, session_id) {
+        Some(handle) => Some(Box::pin(state.router.cluster.attach(&device_id, handle)).await),
+        None => None, // already replaced by a newer session of the device
+    };
+    state.metrics.connections.inc();
+    state.metrics.connections_total.inc();
+    let reason = run_session(
+        socket,
+        device_id.clone(),
+        after,
+        inbox,
+        &state.router,
+        &state.session_cfg,
+        state.shutdown.clone(),
+    )
+    .await;
+    state.registry.deregister(&device_id, session_id);
+    state.metrics.connections.dec();
+    state
+        .metrics
+        .sessions_closed
+        .with_label_values(&[reason.label()])
+        .inc();
+    let _ = state.store.touch_device(&device_id, now_ms()).await;
+    tracing::debug!(device = %device_id, reason = reason.label(), "session closed");
 }
 
 pub async fn register_device(
@@ -156,7 +179,12 @@ pub struct SyncParams {
     #[serde(default)]
     pub after: i64,
     pub limit: Option<u32>,
+    /// Long-poll: seconds to hold the request when nothing is waiting.
+    pub wait: Option<u64>,
 }
+
+/// The longest a long-poll (`GET /v1/me/sync?wait=S`) is held.
+pub const MAX_SYNC_WAIT_S: u64 = 60;
 
 /// The device must exist and belong to the caller.
 async fn owned_device(state: &AppState, user: &str, device_id: &str) -> Result<Device, AppError> {
@@ -191,10 +219,20 @@ pub async fn sync(
     if params.after < 0 {
         return Err(AppError::invalid("after", "must be 0 or more"));
     }
-    let entries = state
+    let wait = params.wait.unwrap_or(0);
+    if wait > MAX_SYNC_WAIT_S {
+        return Err(AppError::invalid(
+            "wait",
+            format!("must be at most {MAX_SYNC_WAIT_S} seconds"),
+        ));
+    }
+    let mut entries = state
         .store
         .fetch_after(&device.id, params.after, limit + 1, now_ms())
         .await?;
+    if entries.is_empty() && wait > 0 {
+        entries = hold_for_entries(&state, &device.id, params.after, limit + 1, wait).await?;
+    }
     let has_more = entries.len() > limit as usize;
     Ok(Json(SyncResponse {
         messages: entries
@@ -203,8 +241,69 @@ pub async fn sync(
             .map(|e| e.to_wire())
             .collect(),
         has_more,
-        last_seq: device.last_seq,
+        last_seq: device.last_seq.max(entries.last().map_or(0, |e| e.seq)),
     }))
+}
+
+/// A long-poll: while held, the request is the device's live session (it replaces a
+/// WebSocket or SSE session, makes the device online, and is offered new entries), so
+/// what it returns counts as sent and falls back to push if not acked in time, exactly
+/// like a live delivery.
+async fn hold_for_entries(
+    state: &AppState,
+    device_id: &str,
+    after: i64,
+    limit: u32,
+    wait_s: u64,
+) -> Result<Vec<crate::store::InboxEntry>, AppError> {
+    use crate::registry::SessionEvent;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(wait_s);
+    let mut inbox = state.registry.register(device_id);
+    let session_id = inbox.session_id;
+    let _presence = match state.registry.current(device_id, session_id) {
+        Some(handle) => Some(Box::pin(state.router.cluster.attach(device_id, handle)).await),
+        None => None,
+    };
+    let kill = inbox.kill.clone();
+    // Registered first, read second: an entry committed in between is either in the
+    // store read or announced on the queue, never neither.
+    let result = loop {
+        let entries = match state
+            .store
+            .fetch_after(device_id, after, limit, now_ms())
+            .await
+        {
+            Ok(e) => e,
+            Err(e) => break Err(AppError::from(e)),
+        };
+        if !entries.is_empty() {
+            break Ok(entries);
+        }
+        tokio::select! {
+            event = inbox.events.recv() => match event {
+                Some(SessionEvent::Deliver(_)) => state.metrics.session_queue_depth.dec(),
+                Some(_) => {}
+                None => break Ok(Vec::new()),
+            },
+            _ = kill.cancelled() => break Ok(Vec::new()),
+            _ = state.shutdown.cancelled() => break Ok(Vec::new()),
+            _ = tokio::time::sleep_until(deadline) => break Ok(Vec::new()),
+        }
+    };
+    state.registry.deregister(device_id, session_id);
+    inbox.events.close();
+    while let Ok(event) = inbox.events.try_recv() {
+        if matches!(event, SessionEvent::Deliver(..)) {
+            state.metrics.session_queue_depth.dec();
+        }
+    }
+    let _ = state.store.touch_device(device_id, now_ms()).await;
+    if let Ok(entries) = &result {
+        if let (Some(first), Some(last)) = (entries.first(), entries.last()) {
+            state.router.sent.record(device_id, first.seq, last.seq);
+        }
+    }
+    result
 }
 
 pub async fn ack(

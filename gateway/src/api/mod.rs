@@ -4,6 +4,7 @@
 pub mod device;
 pub mod ops;
 pub mod service;
+pub mod sse;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -68,7 +69,6 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/users/{user}/devices", get(service::user_devices))
         .route("/v1/tokens", post(service::mint_token))
         .route("/v1/me/devices/{device_id}", put(device::register_device))
-        .route("/v1/me/sync", get(device::sync))
         .route("/v1/me/ack", post(device::ack))
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
         .merge(publish)
@@ -76,9 +76,19 @@ pub fn app(state: AppState) -> Router {
             StatusCode::REQUEST_TIMEOUT,
             Duration::from_millis(limits.request_timeout_ms),
         ));
+    // A long-poll is held up to MAX_SYNC_WAIT_S on purpose: its own, longer bound.
+    let long_poll = Router::new().route("/v1/me/sync", get(device::sync)).layer(
+        tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            Duration::from_millis(limits.request_timeout_ms)
+                + Duration::from_secs(device::MAX_SYNC_WAIT_S),
+        ),
+    );
     Router::new()
         .merge(api)
+        .merge(long_poll)
         .route("/v1/connect", get(device::connect))
+        .route("/v1/connect/sse", get(sse::connect))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
@@ -153,7 +163,8 @@ impl FromRequestParts<AppState> for DeviceAuth {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
         let query_token = parts.uri.query().and_then(|q| {
-            url_param(q, "access_token").filter(|_| parts.uri.path() == "/v1/connect")
+            url_param(q, "access_token")
+                .filter(|_| matches!(parts.uri.path(), "/v1/connect" | "/v1/connect/sse"))
         });
         let token = bearer(parts)
             .map(str::to_owned)
