@@ -456,3 +456,63 @@ fn bad_keys_and_pkcs12_are_explained() {
     assert!(!err.contains("pw\""), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// What the dispatcher sends for an inbox entry: `apns-collapse-id` is the message's
+/// own collapse key if it has one, else its id, on every attempt, so a retry of a
+/// request that timed out replaces the notification instead of stacking a second one.
+#[test]
+fn every_push_of_an_entry_carries_its_collapse_id() {
+    use herald_gateway::store::{Device, InboxEntry, MessagePayload, StoredMessage};
+    use herald_protocol::{PushPolicy, PushTokenState, Target};
+    use std::sync::Arc;
+
+    let entry = |collapse_key: Option<&str>, attempts: u32| InboxEntry {
+        device_id: "dev-1".into(),
+        seq: 12,
+        message: Arc::new(StoredMessage {
+            id: "msg_0192a".into(),
+            target: Target::Device("dev-1".into()),
+            payload: MessagePayload {
+                data: json!({"order": 17}),
+                notification: Some(notification()),
+                push: PushPolicy::Fallback,
+                push_content: PushContent::Full,
+                priority: Priority::High,
+                collapse_key: collapse_key.map(str::to_owned),
+            },
+            created_at: 1_800_000_000_000,
+            expires_at: 1_900_000_000_000,
+        }),
+        push_pending: true,
+        push_attempts: attempts,
+    };
+    let device = Device {
+        id: "dev-1".into(),
+        user_id: "u".into(),
+        platform: None,
+        push_provider: Some(PushProviderKind::Apns),
+        push_token: Some("a1b2c3".into()),
+        apns_environment: Some(ApnsEnvironment::Sandbox),
+        token_state: PushTokenState::Active,
+        token_error: None,
+        last_seq: 12,
+        acked_seq: 0,
+        last_seen: None,
+    };
+    for attempts in [0, 1, 4] {
+        let req = PushRequest::for_entry(
+            &entry(None, attempts),
+            &device,
+            PushProviderKind::Apns,
+            "a1b2c3".into(),
+        );
+        assert_eq!(golden(&req).1["apns-collapse-id"], "msg_0192a");
+        let req = PushRequest::for_entry(
+            &entry(Some("orders"), attempts),
+            &device,
+            PushProviderKind::Apns,
+            "a1b2c3".into(),
+        );
+        assert_eq!(golden(&req).1["apns-collapse-id"], "orders");
+    }
+}

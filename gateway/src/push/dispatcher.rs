@@ -349,21 +349,7 @@ impl Worker {
                 Some(format!("push provider {} is not configured", kind.as_str())),
             );
         };
-        let m = &entry.message;
-        let req = PushRequest {
-            device_id: entry.device_id.clone(),
-            seq: entry.seq,
-            message_id: m.id.clone(),
-            provider: kind,
-            token: token.clone(),
-            apns_environment: device.apns_environment,
-            data: m.payload.data.clone(),
-            notification: m.payload.notification.clone(),
-            priority: m.payload.priority,
-            collapse_key: m.payload.collapse_key.clone(),
-            push_content: m.payload.push_content,
-            expires_at: m.expires_at / 1000,
-        };
+        let req = PushRequest::for_entry(entry, &device, kind, token.clone());
         let outcome = provider.send(&req).await;
         self.count(kind.as_str(), outcome.label());
         match outcome {

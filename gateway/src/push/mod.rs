@@ -35,6 +35,40 @@ pub struct PushRequest {
     pub expires_at: i64,
 }
 
+impl PushRequest {
+    /// The push of one inbox entry to one device's token.
+    pub fn for_entry(
+        entry: &crate::store::InboxEntry,
+        device: &crate::store::Device,
+        provider: PushProviderKind,
+        token: String,
+    ) -> PushRequest {
+        let m = &entry.message;
+        PushRequest {
+            device_id: entry.device_id.clone(),
+            seq: entry.seq,
+            message_id: m.id.clone(),
+            provider,
+            token,
+            apns_environment: device.apns_environment,
+            data: m.payload.data.clone(),
+            notification: m.payload.notification.clone(),
+            priority: m.payload.priority,
+            collapse_key: Some(collapse_key(&m.id, m.payload.collapse_key.as_deref())),
+            push_content: m.payload.push_content,
+            expires_at: m.expires_at / 1000,
+        }
+    }
+}
+
+/// The collapse identifier every push carries (`apns-collapse-id`, FCM
+/// `android.collapse_key`): the message's own `collapse_key` when it has one, else its
+/// id. A request whose outcome is unknown (it timed out) is retried, and if both
+/// attempts reached the device the second replaces the first instead of stacking.
+pub fn collapse_key(message_id: &str, explicit: Option<&str>) -> String {
+    explicit.unwrap_or(message_id).to_owned()
+}
+
 /// What a provider said about one push.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PushOutcome {
