@@ -7,9 +7,10 @@
 //! questions, kicks (replaced, deleted) and HTTP acks travel on the same subject.
 //!
 //! NATS is only a doorbell: the entry is already committed to the shared store, so
-//! a lost request costs at most a push the device did not need, never a message —
-//! the session fills any gap from the store, and after a NATS outage every session
-//! re-reads its inbox (`SessionEvent::Resync`).
+//! a lost request costs at most a late delivery, never a message — the session fills
+//! any gap from the store, an entry nobody took comes due and is offered again by
+//! whichever node takes it (`DeliveryRouter::settle_due`), and after a NATS outage
+//! every session re-reads its inbox (`SessionEvent::Resync`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -53,10 +54,14 @@ pub struct NatsBus {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
 enum BusFrame {
-    /// A committed inbox entry (request; the reply is `REPLY_LIVE`, `_FULL`, `_GONE`).
+    /// A committed inbox entry (request; the reply is `REPLY_LIVE`, `_FULL`, `_GONE`,
+    /// `_OVERDUE`). `due`: its push is due, so a session that already had it declines
+    /// (`SessionHandle::offer_due`).
     Deliver {
         entry: Box<WireEntry>,
         committed_at_ms: i64,
+        #[serde(default)]
+        due: bool,
     },
     /// Is the device connected here? (request; any reply means yes)
     Presence,
@@ -80,6 +85,19 @@ enum WireKick {
 const REPLY_LIVE: &[u8] = b"live";
 const REPLY_FULL: &[u8] = b"full";
 const REPLY_GONE: &[u8] = b"gone";
+const REPLY_OVERDUE: &[u8] = b"overdue";
+
+/// What offering an entry to the sessions of other nodes found out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// A session took it.
+    Live,
+    /// No node has a session that takes it ("no responders", or it declined).
+    Offline,
+    /// No answer in time (NATS down or slow, a partition): a session may exist, so
+    /// the caller leaves the push to its due time rather than deciding now.
+    Unknown,
+}
 
 #[derive(Debug, Serialize, Deserialize)]
 struct WireEntry {
@@ -272,19 +290,24 @@ impl ClusterBus {
                     BusFrame::Deliver {
                         entry,
                         committed_at_ms,
+                        due,
                     } => {
                         let waited =
                             Duration::from_millis((now_ms() - committed_at_ms).max(0) as u64);
                         let committed_at = Instant::now()
                             .checked_sub(waited)
                             .unwrap_or_else(Instant::now);
-                        Some(
-                            match handle.offer((*entry).into(), committed_at, &bus.metrics) {
-                                Offer::Taken => REPLY_LIVE,
-                                Offer::Full => REPLY_FULL,
-                                Offer::Gone => REPLY_GONE,
-                            },
-                        )
+                        let offer = if due {
+                            handle.offer_due((*entry).into(), &bus.metrics)
+                        } else {
+                            handle.offer((*entry).into(), committed_at, &bus.metrics)
+                        };
+                        Some(match offer {
+                            Offer::Taken => REPLY_LIVE,
+                            Offer::Full => REPLY_FULL,
+                            Offer::Gone => REPLY_GONE,
+                            Offer::Overdue => REPLY_OVERDUE,
+                        })
                     }
                     BusFrame::Presence => Some(REPLY_LIVE),
                     BusFrame::Acked { seq } => {
@@ -315,12 +338,15 @@ impl ClusterBus {
         }
     }
 
-    /// Offers entries to sessions on other nodes; returns each entry with whether a
-    /// session took it. Errors and timeouts count as "not taken": the entry is in the
-    /// store either way, and the caller falls back to push.
-    pub async fn deliver_remote(&self, entries: Vec<InboxEntry>) -> Vec<(InboxEntry, bool)> {
+    /// Offers entries to sessions on other nodes; returns each entry with what came of
+    /// it. `due`: the entries' pushes are due (see `BusFrame::Deliver`).
+    pub async fn deliver_remote(
+        &self,
+        entries: Vec<InboxEntry>,
+        due: bool,
+    ) -> Vec<(InboxEntry, Reach)> {
         let ClusterBus::Nats(bus) = self else {
-            return entries.into_iter().map(|e| (e, false)).collect();
+            return entries.into_iter().map(|e| (e, Reach::Offline)).collect();
         };
         let committed_at_ms = now_ms();
         stream::iter(entries)
@@ -330,13 +356,15 @@ impl ClusterBus {
                     let frame = BusFrame::Deliver {
                         entry: Box::new(WireEntry::from(&entry)),
                         committed_at_ms,
+                        due,
                     };
                     let subject = bus.device_subject(&entry.device_id);
-                    let live = match bus.request(subject, &frame).await {
-                        Ok(reply) => reply == REPLY_LIVE,
-                        Err(_) => false,
+                    let reach = match bus.request(subject, &frame).await {
+                        Ok(reply) if reply == REPLY_LIVE => Reach::Live,
+                        Ok(_) | Err(RequestFailed::NoResponders) => Reach::Offline,
+                        Err(RequestFailed::NoAnswer) => Reach::Unknown,
                     };
-                    (entry, live)
+                    (entry, reach)
                 }
             })
             .buffer_unordered(ROUTE_CONCURRENCY)
@@ -394,6 +422,14 @@ impl ClusterBus {
     }
 }
 
+/// Why a request got no reply.
+enum RequestFailed {
+    /// NATS says nobody listens on the subject: no node has a session for it.
+    NoResponders,
+    /// Timeout or connection trouble: nobody knows.
+    NoAnswer,
+}
+
 impl NatsBus {
     fn device_subject(&self, device_id: &str) -> String {
         format!("{}.dev.{}", self.prefix, subject_token(device_id))
@@ -407,7 +443,11 @@ impl NatsBus {
     }
 
     /// Ok(reply) from the first node that answered; Err when none did.
-    async fn request(&self, subject: String, frame: &BusFrame) -> Result<bytes::Bytes, ()> {
+    async fn request(
+        &self,
+        subject: String,
+        frame: &BusFrame,
+    ) -> Result<bytes::Bytes, RequestFailed> {
         let body = serde_json::to_vec(frame).expect("bus frames serialize");
         let request = async_nats::Request::new()
             .payload(body.into())
@@ -430,17 +470,17 @@ impl NatsBus {
                 Ok(msg.payload)
             }
             Err(e) => {
-                let label = match e.kind() {
-                    RequestErrorKind::NoResponders => "offline",
+                let (label, failed) = match e.kind() {
+                    RequestErrorKind::NoResponders => ("offline", RequestFailed::NoResponders),
                     _ => {
                         tracing::debug!(error = %e, "NATS request failed");
-                        "error"
+                        ("error", RequestFailed::NoAnswer)
                     }
                 };
                 if matches!(frame, BusFrame::Deliver { .. }) {
                     outcome(label);
                 }
-                Err(())
+                Err(failed)
             }
         }
     }

@@ -32,7 +32,7 @@ use crate::auth::DeviceTokens;
 use crate::clock::now_ms;
 use crate::cluster::ClusterBus;
 use crate::config::Config;
-use crate::delivery::{DeliveryRouter, SentRecorder};
+use crate::delivery::{DeliveryRouter, DuePolling, SentRecorder};
 use crate::metrics::Metrics;
 use crate::push::dispatcher::PushDispatcher;
 use crate::push::stub::StubProvider;
@@ -103,11 +103,17 @@ impl Application {
         let shutdown = CancellationToken::new();
         let registry = Arc::new(SessionRegistry::new(config.delivery.session_queue));
         cluster.spawn_resync(registry.clone());
+        let push_settings = config.push.settings();
+        let due_polling = DuePolling {
+            interval: push_settings.poll_interval,
+            lease: Duration::from_millis(config.delivery.ack_timeout_ms),
+            stale_claim: push_settings.stale_claim,
+        };
         let push = PushDispatcher::start(
             store.clone(),
             providers,
             metrics.clone(),
-            config.push.settings(),
+            push_settings,
             shutdown.clone(),
         );
         let router = DeliveryRouter {
@@ -118,6 +124,7 @@ impl Application {
             sent: SentRecorder::start(store.clone()),
             cluster,
         };
+        router.spawn_due_poller(due_polling, shutdown.clone());
         let d = &config.delivery;
         let session_cfg = SessionConfig {
             heartbeat: Duration::from_millis(d.heartbeat_ms),

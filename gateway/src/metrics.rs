@@ -21,6 +21,7 @@ pub struct Metrics {
     pub session_queue_depth: IntGauge,
     pub push_queue_depth: IntGauge,
     pub cluster_routes: IntCounterVec,
+    pub due_offered_live: IntCounter,
 }
 
 impl Metrics {
@@ -81,6 +82,11 @@ impl Metrics {
             &["outcome"],
         )
         .unwrap();
+        let due_offered_live = IntCounter::new(
+            "due_offered_live_total",
+            "Fallback entries a live session took when their push came due (it never had them: their doorbell was lost)",
+        )
+        .unwrap();
         for c in [
             Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(connections_total.clone()),
@@ -95,6 +101,7 @@ impl Metrics {
             Box::new(session_queue_depth.clone()),
             Box::new(push_queue_depth.clone()),
             Box::new(cluster_routes.clone()),
+            Box::new(due_offered_live.clone()),
         ] {
             registry.register(c).expect("unique metric");
         }
@@ -113,6 +120,7 @@ impl Metrics {
             session_queue_depth,
             push_queue_depth,
             cluster_routes,
+            due_offered_live,
         }
     }
 

@@ -1,8 +1,8 @@
 //! Who is connected to this node: device id → live session.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::mpsc;
@@ -46,6 +46,29 @@ pub struct SessionHandle {
     pub events: mpsc::Sender<SessionEvent>,
     kill: CancellationToken,
     reason: std::sync::Arc<Mutex<Option<KickReason>>>,
+    progress: Arc<SessionProgress>,
+}
+
+/// How far a session got, readable without the session task: a task stuck writing to
+/// a socket that stopped draining cannot answer anything, and a due push must not
+/// wait for it.
+#[derive(Debug, Default)]
+pub struct SessionProgress {
+    /// Highest seq queued to the session.
+    queued: AtomicI64,
+    /// Highest seq the session wrote to its socket (live or by replay).
+    written: AtomicI64,
+}
+
+impl SessionProgress {
+    /// Called by the session after each entry it wrote.
+    pub fn wrote(&self, seq: i64) {
+        self.written.fetch_max(seq, Ordering::Relaxed);
+    }
+
+    fn had(&self, seq: i64) -> bool {
+        seq <= self.queued.load(Ordering::Relaxed) || seq <= self.written.load(Ordering::Relaxed)
+    }
 }
 
 /// What became of an entry offered to a session.
@@ -58,6 +81,9 @@ pub enum Offer {
     Full,
     /// The session already ended.
     Gone,
+    /// Offered as due: this session already had the entry (queued or written) and no
+    /// ack came by its due time. It gets no second chance: the entry is pushed.
+    Overdue,
 }
 
 impl SessionHandle {
@@ -68,11 +94,13 @@ impl SessionHandle {
 
     /// Queues a committed entry without ever waiting on the session.
     pub fn offer(&self, entry: InboxEntry, committed_at: Instant, metrics: &Metrics) -> Offer {
+        let seq = entry.seq;
         match self
             .events
             .try_send(SessionEvent::Deliver(Box::new((entry, committed_at))))
         {
             Ok(()) => {
+                self.progress.queued.fetch_max(seq, Ordering::Relaxed);
                 metrics.session_queue_depth.inc();
                 Offer::Taken
             }
@@ -83,6 +111,16 @@ impl SessionHandle {
             Err(TrySendError::Closed(_)) => Offer::Gone,
         }
     }
+
+    /// Offers an entry whose push is due (`DeliveryRouter::settle_due`): taken only if
+    /// this session never had it, e.g. when the node that committed it died before
+    /// ringing the doorbell. One this session had and did not get acked is `Overdue`.
+    pub fn offer_due(&self, entry: InboxEntry, metrics: &Metrics) -> Offer {
+        if self.progress.had(entry.seq) {
+            return Offer::Overdue;
+        }
+        self.offer(entry, Instant::now(), metrics)
+    }
 }
 
 /// The receiving half held by the session itself.
@@ -91,6 +129,7 @@ pub struct SessionInbox {
     pub events: mpsc::Receiver<SessionEvent>,
     pub kill: CancellationToken,
     reason: std::sync::Arc<Mutex<Option<KickReason>>>,
+    pub progress: Arc<SessionProgress>,
 }
 
 impl SessionInbox {
@@ -133,11 +172,13 @@ impl SessionRegistry {
         let kill = CancellationToken::new();
         let reason = std::sync::Arc::new(Mutex::new(None));
         let session_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let progress = Arc::new(SessionProgress::default());
         let handle = SessionHandle {
             session_id,
             events: tx,
             kill: kill.clone(),
             reason: reason.clone(),
+            progress: progress.clone(),
         };
         let old = self
             .shard(device_id)
@@ -152,6 +193,7 @@ impl SessionRegistry {
             events: rx,
             kill,
             reason,
+            progress,
         }
     }
 

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::now_ms;
 use crate::delivery::DeliveryRouter;
-use crate::registry::{KickReason, SessionEvent, SessionInbox};
+use crate::registry::{KickReason, SessionEvent, SessionInbox, SessionProgress};
 use crate::store::InboxEntry;
 
 pub struct SessionConfig {
@@ -73,6 +73,8 @@ struct Session<'a, S> {
     /// Written but not yet acked, oldest first, with when they were written.
     unacked: VecDeque<(InboxEntry, Instant)>,
     last_heard: Instant,
+    /// Shared with the registry, so a due push can tell what this session wrote.
+    progress: Arc<SessionProgress>,
 }
 
 type SessionResult = Result<(), CloseReason>;
@@ -99,6 +101,7 @@ where
         last_sent: after,
         unacked: VecDeque::new(),
         last_heard: Instant::now(),
+        progress: inbox.progress.clone(),
     };
     let kill = inbox.kill.clone();
     // Biased: a kick cancels `kill` before the registry drops the session's sender,
@@ -355,6 +358,7 @@ where
             .sent
             .record(&self.device_id, self.last_sent + 1, entry.seq);
         self.last_sent = entry.seq;
+        self.progress.wrote(entry.seq);
         self.unacked.push_back((entry, Instant::now()));
         Ok(())
     }
@@ -403,10 +407,9 @@ where
             }));
             let _ = tokio::time::timeout(Duration::from_secs(1), self.socket.send(close)).await;
         }
-        if reason == CloseReason::AckTimeout {
-            let pending: Vec<InboxEntry> = self.unacked.drain(..).map(|(e, _)| e).collect();
-            self.router.ack_timed_out(pending);
-        }
+        // No push is requested here: every fallback entry has carried its due time
+        // since its commit (`store::push_due_at`), and whoever finds it due pushes it,
+        // even while a session task is stuck writing to a socket that stopped draining.
     }
 }
 

@@ -65,6 +65,7 @@ async fn offline_device_gets_exactly_one_push_with_the_v1_body() {
         json!({"order": 7})
     );
     assert_eq!(m["android"]["priority"], "high");
+    // The message's own collapse key wins over its id.
     assert_eq!(m["android"]["collapse_key"], "c1");
     assert_eq!(mock.token_requests(), 1);
     mock.assert_no_problems();
@@ -255,4 +256,116 @@ async fn a_slow_provider_blocks_neither_publishing_nor_live_delivery() {
         "{:?}",
         started.elapsed()
     );
+}
+
+#[tokio::test]
+async fn a_socket_that_stops_draining_still_gets_its_fallback_pushes() {
+    let mock = MockFcm::start(3600).await;
+    let tg = gateway_with_mock(&mock, |c| {
+        c.limits.max_body_bytes = 256 * 1024;
+        c.limits.max_message_bytes = 256 * 1024;
+    })
+    .await;
+    register(&tg, "u", "droid", Some(("fcm", "tok"))).await;
+    // A live socket whose reader stopped (a suspended app): a tiny receive window, and
+    // nothing read after the handshake, so the server's writes soon block.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(2048).unwrap();
+    let stream = socket
+        .connect(tg.base_url.trim_start_matches("http://").parse().unwrap())
+        .await
+        .unwrap();
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        tg.ws_url("droid", None),
+    )
+    .unwrap();
+    let token = tg.mint_token("u", Duration::from_secs(600));
+    req.headers_mut()
+        .insert("Authorization", format!("Bearer {token}").parse().unwrap());
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", "herald.v1".parse().unwrap());
+    let (_stalled, _) = tokio_tungstenite::client_async(req, stream).await.unwrap();
+    eventually("online", || async {
+        let (_, d) = get(&tg, "/v1/devices/droid", &tg.api_key).await;
+        (d["online"] == true).then_some(())
+    })
+    .await;
+
+    // Far more than the socket buffers hold: the session task ends up stuck in a write.
+    let big = "x".repeat(100 * 1024);
+    let mut ids = Vec::new();
+    for n in 0..16 {
+        let r = publish(
+            &tg,
+            json!({"to": {"device": "droid"}, "data": {"n": n, "pad": big}}),
+        )
+        .await;
+        ids.push(r["message_id"].as_str().unwrap().to_owned());
+    }
+    // Every one is pushed once its ack is overdue: the first ones the session wrote,
+    // the one it is stuck on and the ones still queued behind it alike.
+    for id in &ids {
+        eventually_within(Duration::from_secs(20), &format!("{id} pushed"), || async {
+            (status(&tg, id).await["deliveries"][0]["state"] == "pushed").then_some(())
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pushed: Vec<String> = mock
+        .bodies()
+        .iter()
+        .map(|b| {
+            b["message"]["data"]["herald_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    let mut want = ids.clone();
+    want.sort();
+    let mut got = pushed.clone();
+    got.sort();
+    assert_eq!(got, want, "each message pushed exactly once");
+    mock.assert_no_problems();
+}
+
+#[tokio::test]
+async fn a_timed_out_push_is_retried_under_the_message_id_as_collapse_key() {
+    let mock = MockFcm::start(3600).await;
+    let tg = gateway_with_mock(&mock, |c| {
+        c.push.fcm.as_mut().unwrap().timeout_ms = 300;
+    })
+    .await;
+    register(&tg, "u", "droid", Some(("fcm", "tok"))).await;
+    // The first request outlives the client's timeout: FCM may or may not have shown it.
+    mock.state
+        .send_delay_ms
+        .store(1500, std::sync::atomic::Ordering::SeqCst);
+    let r = publish(
+        &tg,
+        json!({"to": {"device": "droid"}, "data": {"n": 1},
+        "notification": {"title": "Hi"}}),
+    )
+    .await;
+    let id = r["message_id"].as_str().unwrap();
+    eventually("first attempt", || async {
+        (mock.send_requests() >= 1).then_some(())
+    })
+    .await;
+    mock.state
+        .send_delay_ms
+        .store(0, std::sync::atomic::Ordering::SeqCst);
+    let d = wait_state(&tg, id, "pushed").await;
+    assert_eq!(d["push_provider"], "fcm");
+    assert_eq!(mock.send_requests(), 2, "retried once");
+    // Every attempt the mock saw carries the same collapse key, the message id (it
+    // has none of its own): if both reached the device, the second replaces the first.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let bodies = mock.bodies();
+    assert!(!bodies.is_empty());
+    for b in &bodies {
+        assert_eq!(b["message"]["android"]["collapse_key"], id, "{b}");
+        assert_eq!(b["message"]["data"]["herald_id"], id);
+    }
+    mock.assert_no_problems();
 }

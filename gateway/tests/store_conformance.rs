@@ -15,7 +15,7 @@ use std::sync::Arc;
 use herald_gateway::store::postgres::PostgresStore;
 use herald_gateway::store::sqlite::SqliteStore;
 use herald_gateway::store::{
-    ApiKeyRecord, InboxEntry, LiveCheck, MessagePayload, NewMessage, PublishOutcome, PushMark,
+    push_due_at, ApiKeyRecord, InboxEntry, MessagePayload, NewMessage, PublishOutcome, PushMark,
     Store, StoreError,
 };
 use herald_gateway::testing::TempDir;
@@ -27,6 +27,8 @@ use serde_json::json;
 
 const T0: i64 = 1_700_000_000_000;
 const DAY: i64 = 24 * 3600 * 1000;
+/// The ack timeout the tests' publishes schedule fallback pushes with.
+const ACK: i64 = 5_000;
 
 // ---------------------------------------------------------------------------------
 // Fixtures
@@ -103,16 +105,17 @@ conformance!(
     idempotency_key_expires_after_window,
     too_many_recipients_writes_nothing,
     unknown_device_is_not_found_and_writes_nothing,
-    publish_decides_push_with_live_check,
+    publish_schedules_push_by_policy,
     claim_push_only_once,
     concurrent_claims_push_once,
     no_claim_after_ack_or_expiry,
     retry_push_is_due_later_with_attempts,
     orphaned_claim_fails_and_is_never_resent,
-    cancel_pushes_withdraws_only_unattempted_pending,
+    ack_cancels_scheduled_pushes,
+    taking_due_pushes_leases_them,
+    concurrent_takes_are_disjoint,
     concurrent_batch_claims_push_once,
     finish_push_shows_in_delivery_state,
-    request_push_rules,
     delete_device_removes_inbox,
     sweep_deletes_old_entries,
     message_status_rows,
@@ -143,8 +146,14 @@ fn new_msg(target: Target, now: i64) -> NewMessage {
         idempotency_key: None,
         idempotency_since: now - DAY,
         max_recipients: 1000,
-        live: LiveCheck::never(),
+        push_due_at: None,
     }
+}
+
+/// Sets the push policy and, as the publish route does, the push's due time.
+fn set_push(m: &mut NewMessage, push: PushPolicy) {
+    m.payload.push = push;
+    m.push_due_at = push_due_at(push, m.created_at, ACK);
 }
 
 fn to_device(d: &str) -> Target {
@@ -172,7 +181,7 @@ async fn device(store: &Arc<dyn Store>, id: &str, user: &str) {
 /// Publishes one message to `d` with the given push policy, device offline.
 async fn one_entry(store: &Arc<dyn Store>, d: &str, push: PushPolicy, now: i64) -> InboxEntry {
     let mut m = new_msg(to_device(d), now);
-    m.payload.push = push;
+    set_push(&mut m, push);
     let mut entries = publish_ok(store, m).await;
     assert_eq!(entries.len(), 1);
     entries.remove(0)
@@ -658,31 +667,44 @@ async fn unknown_device_is_not_found_and_writes_nothing(store: Arc<dyn Store>) {
     assert_eq!(publish_ok(&store, m).await[0].seq, 1);
 }
 
-async fn publish_decides_push_with_live_check(store: Arc<dyn Store>) {
+async fn publish_schedules_push_by_policy(store: Arc<dyn Store>) {
     device(&store, "on", "alice").await;
     device(&store, "off", "alice").await;
-    let live = LiveCheck(Arc::new(|d: &str| d == "on"));
+    // Whether a device looks live does not enter the store: every entry of a message
+    // gets the same due time, from its policy alone.
     let cases = [
-        (PushPolicy::Fallback, false, true),
-        (PushPolicy::Always, true, true),
-        (PushPolicy::Never, false, false),
+        (PushPolicy::Fallback, Some(T0 + ACK)),
+        (PushPolicy::Always, Some(T0)),
+        (PushPolicy::Never, None),
     ];
-    for (policy, push_on, push_off) in cases {
+    for (policy, due) in cases {
         let mut m = new_msg(Target::User("alice".into()), T0);
-        m.payload.push = policy;
-        m.live = live.clone();
+        set_push(&mut m, policy);
+        assert_eq!(m.push_due_at, due);
         let id = m.id.clone();
         let e = publish_ok(&store, m).await;
         let pending: Vec<(&str, bool)> = e
             .iter()
             .map(|e| (e.device_id.as_str(), e.push_pending))
             .collect();
-        assert_eq!(pending, [("off", push_off), ("on", push_on)], "{policy:?}");
+        let p = due.is_some();
+        assert_eq!(pending, [("off", p), ("on", p)], "{policy:?}");
         assert!(e.iter().all(|e| e.push_attempts == 0));
         let (_, rows) = store.message(&id).await.unwrap().unwrap();
         let states: Vec<Option<&str>> = rows.iter().map(|r| r.push_state.as_deref()).collect();
-        let want = |p: bool| if p { Some("pending") } else { None };
-        assert_eq!(states, [want(push_off), want(push_on)], "{policy:?}");
+        let want = p.then_some("pending");
+        assert_eq!(states, [want, want], "{policy:?}");
+        // Due exactly at its due time, not a millisecond before.
+        if let Some(due) = due {
+            assert!(store
+                .take_due_pushes(due - 1, due + DAY, 10)
+                .await
+                .unwrap()
+                .is_empty());
+            let taken = store.take_due_pushes(due, due + 10, 10).await.unwrap();
+            assert_eq!(taken.len(), 2, "{policy:?}");
+            assert!(taken.iter().all(|t| t.message.id == id && t.push_pending));
+        }
     }
 }
 
@@ -732,33 +754,39 @@ async fn no_claim_after_ack_or_expiry(store: Arc<dyn Store>) {
 
     // Acked or expired entries are not due either.
     assert!(store
-        .due_pushes(T0 + 10_000, 0, 100)
+        .take_due_pushes(T0 + 10_000, T0 + 10_001, 100)
         .await
         .unwrap()
         .iter()
         .all(|e| e.seq != a.seq));
-    assert!(store.due_pushes(T0 + DAY, 0, 100).await.unwrap().is_empty());
+    assert!(store
+        .take_due_pushes(T0 + DAY, T0 + DAY + 1, 100)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 async fn retry_push_is_due_later_with_attempts(store: Arc<dyn Store>) {
     device(&store, "d1", "alice").await;
     let e = one_entry(&store, "d1", PushPolicy::Fallback, T0).await;
-    // Fresh pending entries wait out the grace period (the publisher queued them).
     assert!(store
-        .due_pushes(T0 + 1000, 5000, 10)
+        .take_due_pushes(T0 + ACK - 1, T0 + DAY, 10)
         .await
         .unwrap()
         .is_empty());
-    let due = store.due_pushes(T0 + 6000, 5000, 10).await.unwrap();
+    let due = store
+        .take_due_pushes(T0 + ACK, T0 + ACK + 1, 10)
+        .await
+        .unwrap();
     assert_eq!(due.len(), 1);
     assert_eq!((due[0].seq, due[0].push_attempts), (e.seq, 0));
     assert!(due[0].push_pending);
     assert_eq!(due[0].message.id, e.message.id);
 
     assert!(store.claim_push("d1", e.seq, T0 + 6000).await.unwrap());
-    // Claimed and fresh: not due.
+    // Claimed: not due, whatever its lease said.
     assert!(store
-        .due_pushes(T0 + 6001, 5000, 10)
+        .take_due_pushes(T0 + 7000, T0 + 7001, 10)
         .await
         .unwrap()
         .is_empty());
@@ -767,16 +795,16 @@ async fn retry_push_is_due_later_with_attempts(store: Arc<dyn Store>) {
         .await
         .unwrap();
     assert!(store
-        .due_pushes(T0 + 19_999, 5000, 10)
+        .take_due_pushes(T0 + 19_999, T0 + 19_999, 10)
         .await
         .unwrap()
         .is_empty());
-    let due = store.due_pushes(T0 + 20_000, 5000, 10).await.unwrap();
+    let due = store
+        .take_due_pushes(T0 + 20_000, T0 + 20_000, 10)
+        .await
+        .unwrap();
     assert_eq!(due.len(), 1);
     assert_eq!(due[0].push_attempts, 1);
-    // A retry is not subject to the fresh grace.
-    let due = store.due_pushes(T0 + 20_000, 1_000_000, 10).await.unwrap();
-    assert_eq!(due.len(), 1);
 
     assert!(store.claim_push("d1", e.seq, T0 + 20_000).await.unwrap());
     store
@@ -788,19 +816,32 @@ async fn retry_push_is_due_later_with_attempts(store: Arc<dyn Store>) {
         .retry_push("d1", e.seq, T0 + 90_000, "ignored")
         .await
         .unwrap();
-    let due = store.due_pushes(T0 + 30_000, 0, 10).await.unwrap();
+    let due = store
+        .take_due_pushes(T0 + 30_000, T0 + 30_000, 10)
+        .await
+        .unwrap();
     assert_eq!(due[0].push_attempts, 2);
     let (_, rows) = store.message(&e.message.id).await.unwrap().unwrap();
     assert_eq!(rows[0].reason.as_deref(), Some("503"));
 
-    // Oldest due first, limit honoured.
+    // Oldest first, limit honoured.
     let f = one_entry(&store, "d1", PushPolicy::Always, T0 - 10).await;
-    let due = store.due_pushes(T0 + 40_000, 0, 10).await.unwrap();
+    let due = store
+        .take_due_pushes(T0 + 40_000, T0 + 40_000, 10)
+        .await
+        .unwrap();
     assert_eq!(
         due.iter().map(|e| e.seq).collect::<Vec<_>>(),
         [f.seq, e.seq]
     );
-    assert_eq!(store.due_pushes(T0 + 40_000, 0, 1).await.unwrap().len(), 1);
+    assert_eq!(
+        store
+            .take_due_pushes(T0 + 40_000, T0 + 40_000, 1)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 async fn orphaned_claim_fails_and_is_never_resent(store: Arc<dyn Store>) {
@@ -810,7 +851,11 @@ async fn orphaned_claim_fails_and_is_never_resent(store: Arc<dyn Store>) {
     assert!(store.claim_push("d1", e.seq, t1).await.unwrap());
     // The sender died mid-request. Its claim is never claimable or due again...
     assert!(!store.claim_push("d1", e.seq, t1 + DAY / 2).await.unwrap());
-    assert!(store.due_pushes(t1 + 10, 0, 10).await.unwrap().is_empty());
+    assert!(store
+        .take_due_pushes(t1 + ACK, t1 + ACK, 10)
+        .await
+        .unwrap()
+        .is_empty());
     // ...not settled while it may still be in flight...
     assert_eq!(store.fail_orphaned_pushes(t1, t1 + 10).await.unwrap(), 0);
     // ...and once stale, recorded as failed with an unknown outcome, exactly once.
@@ -830,45 +875,109 @@ async fn orphaned_claim_fails_and_is_never_resent(store: Arc<dyn Store>) {
         Some(herald_gateway::store::ORPHANED_PUSH_REASON)
     );
     assert!(!store.claim_push("d1", e.seq, t1 + 50).await.unwrap());
-    assert!(store.due_pushes(t1 + 60, 0, 10).await.unwrap().is_empty());
+    assert!(store
+        .take_due_pushes(t1 + ACK, t1 + ACK, 10)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
-async fn cancel_pushes_withdraws_only_unattempted_pending(store: Arc<dyn Store>) {
+async fn ack_cancels_scheduled_pushes(store: Arc<dyn Store>) {
     device(&store, "d1", "alice").await;
-    let fresh = one_entry(&store, "d1", PushPolicy::Fallback, T0).await;
-    let retried = one_entry(&store, "d1", PushPolicy::Fallback, T0).await;
-    let claimed = one_entry(&store, "d1", PushPolicy::Fallback, T0).await;
-    assert!(fresh.push_pending && retried.push_pending && claimed.push_pending);
+    let acked = one_entry(&store, "d1", PushPolicy::Fallback, T0).await;
+    let sending = one_entry(&store, "d1", PushPolicy::Fallback, T0).await;
+    let retried = one_entry(&store, "d1", PushPolicy::Always, T0).await;
+    let later = one_entry(&store, "d1", PushPolicy::Fallback, T0).await;
+    assert!(store.claim_push("d1", sending.seq, T0 + 1).await.unwrap());
     assert!(store.claim_push("d1", retried.seq, T0 + 1).await.unwrap());
     store
         .retry_push("d1", retried.seq, T0 + 2, "503")
         .await
         .unwrap();
-    assert!(store.claim_push("d1", claimed.seq, T0 + 1).await.unwrap());
+    // Acked before the due time: the scheduled pushes are gone (not due, not
+    // claimable); the one a worker is sending keeps its claim.
+    store.ack("d1", retried.seq, T0 + 3).await.unwrap();
+    let due = store
+        .take_due_pushes(T0 + DAY - 1, T0 + DAY, 10)
+        .await
+        .unwrap();
+    assert_eq!(due.iter().map(|e| e.seq).collect::<Vec<_>>(), [later.seq]);
+    assert!(!store.claim_push("d1", acked.seq, T0 + 4).await.unwrap());
+    assert!(!store.claim_push("d1", retried.seq, T0 + 4).await.unwrap());
+    let (_, rows) = store.message(&acked.message.id).await.unwrap().unwrap();
+    assert_eq!(rows[0].push_state, None);
+    assert_eq!(rows[0].to_wire(T0 + 5).state, DeliveryState::Acked);
+    let (_, rows) = store.message(&sending.message.id).await.unwrap().unwrap();
+    assert_eq!(rows[0].push_state.as_deref(), Some("sending"));
+    store
+        .finish_push(
+            "d1",
+            sending.seq,
+            PushMark::Pushed,
+            Some("fcm"),
+            None,
+            T0 + 6,
+        )
+        .await
+        .unwrap();
+    // The state is what was observed: acked wins, the push stays on record.
+    let (_, rows) = store.message(&sending.message.id).await.unwrap().unwrap();
+    assert_eq!(rows[0].push_state.as_deref(), Some("pushed"));
+    assert_eq!(rows[0].to_wire(T0 + 7).state, DeliveryState::Acked);
+}
 
-    let items: Vec<(String, i64)> = [fresh.seq, retried.seq, claimed.seq]
-        .iter()
-        .map(|s| ("d1".to_string(), *s))
-        .collect();
-    store.cancel_pushes(&items).await.unwrap();
-
-    // The unattempted one is gone from the push path; the others are untouched.
-    assert!(!store.claim_push("d1", fresh.seq, T0 + 3).await.unwrap());
-    let due: Vec<i64> = store
-        .due_pushes(T0 + 10_000, 0, 10)
+async fn taking_due_pushes_leases_them(store: Arc<dyn Store>) {
+    device(&store, "d1", "alice").await;
+    let e = one_entry(&store, "d1", PushPolicy::Fallback, T0).await;
+    let t = T0 + ACK;
+    assert_eq!(
+        store.take_due_pushes(t, t + ACK, 10).await.unwrap().len(),
+        1
+    );
+    // Taken: nobody else finds it until the lease ends...
+    assert!(store
+        .take_due_pushes(t + ACK - 1, t + 2 * ACK, 10)
         .await
         .unwrap()
-        .iter()
-        .map(|e| e.seq)
-        .collect();
-    assert_eq!(due, [retried.seq]);
-    assert_eq!(
-        delivery_state(&store, &fresh.message.id, "d1", T0 + 4).await,
-        DeliveryState::Queued
-    );
-    // A withdrawn push can still be requested again later (ack timeout).
-    assert!(store.request_push("d1", fresh.seq, T0 + 5).await.unwrap());
-    store.cancel_pushes(&[]).await.unwrap();
+        .is_empty());
+    // ...then it is due again (its finder died, or a session took it and did not ack).
+    let again = store
+        .take_due_pushes(t + ACK, t + 2 * ACK, 10)
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!((again[0].seq, again[0].push_attempts), (e.seq, 0));
+    // Taking is not claiming: the claim still decides who sends it.
+    assert!(store.claim_push("d1", e.seq, t + ACK + 1).await.unwrap());
+    assert!(!store.claim_push("d1", e.seq, t + ACK + 2).await.unwrap());
+}
+
+async fn concurrent_takes_are_disjoint(store: Arc<dyn Store>) {
+    device(&store, "d1", "alice").await;
+    let mut seqs = Vec::new();
+    for _ in 0..60 {
+        seqs.push(one_entry(&store, "d1", PushPolicy::Fallback, T0).await.seq);
+    }
+    // Four "nodes" poll at once, each taking at most 20.
+    let t = T0 + ACK;
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store.take_due_pushes(t, t + ACK, 20).await.unwrap()
+        }));
+    }
+    let mut taken = Vec::new();
+    for task in tasks {
+        taken.extend(task.await.unwrap().into_iter().map(|e| e.seq));
+    }
+    let n = taken.len();
+    taken.sort();
+    taken.dedup();
+    assert_eq!(taken.len(), n, "an entry was taken twice");
+    // What nobody took is still due.
+    let rest = store.take_due_pushes(t, t + ACK, 100).await.unwrap();
+    assert_eq!(n + rest.len(), seqs.len());
 }
 
 async fn concurrent_batch_claims_push_once(store: Arc<dyn Store>) {
@@ -921,7 +1030,7 @@ async fn finish_push_shows_in_delivery_state(store: Arc<dyn Store>) {
     assert!(w.pushed_at.is_some());
     assert!(!store.claim_push("d1", ok.seq, T0 + 4).await.unwrap());
     assert!(store
-        .due_pushes(T0 + DAY - 1, 0, 10)
+        .take_due_pushes(T0 + DAY - 1, T0 + DAY, 10)
         .await
         .unwrap()
         .is_empty());
@@ -952,38 +1061,6 @@ async fn finish_push_shows_in_delivery_state(store: Arc<dyn Store>) {
     );
 }
 
-async fn request_push_rules(store: Arc<dyn Store>) {
-    device(&store, "d1", "alice").await;
-    let live = LiveCheck(Arc::new(|_: &str| true));
-    let mut m = new_msg(to_device("d1"), T0);
-    m.payload.push = PushPolicy::Fallback;
-    m.live = live.clone();
-    let e = publish_ok(&store, m).await.remove(0);
-    assert!(!e.push_pending);
-    // Ack timeout: the push is requested once.
-    assert!(store.request_push("d1", e.seq, T0 + 10).await.unwrap());
-    assert!(!store.request_push("d1", e.seq, T0 + 11).await.unwrap());
-    // It is due from now on.
-    let due = store.due_pushes(T0 + 10, 0, 10).await.unwrap();
-    assert_eq!(due.len(), 1);
-    assert!(store.claim_push("d1", e.seq, T0 + 12).await.unwrap());
-
-    let mut m = new_msg(to_device("d1"), T0);
-    m.live = live.clone();
-    let acked = publish_ok(&store, m).await.remove(0);
-    store.ack("d1", acked.seq, T0 + 1).await.unwrap();
-    assert!(!store.request_push("d1", acked.seq, T0 + 2).await.unwrap());
-
-    let mut m = new_msg(to_device("d1"), T0);
-    m.live = live;
-    let expired = publish_ok(&store, m).await.remove(0);
-    assert!(!store
-        .request_push("d1", expired.seq, T0 + DAY)
-        .await
-        .unwrap());
-    assert!(!store.request_push("d1", 999, T0).await.unwrap());
-}
-
 async fn delete_device_removes_inbox(store: Arc<dyn Store>) {
     device(&store, "d1", "alice").await;
     device(&store, "d2", "alice").await;
@@ -1002,7 +1079,11 @@ async fn delete_device_removes_inbox(store: Arc<dyn Store>) {
         .unwrap()
         .is_empty());
     assert!(store.device_topics("d1").await.unwrap().is_empty());
-    assert!(store.due_pushes(T0 + 1000, 0, 10).await.unwrap().is_empty());
+    assert!(store
+        .take_due_pushes(T0 + 1000, T0 + 1000, 10)
+        .await
+        .unwrap()
+        .is_empty());
     let (_, rows) = store.message(&id).await.unwrap().unwrap();
     assert_eq!(
         rows.iter()
@@ -1053,10 +1134,8 @@ async fn message_status_rows(store: Arc<dyn Store>) {
     for d in ["a", "b", "c", "d"] {
         device(&store, d, "alice").await;
     }
-    let live = LiveCheck(Arc::new(|d: &str| d == "a" || d == "b"));
     let mut m = new_msg(Target::User("alice".into()), T0);
-    m.payload.push = PushPolicy::Fallback;
-    m.live = live;
+    set_push(&mut m, PushPolicy::Fallback);
     let id = m.id.clone();
     let e = publish_ok(&store, m).await;
     assert_eq!(e.len(), 4);

@@ -15,7 +15,7 @@ use super::{require_id, ApiJson, AppState, ServiceAuth};
 use crate::clock::{now_ms, rfc3339};
 use crate::error::AppError;
 use crate::registry::KickReason;
-use crate::store::{LiveCheck, MessagePayload, NewMessage, PublishOutcome};
+use crate::store::{push_due_at, MessagePayload, NewMessage, PublishOutcome};
 
 const IDEMPOTENCY_WINDOW_MS: i64 = 24 * 3600 * 1000;
 
@@ -79,10 +79,7 @@ pub async fn publish(
         idempotency_key,
         idempotency_since: now - IDEMPOTENCY_WINDOW_MS,
         max_recipients: state.config.limits.max_recipients,
-        live: {
-            let registry = state.registry.clone();
-            LiveCheck(std::sync::Arc::new(move |d: &str| registry.is_online(d)))
-        },
+        push_due_at: push_due_at(req.push, now, delivery.ack_timeout_ms as i64),
     };
     let message_id = msg.id.clone();
     let response = match state.store.publish(msg).await? {

@@ -1,11 +1,11 @@
 //! Sends pending pushes with a bounded pool of workers and records every outcome.
 //!
-//! The queue is the store: an entry needing a push is marked `pending` in the same
-//! transaction that creates it (or on ack timeout), so a push survives a crash. The
-//! in-memory channel is only a fast path; when it is full, or after a restart, the
-//! poller finds due pushes in the store. `Store::claim_push` makes each push happen at
-//! most once and never after an ack; retries are rescheduled in the store with
-//! exponential backoff (or the provider's Retry-After), not held in memory.
+//! The queue is the store: an entry that may need a push gets its due time in the
+//! transaction that creates it (`store::push_due_at`), so a push survives a crash. The
+//! in-memory channel is only a fast path; when it is full, or after a restart, the due
+//! poller (`DeliveryRouter`) finds due pushes in the store. `Store::claim_push` makes
+//! each push happen at most once and never after an ack; retries are rescheduled in the
+//! store with exponential backoff (or the provider's Retry-After), not held in memory.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -49,14 +49,9 @@ impl Default for PushSettings {
     }
 }
 
-/// Fresh pending pushes were queued by their publisher; the poller leaves them this
-/// long before treating them as missed.
-const FRESH_GRACE_MS: i64 = 2_000;
-
 #[derive(Clone)]
 pub struct PushDispatcher {
     queue: mpsc::Sender<InboxEntry>,
-    store: Arc<dyn Store>,
     metrics: Metrics,
     pub health: PushHealth,
 }
@@ -123,14 +118,11 @@ impl PushDispatcher {
         let (results_tx, results_rx) = mpsc::channel(settings.queue.max(1));
         tokio::spawn(claim_and_send(rx, worker, results_tx, shutdown.clone()));
         tokio::spawn(record_results(store.clone(), results_rx));
-        let dispatcher = PushDispatcher {
+        PushDispatcher {
             queue: tx,
-            store: store.clone(),
             metrics,
             health,
-        };
-        tokio::spawn(poll_due(dispatcher.clone(), settings, shutdown));
-        dispatcher
+        }
     }
 
     /// Queues a pending push; never blocks. When the queue is full the push stays
@@ -141,67 +133,9 @@ impl PushDispatcher {
         }
     }
 
-    /// Marks entries that had no push as pending (ack timeout, session lost) and
-    /// queues them.
-    pub fn request(&self, entries: Vec<InboxEntry>) {
-        if entries.is_empty() {
-            return;
-        }
-        let this = self.clone();
-        tokio::spawn(async move {
-            for entry in entries {
-                match this
-                    .store
-                    .request_push(&entry.device_id, entry.seq, now_ms())
-                    .await
-                {
-                    Ok(true) => this.enqueue(entry),
-                    Ok(false) => {}
-                    Err(e) => tracing::warn!(error = %e, "cannot request push"),
-                }
-            }
-        });
-    }
-}
-
-async fn poll_due(
-    dispatcher: PushDispatcher,
-    settings: Arc<PushSettings>,
-    shutdown: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(settings.poll_interval);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.cancelled() => return,
-        }
-        // Only look when the fast path has room; otherwise the queue is busy anyway.
-        let room = dispatcher.queue.capacity();
-        if room == 0 {
-            continue;
-        }
-        let now = now_ms();
-        let stale_before = now - settings.stale_claim.as_millis() as i64;
-        match dispatcher.store.fail_orphaned_pushes(stale_before, now).await {
-            Ok(0) => {}
-            Ok(n) => tracing::warn!(
-                pushes = n,
-                "pushes claimed by a sender that stopped mid-request are recorded as failed (outcome unknown), not sent twice"
-            ),
-            Err(e) => tracing::warn!(error = %e, "cannot settle orphaned pushes"),
-        }
-        match dispatcher
-            .store
-            .due_pushes(now, FRESH_GRACE_MS, room.min(1024) as u32)
-            .await
-        {
-            Ok(due) => {
-                for entry in due {
-                    dispatcher.enqueue(entry);
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot read due pushes"),
-        }
+    /// Free slots of the in-memory queue (the due poller takes no more than this).
+    pub fn room(&self) -> usize {
+        self.queue.capacity()
     }
 }
 

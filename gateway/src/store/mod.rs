@@ -61,32 +61,17 @@ pub struct StoredMessage {
     pub expires_at: i64,
 }
 
-/// Tells the store, inside the publish transaction, whether a device has a live
-/// session, so a fallback push is decided and persisted atomically with the entry.
-#[derive(Clone)]
-pub struct LiveCheck(pub Arc<dyn Fn(&str) -> bool + Send + Sync>);
-
-impl LiveCheck {
-    pub fn never() -> LiveCheck {
-        LiveCheck(Arc::new(|_| false))
-    }
-    pub fn is_live(&self, device_id: &str) -> bool {
-        (self.0)(device_id)
-    }
-}
-
-impl std::fmt::Debug for LiveCheck {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("LiveCheck")
-    }
-}
-
-/// Whether an entry needs a push, given its policy and whether the device is live.
-pub fn wants_push(policy: herald_protocol::PushPolicy, live: bool) -> bool {
+/// When an entry's push is due if nothing settles it first (unix ms): the one place
+/// the push policy becomes data. `always`: at once. `fallback`: one ack timeout after
+/// the commit, whether or not the device looks live right now; the router brings it
+/// forward when it learns nobody is there, an ack before then cancels it, and
+/// whoever finds it due first offers it to a live session before pushing
+/// (`DeliveryRouter::settle_due`). `never`: no push.
+pub fn push_due_at(policy: PushPolicy, created_at: i64, ack_timeout_ms: i64) -> Option<i64> {
     match policy {
-        herald_protocol::PushPolicy::Always => true,
-        herald_protocol::PushPolicy::Fallback => !live,
-        herald_protocol::PushPolicy::Never => false,
+        PushPolicy::Always => Some(created_at),
+        PushPolicy::Fallback => Some(created_at + ack_timeout_ms),
+        PushPolicy::Never => None,
     }
 }
 
@@ -107,7 +92,8 @@ pub struct NewMessage {
     /// Idempotency keys older than this (unix ms) no longer match.
     pub idempotency_since: i64,
     pub max_recipients: usize,
-    pub live: LiveCheck,
+    /// From [`push_due_at`]; `None` stores no push.
+    pub push_due_at: Option<i64>,
 }
 
 /// One entry of one device's inbox.
@@ -116,7 +102,7 @@ pub struct InboxEntry {
     pub device_id: String,
     pub seq: i64,
     pub message: Arc<StoredMessage>,
-    /// A push is pending for this entry (decided at publish or on ack timeout).
+    /// A push is scheduled for this entry (it has a due time and is not settled).
     pub push_pending: bool,
     /// Push attempts made so far.
     pub push_attempts: u32,
@@ -305,13 +291,11 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
         now: i64,
     ) -> StoreResult<Vec<InboxEntry>>;
-    /// Cumulative ack; returns the device's acked seq afterwards (never decreases).
+    /// Cumulative ack; returns the device's acked seq afterwards (never decreases). The
+    /// entries it acks lose their pending push: an ack before the due time cancels it.
     async fn ack(&self, device_id: &str, seq: i64, now: i64) -> StoreResult<i64>;
     /// Records that entries `(device, from..=to)` were written to a live session.
     async fn mark_sent(&self, ranges: &[(String, i64, i64)], now: i64) -> StoreResult<()>;
-    /// Asks for a push of an entry that had none (ack timeout, device went away):
-    /// true if the entry is now pending (not acked, not expired, not pushed before).
-    async fn request_push(&self, device_id: &str, seq: i64, now: i64) -> StoreResult<bool>;
     /// Claims a pending push for sending: true for exactly one caller, never once the
     /// entry is acked or expired.
     async fn claim_push(&self, device_id: &str, seq: i64, now: i64) -> StoreResult<bool>;
@@ -323,21 +307,19 @@ pub trait Store: Send + Sync + 'static {
         due_at: i64,
         reason: &str,
     ) -> StoreResult<()>;
-    /// Pending pushes due by `now` (fresh ones only once older than `fresh_grace_ms`,
-    /// since the publisher already queued them). Oldest first.
-    async fn due_pushes(
+    /// Takes pending pushes due by `now` (unacked, unexpired), oldest first: in the same
+    /// statement each one's due time moves to `lease_until`, so one finder at a time
+    /// settles it, and if that finder dies the entry is found again at `lease_until`.
+    async fn take_due_pushes(
         &self,
         now: i64,
-        fresh_grace_ms: i64,
+        lease_until: i64,
         limit: u32,
     ) -> StoreResult<Vec<InboxEntry>>;
     /// Claims older than `stale_before` belong to a sender that died mid-request, so
     /// whether the provider got them is unknown. They are recorded as failed with
     /// `ORPHANED_PUSH_REASON`, never sent again: a push goes out at most once.
     async fn fail_orphaned_pushes(&self, stale_before: i64, now: i64) -> StoreResult<u64>;
-    /// Withdraws pending pushes that were never attempted (a session on another node
-    /// took the entry live, so its fallback push is moot).
-    async fn cancel_pushes(&self, items: &[(String, i64)]) -> StoreResult<()>;
     async fn finish_push(
         &self,
         device_id: &str,

@@ -230,33 +230,29 @@ async fn publish_in(conn: &mut PgConnection, msg: &NewMessage) -> StoreResult<At
         .collect();
     let mut entries = Vec::with_capacity(devices.len());
     let mut seq_col = Vec::with_capacity(devices.len());
-    let mut push_col = Vec::with_capacity(devices.len());
     for device_id in &devices {
         let seq = *seqs.get(device_id).ok_or_else(|| {
             StoreError::Other(anyhow::anyhow!("device {device_id} vanished while locked"))
         })?;
-        let push = super::wants_push(msg.payload.push, msg.live.is_live(device_id));
         seq_col.push(seq);
-        push_col.push(push);
         entries.push(InboxEntry {
             device_id: device_id.clone(),
             seq,
             message: stored.clone(),
-            push_pending: push,
+            push_pending: msg.push_due_at.is_some(),
             push_attempts: 0,
         });
     }
     sqlx::query(
         "INSERT INTO deliveries (device_id, seq, message_id, expires_at, push_state, push_due_at)
-         SELECT t.d, t.s, $4, $5, CASE WHEN t.p THEN 'pending' END, CASE WHEN t.p THEN $6::BIGINT END
-         FROM unnest($1::TEXT[], $2::BIGINT[], $3::BOOL[]) AS t(d, s, p)",
+         SELECT t.d, t.s, $3, $4, CASE WHEN $5::BIGINT IS NOT NULL THEN 'pending' END, $5::BIGINT
+         FROM unnest($1::TEXT[], $2::BIGINT[]) AS t(d, s)",
     )
     .bind(&devices)
     .bind(&seq_col)
-    .bind(&push_col)
     .bind(&msg.id)
     .bind(msg.expires_at)
-    .bind(msg.created_at)
+    .bind(msg.push_due_at)
     .execute(&mut *conn)
     .await?;
     Ok(Attempt::Done(PublishOutcome::Created { entries }))
@@ -628,7 +624,11 @@ impl Store for PostgresStore {
         let target = seq.min(last);
         if target > acked {
             sqlx::query(
-                "UPDATE deliveries SET acked_at = $1 WHERE device_id = $2 AND seq > $3 AND seq <= $4 AND acked_at IS NULL",
+                // The ack cancels the entries' scheduled pushes (see sqlite.rs).
+                "UPDATE deliveries SET acked_at = $1,
+                        push_state = CASE WHEN push_state = 'pending' THEN NULL ELSE push_state END,
+                        push_due_at = CASE WHEN push_state = 'pending' THEN NULL ELSE push_due_at END
+                 WHERE device_id = $2 AND seq > $3 AND seq <= $4 AND acked_at IS NULL",
             )
             .bind(now)
             .bind(device_id)
@@ -668,19 +668,6 @@ impl Store for PostgresStore {
         .execute(&self.pool)
         .await?;
         Ok(())
-    }
-
-    async fn request_push(&self, device_id: &str, seq: i64, now: i64) -> StoreResult<bool> {
-        let res = sqlx::query(
-            "UPDATE deliveries SET push_state = 'pending', push_due_at = $1
-             WHERE device_id = $2 AND seq = $3 AND push_state IS NULL AND acked_at IS NULL AND expires_at > $1",
-        )
-        .bind(now)
-        .bind(device_id)
-        .bind(seq)
-        .execute(&self.pool)
-        .await?;
-        Ok(res.rows_affected() == 1)
     }
 
     async fn claim_push(&self, device_id: &str, seq: i64, now: i64) -> StoreResult<bool> {
@@ -790,22 +777,6 @@ impl Store for PostgresStore {
         Ok(res.rows_affected())
     }
 
-    async fn cancel_pushes(&self, items: &[(String, i64)]) -> StoreResult<()> {
-        let devices: Vec<&str> = items.iter().map(|(d, _)| d.as_str()).collect();
-        let seqs: Vec<i64> = items.iter().map(|(_, s)| *s).collect();
-        sqlx::query(
-            "UPDATE deliveries d SET push_state = NULL, push_due_at = NULL
-             FROM unnest($1::TEXT[], $2::BIGINT[]) AS r(device_id, seq)
-             WHERE d.device_id = r.device_id AND d.seq = r.seq
-               AND d.push_state = 'pending' AND d.push_attempts = 0",
-        )
-        .bind(&devices)
-        .bind(&seqs)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
     async fn retry_push(
         &self,
         device_id: &str,
@@ -826,23 +797,30 @@ impl Store for PostgresStore {
         Ok(())
     }
 
-    async fn due_pushes(
+    async fn take_due_pushes(
         &self,
         now: i64,
-        fresh_grace_ms: i64,
+        lease_until: i64,
         limit: u32,
     ) -> StoreResult<Vec<InboxEntry>> {
-        // Several nodes may list the same rows; that is harmless, because only one of
-        // them can win the claim for each.
+        // SKIP LOCKED: nodes polling at once take disjoint rows, and a row taken by
+        // one no longer matches `push_due_at <= now` for the others.
         let rows = sqlx::query(
-            "SELECT d.device_id, d.seq, d.push_attempts, m.id, m.target_kind, m.target, m.payload, m.created_at, m.expires_at
-             FROM deliveries d JOIN messages m ON m.id = d.message_id
-             WHERE d.push_state = 'pending' AND d.push_due_at <= $1 AND d.expires_at > $1
-               AND d.acked_at IS NULL AND (d.push_attempts > 0 OR d.push_due_at <= $2)
-             ORDER BY d.push_due_at LIMIT $3",
+            "WITH taken AS (
+                 UPDATE deliveries d SET push_due_at = $2
+                 WHERE (d.device_id, d.seq) IN (
+                     SELECT device_id, seq FROM deliveries
+                     WHERE push_state = 'pending' AND push_due_at <= $1 AND expires_at > $1
+                       AND acked_at IS NULL
+                     ORDER BY push_due_at LIMIT $3
+                     FOR UPDATE SKIP LOCKED)
+                 RETURNING d.device_id, d.seq, d.push_attempts, d.message_id)
+             SELECT t.device_id, t.seq, t.push_attempts, m.id, m.target_kind, m.target, m.payload, m.created_at, m.expires_at
+             FROM taken t JOIN messages m ON m.id = t.message_id
+             ORDER BY m.created_at, t.seq",
         )
         .bind(now)
-        .bind(now - fresh_grace_ms)
+        .bind(lease_until)
         .bind(limit as i64)
         .fetch_all(&self.pool)
         .await?;

@@ -210,8 +210,13 @@ async fn ack_one(
     // buggy client skip messages that do not exist yet.
     let target = seq.min(last);
     if target > acked {
+        // The ack cancels the entries' scheduled pushes (and keeps them out of the
+        // push-due index); pushes already being sent or settled keep their record.
         sqlx::query(
-            "UPDATE deliveries SET acked_at = ? WHERE device_id = ? AND seq > ? AND seq <= ? AND acked_at IS NULL",
+            "UPDATE deliveries SET acked_at = ?,
+                    push_state = CASE WHEN push_state = 'pending' THEN NULL ELSE push_state END,
+                    push_due_at = CASE WHEN push_state = 'pending' THEN NULL ELSE push_due_at END
+             WHERE device_id = ? AND seq > ? AND seq <= ? AND acked_at IS NULL",
         )
         .bind(now)
         .bind(device_id)
@@ -322,7 +327,6 @@ async fn publish_one(conn: &mut SqliteConnection, msg: &NewMessage) -> StoreResu
         .bind(&device_id)
         .fetch_one(&mut *conn)
         .await?;
-        let push = super::wants_push(msg.payload.push, msg.live.is_live(&device_id));
         sqlx::query(
             "INSERT INTO deliveries (device_id, seq, message_id, expires_at, push_state, push_due_at)
              VALUES (?, ?, ?, ?, ?, ?)",
@@ -331,15 +335,15 @@ async fn publish_one(conn: &mut SqliteConnection, msg: &NewMessage) -> StoreResu
         .bind(seq)
         .bind(&msg.id)
         .bind(msg.expires_at)
-        .bind(push.then_some("pending"))
-        .bind(push.then_some(msg.created_at))
+        .bind(msg.push_due_at.map(|_| "pending"))
+        .bind(msg.push_due_at)
         .execute(&mut *conn)
         .await?;
         entries.push(InboxEntry {
             device_id,
             seq,
             message: stored.clone(),
-            push_pending: push,
+            push_pending: msg.push_due_at.is_some(),
             push_attempts: 0,
         });
     }
@@ -719,20 +723,6 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn request_push(&self, device_id: &str, seq: i64, now: i64) -> StoreResult<bool> {
-        let res = sqlx::query(
-            "UPDATE deliveries SET push_state = 'pending', push_due_at = ?
-             WHERE device_id = ? AND seq = ? AND push_state IS NULL AND acked_at IS NULL AND expires_at > ?",
-        )
-        .bind(now)
-        .bind(device_id)
-        .bind(seq)
-        .bind(now)
-        .execute(&self.write)
-        .await?;
-        Ok(res.rows_affected() == 1)
-    }
-
     async fn claim_push(&self, device_id: &str, seq: i64, now: i64) -> StoreResult<bool> {
         let claimed = self
             .claim_pushes(&[(device_id.to_owned(), seq)], now)
@@ -757,35 +747,52 @@ impl Store for SqliteStore {
         self.record_push_results(&[result], crate::clock::now_ms())
             .await
     }
-    async fn due_pushes(
+    async fn take_due_pushes(
         &self,
         now: i64,
-        fresh_grace_ms: i64,
+        lease_until: i64,
         limit: u32,
     ) -> StoreResult<Vec<InboxEntry>> {
-        let rows = sqlx::query(
-            "SELECT d.device_id, d.seq, d.push_attempts, m.id, m.target_kind, m.target, m.payload, m.created_at, m.expires_at
-             FROM deliveries d JOIN messages m ON m.id = d.message_id
-             WHERE d.push_state = 'pending' AND d.push_due_at <= ? AND d.expires_at > ?
-               AND d.acked_at IS NULL AND (d.push_attempts > 0 OR d.push_due_at <= ?)
-             ORDER BY d.push_due_at LIMIT ?",
+        let mut tx = self.write.begin().await?;
+        let taken = sqlx::query(
+            "UPDATE deliveries SET push_due_at = ?
+             WHERE (device_id, seq) IN (
+                 SELECT device_id, seq FROM deliveries
+                 WHERE push_state = 'pending' AND push_due_at <= ? AND expires_at > ? AND acked_at IS NULL
+                 ORDER BY push_due_at LIMIT ?)
+             RETURNING device_id, seq, push_attempts, message_id",
         )
+        .bind(lease_until)
         .bind(now)
         .bind(now)
-        .bind(now - fresh_grace_ms)
         .bind(limit as i64)
-        .fetch_all(&self.read)
+        .fetch_all(&mut *tx)
         .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
-            let message = Arc::new(message_from_parts(
-                row.get("id"),
-                row.get("target_kind"),
-                row.get("target"),
-                row.get("payload"),
-                row.get("created_at"),
-                row.get("expires_at"),
-            )?);
+        let mut messages: HashMap<String, Arc<StoredMessage>> = HashMap::new();
+        let mut out = Vec::with_capacity(taken.len());
+        for row in taken {
+            let id: String = row.get("message_id");
+            let message = match messages.get(&id) {
+                Some(m) => m.clone(),
+                None => {
+                    let m = sqlx::query(
+                        "SELECT id, target_kind, target, payload, created_at, expires_at FROM messages WHERE id = ?",
+                    )
+                    .bind(&id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    let m = Arc::new(message_from_parts(
+                        m.get("id"),
+                        m.get("target_kind"),
+                        m.get("target"),
+                        m.get("payload"),
+                        m.get("created_at"),
+                        m.get("expires_at"),
+                    )?);
+                    messages.insert(id, m.clone());
+                    m
+                }
+            };
             out.push(InboxEntry {
                 device_id: row.get("device_id"),
                 seq: row.get("seq"),
@@ -794,6 +801,9 @@ impl Store for SqliteStore {
                 push_attempts: row.get::<i64, _>("push_attempts") as u32,
             });
         }
+        tx.commit().await?;
+        // RETURNING gives no order; settle the oldest first.
+        out.sort_by_key(|e| (e.message.created_at, e.seq));
         Ok(out)
     }
 
@@ -808,22 +818,6 @@ impl Store for SqliteStore {
         .execute(&self.write)
         .await?;
         Ok(res.rows_affected())
-    }
-
-    async fn cancel_pushes(&self, items: &[(String, i64)]) -> StoreResult<()> {
-        let mut tx = self.write.begin().await?;
-        for (device_id, seq) in items {
-            sqlx::query(
-                "UPDATE deliveries SET push_state = NULL, push_due_at = NULL
-                 WHERE device_id = ? AND seq = ? AND push_state = 'pending' AND push_attempts = 0",
-            )
-            .bind(device_id)
-            .bind(seq)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
     }
 
     async fn finish_push(
