@@ -381,3 +381,56 @@ async fn a_long_poll_is_replaced_by_a_websocket_session() {
     publish(&tg, json!({"to": {"device": "p4"}, "data": {"n": 1}})).await;
     assert_eq!(ws.msg().await.seq, 1);
 }
+
+#[tokio::test]
+async fn a_long_poll_acks_its_cursor_and_an_unacked_entry_falls_back_to_push() {
+    let tg = TestGateway::start_with(|c| c.delivery.ack_timeout_ms = 400).await;
+    register(&tg, "u", "p5", Some(("fcm", "fcm-token-poll"))).await;
+    let hold = |after: i64| {
+        let token = tg.mint_token("u", Duration::from_secs(600));
+        let url = format!(
+            "{}/v1/me/sync?device_id=p5&after={after}&wait=30",
+            tg.base_url
+        );
+        tokio::spawn(async move {
+            let resp = http().get(url).bearer_auth(token).send().await.unwrap();
+            resp.json::<Value>().await.unwrap()
+        })
+    };
+    let online = || async {
+        let (_, d) = get(&tg, "/v1/devices/p5", &tg.api_key).await;
+        (d["online"] == true).then_some(())
+    };
+
+    // Polled and then acknowledged by the next poll's cursor: never pushed.
+    let held = hold(0);
+    eventually("online while held", online).await;
+    publish(&tg, json!({"to": {"device": "p5"}, "data": {"n": 1}})).await;
+    let v = tokio::time::timeout(WAIT, held).await.unwrap().unwrap();
+    assert_eq!(v["messages"][0]["seq"], 1);
+    let next = hold(1);
+    eventually("acked by the cursor", || async {
+        let (_, d) = get(&tg, "/v1/devices/p5", &tg.api_key).await;
+        (d["acked_seq"] == 1).then_some(())
+    })
+    .await;
+
+    // Polled, and the device then went quiet: pushed once after the ack timeout.
+    let r = publish(&tg, json!({"to": {"device": "p5"}, "data": {"n": 2}})).await;
+    let v = tokio::time::timeout(WAIT, next).await.unwrap().unwrap();
+    assert_eq!(v["messages"][0]["seq"], 2);
+    let sent = eventually("push", || async {
+        let s = tg.fcm.sent();
+        (!s.is_empty()).then_some(s)
+    })
+    .await;
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].seq, 2);
+    assert_eq!(sent[0].message_id, r["message_id"].as_str().unwrap());
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        tg.fcm.sent().len(),
+        1,
+        "seq 1 was acked and seq 2 pushed once"
+    );
+}

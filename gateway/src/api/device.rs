@@ -226,6 +226,12 @@ pub async fn sync(
             format!("must be at most {MAX_SYNC_WAIT_S} seconds"),
         ));
     }
+    if wait > 0 && params.after > device.acked_seq {
+        // A long-poll client loops with its cursor, so `after` acknowledges what it
+        // already has, as on the WebSocket; otherwise an entry it holds but never
+        // acked would be offered to every following poll instead of being pushed.
+        state.store.ack(&device.id, params.after, now_ms()).await?;
+    }
     let mut entries = state
         .store
         .fetch_after(&device.id, params.after, limit + 1, now_ms())
@@ -276,7 +282,8 @@ async fn hold_for_entries(
             Ok(e) => e,
             Err(e) => break Err(AppError::from(e)),
         };
-        if !entries.is_empty() {
+        if let Some(last) = entries.last() {
+            inbox.progress.wrote(last.seq);
             break Ok(entries);
         }
         tokio::select! {
