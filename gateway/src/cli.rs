@@ -2,11 +2,12 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
-use herald_protocol::PushProviderKind;
+use clap::{Args, Parser, Subcommand};
 
 use crate::clock::rfc3339;
 use crate::config::Config;
+use crate::store::sqlite::SQLITE_FILE;
+use crate::store::Store;
 
 #[derive(Debug, Parser)]
 #[command(name = "herald", version, about = "Herald notification gateway")]
@@ -22,18 +23,22 @@ pub struct GlobalArgs {
     /// TOML config file (HERALD_* environment variables override it).
     #[arg(long, global = true, env = "HERALD_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Directory of the embedded SQLite store.
+    /// Directory of the embedded SQLite store (default ./herald-data).
     #[arg(long, global = true)]
     pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
     /// Address to listen on, e.g. 127.0.0.1:8080 (port 0 picks a free one).
-    #[arg(long, global = true)]
+    #[arg(long)]
     pub listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the gateway.
-    Serve,
+    Serve(ServeArgs),
     /// Manage service API keys.
     Keys {
         #[command(subcommand)]
@@ -46,40 +51,19 @@ pub enum Command {
     },
     /// Apply store migrations and exit.
     Migrate,
-    /// Walk through delivery on this machine: live + ack, offline → push, catch-up.
-    ///
-    /// Starts its own gateway (temporary directory, 127.0.0.1:0), a device on the
-    /// client SDK and a push provider that prints what APNs/FCM would receive; ignores
-    /// --config, --data-dir and --listen. Exits 0 when every step behaved as told.
-    Demo(DemoArgs),
+    /// Moved to its own binary, `herald-demo` (the server no longer carries the client SDK).
+    #[command(hide = true, disable_help_flag = true)]
+    Demo {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
-#[derive(Debug, Args)]
-pub struct DemoArgs {
-    /// Whose push payload to show.
-    #[arg(long, value_enum, default_value_t = DemoPlatform::Fcm)]
-    pub platform: DemoPlatform,
-    /// Keep the temporary directory (gateway store, device store) instead of removing it.
-    #[arg(long)]
-    pub keep: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum DemoPlatform {
-    /// Apple Push Notification service: the aps payload and apns-* headers.
-    Apns,
-    /// Firebase Cloud Messaging: the HTTP v1 `message` body.
-    Fcm,
-}
-
-impl From<DemoPlatform> for PushProviderKind {
-    fn from(p: DemoPlatform) -> Self {
-        match p {
-            DemoPlatform::Apns => PushProviderKind::Apns,
-            DemoPlatform::Fcm => PushProviderKind::Fcm,
-        }
-    }
-}
+/// What `herald demo` says: the demo is `herald-demo` now, so that the server binary
+/// does not link the client SDK (and its dependencies) only for it.
+pub const DEMO_MOVED: &str = "`herald demo` is now its own binary, `herald-demo`: \
+build it with `cargo build --release -p herald-demo` and run `target/release/herald-demo` \
+(same options: --platform fcm|apns, --keep)";
 
 #[derive(Debug, Subcommand)]
 pub enum KeysAction {
@@ -112,15 +96,47 @@ impl GlobalArgs {
         if let Some(d) = &self.data_dir {
             cfg.data_dir = d.clone();
         }
-        if let Some(l) = self.listen {
-            cfg.listen = l;
-        }
         Ok(cfg)
     }
 }
 
-pub async fn run_keys(cfg: &Config, action: KeysAction) -> anyhow::Result<()> {
+/// Opens the store of a command that only makes sense on an existing one. The SQLite
+/// store is a directory relative to where the command runs: run from elsewhere,
+/// `open_store` would quietly create a second, empty store there and list no keys.
+async fn open_existing_store(cfg: &Config) -> anyhow::Result<std::sync::Arc<dyn Store>> {
+    if cfg.store == "sqlite" && !cfg.data_dir.join(SQLITE_FILE).exists() {
+        anyhow::bail!(
+            "no Herald store in {}: run this in the directory where `herald serve` runs, \
+             or pass --data-dir (HERALD_DATA_DIR) or --config",
+            absolute(&cfg.data_dir).display()
+        );
+    }
+    crate::open_store(cfg).await
+}
+
+/// Opens the store of a command that may create it (`keys create`, `migrate`), saying
+/// so when it does, for the same reason as above.
+pub async fn open_or_create_store(cfg: &Config) -> anyhow::Result<std::sync::Arc<dyn Store>> {
+    let creating = cfg.store == "sqlite" && !cfg.data_dir.join(SQLITE_FILE).exists();
     let store = crate::open_store(cfg).await?;
+    if creating {
+        eprintln!(
+            "created a new store in {} (no store was there)",
+            absolute(&cfg.data_dir).display()
+        );
+    }
+    Ok(store)
+}
+
+fn absolute(p: &std::path::Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
+}
+
+pub async fn run_keys(cfg: &Config, action: KeysAction) -> anyhow::Result<()> {
+    let store = match action {
+        KeysAction::Create { .. } => open_or_create_store(cfg).await?,
+        _ => open_existing_store(cfg).await?,
+    };
     match action {
         KeysAction::Create { name } => {
             let (record, key) = crate::auth::create_api_key(store.as_ref(), &name).await?;
@@ -164,7 +180,7 @@ pub async fn run_keys(cfg: &Config, action: KeysAction) -> anyhow::Result<()> {
 pub async fn run_token(cfg: &Config, action: TokenAction) -> anyhow::Result<()> {
     let TokenAction::Mint { user, ttl } = action;
     crate::api::validate_id(&user).map_err(|m| anyhow::anyhow!("--user {m}"))?;
-    let store = crate::open_store(cfg).await?;
+    let store = open_existing_store(cfg).await?;
     let tokens = crate::auth::DeviceTokens::from_config(&cfg.auth, store.as_ref()).await?;
     let ttl = ttl.unwrap_or(cfg.auth.default_token_ttl_seconds);
     let (token, exp) = tokens.mint(&user, ttl)?;
@@ -193,6 +209,7 @@ pub async fn first_start_banner(
     println!("API key (service routes):      {key}");
     if let Some(s) = secret {
         println!("device-token secret (HS256):   {s}");
+        println!("  (the HMAC key is this text as it is, not hex-decoded; see README, \"Device tokens from your backend\")");
     }
     println!("\nSend a message to user alice:");
     println!(
@@ -201,8 +218,10 @@ pub async fn first_start_banner(
     if let Some(t) = example_token {
         println!("\nA device token for alice (1 h; mint more with POST /v1/tokens or `herald token mint --user alice`):");
         println!("  {t}");
-        println!("Connect a device:");
-        println!("  websocat -H 'Authorization: Bearer {t}' '{ws}/v1/connect?device_id=phone-1'");
+        println!("Connect a device (wscat, as in README):");
+        println!(
+            "  npx --yes wscat@6 -s herald.v1 -H 'Authorization: Bearer {t}' -c '{ws}/v1/connect?device_id=phone-1'"
+        );
     }
     println!("=================================================================\n");
     Ok(())

@@ -253,7 +253,9 @@ impl Default for LimitsConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    // `source` is printed by whoever prints the chain (`{:#}`); naming it here too
+    // printed the OS error twice.
+    #[error("cannot read config file {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,

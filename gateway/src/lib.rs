@@ -8,7 +8,6 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod delivery;
-pub mod demo;
 pub mod error;
 pub mod metrics;
 pub mod push;

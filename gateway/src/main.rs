@@ -5,11 +5,7 @@ use herald_gateway::Application;
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
-    // The demo tells its story on stdout; the gateway's routine logs would drown it.
-    let default_filter = match cli.command {
-        Command::Demo(_) => "warn",
-        _ => "info,sqlx=warn",
-    };
+    let default_filter = "info,sqlx=warn";
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -25,11 +21,14 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    // The demo configures its own gateway; the others read --config and HERALD_*.
     let config = || cli.global.load_config();
     match cli.command {
-        Command::Serve => {
-            let app = Application::build(config()?).await?;
+        Command::Serve(args) => {
+            let mut cfg = config()?;
+            if let Some(listen) = args.listen {
+                cfg.listen = listen;
+            }
+            let app = Application::build(cfg).await?;
             let addr = app.local_addr();
             let base = app.state().config.public_url(addr);
             cli::first_start_banner(app.state().store.as_ref(), &app.state().tokens, &base).await?;
@@ -41,16 +40,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Keys { action } => cli::run_keys(&config()?, action).await?,
         Command::Token { action } => cli::run_token(&config()?, action).await?,
-        Command::Demo(args) => {
-            herald_gateway::demo::run(herald_gateway::demo::DemoOptions {
-                platform: args.platform.into(),
-                keep: args.keep,
-            })
-            .await?
+        Command::Demo { .. } => {
+            eprintln!("error: {}", cli::DEMO_MOVED);
+            std::process::exit(2);
         }
         Command::Migrate => {
             let cfg = config()?;
-            herald_gateway::open_store(&cfg).await?;
+            cli::open_or_create_store(&cfg).await?;
             match cfg.store.as_str() {
                 "sqlite" => eprintln!("store at {} is up to date", cfg.data_dir.display()),
                 other => eprintln!("{other} store is up to date"),

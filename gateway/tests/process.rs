@@ -338,3 +338,115 @@ async fn a_push_waiting_for_retry_survives_kill_9_and_is_sent_once() {
     assert_eq!(mock.bodies().len(), 2);
     mock.assert_no_problems();
 }
+
+#[tokio::test]
+async fn commands_on_a_missing_store_refuse_instead_of_creating_one() {
+    let tmp = TempDir::new("herald-nostore");
+    let missing = tmp.0.join("herald-data");
+    for args in [
+        &["keys", "list"][..],
+        &["keys", "revoke", "key_x"],
+        &["token", "mint", "--user", "zoe"],
+    ] {
+        let (ok, out, err) = cli(&missing, args);
+        assert!(!ok, "{args:?} succeeded: {out}");
+        assert!(
+            err.contains("no Herald store in") && err.contains("--data-dir"),
+            "{args:?}: {err}"
+        );
+        assert!(!missing.exists(), "{args:?} created {}", missing.display());
+    }
+    // Creating a key may create the store, and says where.
+    let (ok, key, err) = cli(&missing, &["keys", "create"]);
+    assert!(ok && key.starts_with("hk_"), "{err}");
+    assert!(err.contains("created a new store in"), "{err}");
+    let (ok, list, err) = cli(&missing, &["keys", "list"]);
+    assert!(ok && list.contains("default"), "{err}");
+    let (ok, _, err) = cli(&missing, &["keys", "create", "--name", "second"]);
+    assert!(ok && !err.contains("created a new store"), "{err}");
+}
+
+#[test]
+fn errors_name_their_cause_once_and_listen_belongs_to_serve() {
+    let out = Command::new(BIN)
+        .args(["migrate", "--config", "/nonexistent/herald.toml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/herald.toml"), "{err}");
+    assert_eq!(err.matches("os error 2").count(), 1, "{err}");
+    // --listen only does something for `serve`, so no other command takes it.
+    let out = Command::new(BIN)
+        .args(["keys", "list", "--listen", "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let help = Command::new(BIN).args(["keys", "--help"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&help.stdout).contains("--listen"));
+    let help = Command::new(BIN)
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("--listen"));
+}
+
+#[tokio::test]
+async fn first_start_banner_shows_the_readme_client_and_how_to_use_the_secret() {
+    let tmp = TempDir::new("herald-banner");
+    let mut out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&tmp.0)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut banner = String::new();
+    let stdout = out.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut text = String::new();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            let done = line.starts_with("herald listening on");
+            text.push_str(&line);
+            text.push('\n');
+            if done {
+                break;
+            }
+        }
+        text
+    });
+    let deadline = std::time::Instant::now() + WAIT;
+    while !reader.is_finished() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = out.kill();
+    let _ = out.wait();
+    banner.push_str(&reader.join().unwrap());
+    assert!(banner.contains("herald listening on"), "{banner}");
+    assert!(
+        banner.contains("npx --yes wscat@6 -s herald.v1"),
+        "{banner}"
+    );
+    assert!(!banner.contains("websocat"), "{banner}");
+    assert!(banner.contains("not hex-decoded"), "{banner}");
+}
+
+#[test]
+fn herald_demo_points_to_its_own_binary() {
+    for args in [
+        &["demo"][..],
+        &["demo", "--platform", "apns", "--keep"],
+        &["demo", "--help"],
+    ] {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("cargo build --release -p herald-demo")
+                && err.contains("target/release/herald-demo"),
+            "{args:?}: {err}"
+        );
+    }
+}

@@ -13,6 +13,7 @@ ensure_kotlinc() {
     KOTLINC="$KOTLIN_HOME/bin/kotlinc"
     KOTLIN_STDLIB="$KOTLIN_HOME/lib/kotlin-stdlib.jar"
     if [[ ! -x "$KOTLINC" ]]; then
+        echo "installing kotlinc $KOTLIN_VERSION (npm package kotlin-compiler) into $KOTLIN_HOME" >&2
         mkdir -p "$HERALD_TOOLS"
         (cd "$HERALD_TOOLS" && npm pack --silent "kotlin-compiler@$KOTLIN_VERSION" >/dev/null \
             && rm -rf package && tar xzf "kotlin-compiler-$KOTLIN_VERSION.tgz" \
@@ -29,6 +30,7 @@ ensure_kotlinc() {
 ensure_jna() {
     JNA_JAR="${JNA_JAR:-/usr/share/java/jna.jar}"
     if [[ ! -f "$JNA_JAR" ]]; then
+        echo "installing JNA (Debian package libjna-java, apt-get) for $JNA_JAR" >&2
         apt-get install -y libjna-java >/dev/null 2>&1 \
             || { apt-get update >/dev/null && apt-get install -y libjna-java >/dev/null; } || {
             echo "could not install libjna-java; install it or set JNA_JAR to a jna.jar" >&2
@@ -43,6 +45,7 @@ ensure_tree_sitter() {
     local venv="$HERALD_TOOLS/venv-tree-sitter"
     TS_PYTHON="$venv/bin/python"
     if [[ ! -x "$TS_PYTHON" ]]; then
+        echo "creating a Python venv in $venv" >&2
         mkdir -p "$HERALD_TOOLS"
         python3 -m venv "$venv" || {
             echo "python3 -m venv failed; install python3-venv" >&2
@@ -50,6 +53,7 @@ ensure_tree_sitter() {
         }
     fi
     if ! "$TS_PYTHON" -c 'import tree_sitter, tree_sitter_swift, tree_sitter_kotlin' 2>/dev/null; then
+        echo "installing tree-sitter, tree-sitter-swift, tree-sitter-kotlin (PyPI) into $venv" >&2
         "$venv/bin/pip" install --quiet --disable-pip-version-check \
             tree-sitter tree-sitter-swift tree-sitter-kotlin || {
             echo "pip could not install tree-sitter, tree-sitter-swift, tree-sitter-kotlin" >&2
@@ -78,7 +82,7 @@ start_test_gateway() {
     local herald="$HERALD_TARGET_DIR/debug/herald"
     GW_API_KEY="$("$herald" --data-dir "$dir/gateway" keys create --name tests 2>/dev/null)"
     HERALD_PUSH__STUB=true HERALD_LOG=info \
-        "$herald" --data-dir "$dir/gateway" --listen 127.0.0.1:0 serve \
+        "$herald" --data-dir "$dir/gateway" serve --listen 127.0.0.1:0 \
         >"$dir/gateway.out" 2>"$dir/gateway.log" &
     GW_PID=$!
     local addr=""

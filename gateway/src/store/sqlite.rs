@@ -82,6 +82,9 @@ pub struct SqliteStore {
     writes: mpsc::Sender<GroupWrite>,
 }
 
+/// The database file inside the data directory.
+pub const SQLITE_FILE: &str = "herald.db";
+
 impl SqliteStore {
     /// Opens (creating if needed) `dir/herald.db` and applies the migrations.
     pub async fn open(dir: &Path) -> StoreResult<SqliteStore> {
@@ -91,7 +94,7 @@ impl SqliteStore {
                 dir.display()
             ))
         })?;
-        let path = dir.join("herald.db");
+        let path = dir.join(SQLITE_FILE);
         let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)

@@ -1,4 +1,4 @@
-//! The real `herald demo` binary: it exits 0 by itself, its output tells every step of
+//! The real `herald-demo` binary: it exits 0 by itself, its output tells every step of
 //! the story with the values of this run (message ids, seqs, the push body, the final
 //! statuses), and it removes its temporary directory unless `--keep`.
 
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use herald_gateway::testing::TempDir;
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_herald");
+const BIN: &str = env!("CARGO_BIN_EXE_herald-demo");
 /// The demo takes a few seconds; this only bounds a hang.
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -20,18 +20,17 @@ struct Demo {
 }
 
 impl Demo {
-    /// Runs `herald demo <args>` with its temporary directory under `tmp`; panics
+    /// Runs `herald-demo <args>` with its temporary directory under `tmp`; panics
     /// unless it exits 0 within `LIMIT`.
     fn run(tmp: &Path, args: &[&str]) -> Demo {
         let mut child = Command::new(BIN)
-            .arg("demo")
             .args(args)
             .env("TMPDIR", tmp)
             .env_remove("HERALD_LOG")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("spawn herald demo");
+            .expect("spawn herald-demo");
         let drain = |mut pipe: Box<dyn Read + Send>| {
             std::thread::spawn(move || {
                 let mut text = String::new();
@@ -43,7 +42,7 @@ impl Demo {
         let stderr = drain(Box::new(child.stderr.take().unwrap()));
         let deadline = Instant::now() + LIMIT;
         let status = loop {
-            if let Some(status) = child.try_wait().expect("wait for herald demo") {
+            if let Some(status) = child.try_wait().expect("wait for herald-demo") {
                 break Some(status);
             }
             if Instant::now() > deadline {
@@ -59,9 +58,9 @@ impl Demo {
         };
         match status {
             Some(s) if s.success() => demo,
-            Some(s) => panic!("herald demo exited with {s}\n{}", demo.output()),
+            Some(s) => panic!("herald-demo exited with {s}\n{}", demo.output()),
             None => panic!(
-                "herald demo did not finish within {} s\n{}",
+                "herald-demo did not finish within {} s\n{}",
                 LIMIT.as_secs(),
                 demo.output()
             ),

@@ -1,4 +1,4 @@
-//! `herald demo`: the delivery story on one machine, checked as it runs.
+//! `herald-demo`: the delivery story on one machine, checked as it runs.
 //!
 //! Everything is real except the device's network and the push provider: a gateway on
 //! a temporary SQLite directory (127.0.0.1:0, short ack timeout), a device on the real
@@ -32,12 +32,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::config::Config;
-use crate::push::apns::build_apns_message;
-use crate::push::fcm::{build_fcm_message, FcmOptions};
-use crate::push::payload::unix_now;
-use crate::push::{PushOutcome, PushProvider, PushRequest};
-use crate::Application;
+use herald_gateway::config::Config;
+use herald_gateway::push::apns::build_apns_message;
+use herald_gateway::push::fcm::{build_fcm_message, FcmOptions};
+use herald_gateway::push::{PushOutcome, PushProvider, PushRequest};
+use herald_gateway::Application;
 
 const USER: &str = "alice";
 const DEVICE: &str = "phone-1";
@@ -422,7 +421,7 @@ impl DemoGateway {
             .await
             .context("step 1: start the gateway")?;
         let addr = app.local_addr();
-        let (_, api_key) = crate::auth::create_api_key(app.state().store.as_ref(), "demo")
+        let (_, api_key) = herald_gateway::auth::create_api_key(app.state().store.as_ref(), "demo")
             .await
             .context("step 1: create an API key")?;
         let (stop, stopped) = oneshot::channel::<()>();
@@ -523,7 +522,10 @@ impl PushProvider for RenderingPushProvider {
     }
 
     async fn send(&self, req: &PushRequest) -> PushOutcome {
-        let _ = self.rendered.send(RenderedPush::render(req, unix_now()));
+        let _ = self.rendered.send(RenderedPush::render(
+            req,
+            herald_gateway::clock::now_ms() / 1000,
+        ));
         PushOutcome::Delivered
     }
 }
