@@ -588,3 +588,100 @@ async fn frames_larger_than_the_configured_ws_buffers_cross_whole() {
     })
     .await;
 }
+
+/// GET /v1/messages/{id} of `id` once `pred` holds for its first delivery.
+async fn delivery_when(
+    tg: &TestGateway,
+    id: &str,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    eventually(what, || async {
+        let (_, v) = get(tg, &format!("/v1/messages/{id}"), &tg.api_key).await;
+        pred(&v["deliveries"][0]).then(|| v["deliveries"][0].clone())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_delivered_message_does_not_show_the_push_that_failed_before() {
+    let tg = TestGateway::start().await;
+    register(&tg, "frank", "frank-phone", None).await;
+    let r = publish(&tg, json!({"to": {"user": "frank"}, "data": {"n": 1}})).await;
+    let id = r["message_id"].as_str().unwrap().to_owned();
+    let failed = delivery_when(&tg, &id, "push_failed", |d| d["state"] == "push_failed").await;
+    assert_eq!(failed["reason"], "no push token registered", "{failed}");
+    let mut dev = connect(&tg, "frank", "frank-phone", None).await;
+    assert_eq!(dev.msg().await.seq, 1);
+    dev.ack(1).await;
+    let acked = delivery_when(&tg, &id, "acked", |d| d["state"] == "acked").await;
+    assert!(acked["acked_at"].is_string(), "{acked}");
+    for field in ["pushed_at", "push_provider", "reason"] {
+        assert!(acked.get(field).is_none(), "{field} in {acked}");
+    }
+}
+
+#[tokio::test]
+async fn a_delivered_message_still_shows_a_push_that_was_sent() {
+    let tg = TestGateway::start().await;
+    register(&tg, "gina", "gina-phone", Some(("fcm", "tok-gina"))).await;
+    let r = publish(&tg, json!({"to": {"user": "gina"}, "data": {"n": 1}})).await;
+    let id = r["message_id"].as_str().unwrap().to_owned();
+    delivery_when(&tg, &id, "pushed", |d| d["state"] == "pushed").await;
+    let mut dev = connect(&tg, "gina", "gina-phone", None).await;
+    assert_eq!(dev.msg().await.seq, 1);
+    dev.ack(1).await;
+    let acked = delivery_when(&tg, &id, "acked", |d| d["state"] == "acked").await;
+    assert!(acked["pushed_at"].is_string(), "{acked}");
+    assert_eq!(acked["push_provider"], "fcm", "{acked}");
+}
+
+#[tokio::test]
+async fn a_publish_that_reaches_nobody_says_why() {
+    let tg = TestGateway::start().await;
+    let r = publish(&tg, json!({"to": {"user": "nobody"}, "data": {}})).await;
+    assert_eq!(r["recipients"], 0);
+    let hint = r["hint"].as_str().unwrap_or_default();
+    assert!(hint.contains("user nobody has no devices"), "{r}");
+    let r = publish(&tg, json!({"to": {"topic": "empty"}, "data": {}})).await;
+    assert!(
+        r["hint"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("topic empty"),
+        "{r}"
+    );
+    register(&tg, "somebody", "sb-phone", None).await;
+    let r = publish(&tg, json!({"to": {"user": "somebody"}, "data": {}})).await;
+    assert_eq!(r["recipients"], 1);
+    assert!(r.get("hint").is_none(), "{r}");
+}
+
+#[tokio::test]
+async fn device_info_has_every_documented_field() {
+    let tg = TestGateway::start().await;
+    register(&tg, "hank", "hank-phone", None).await;
+    let (status, d) = get(&tg, "/v1/devices/hank-phone", &tg.api_key).await;
+    assert_eq!(status, 200);
+    // docs/protocol.md, "Devices": fields without a value are null, not missing.
+    for field in [
+        "device_id",
+        "user",
+        "platform",
+        "online",
+        "last_seen",
+        "push_provider",
+        "push_token",
+        "push_token_error",
+        "apns_environment",
+        "last_seq",
+        "acked_seq",
+    ] {
+        assert!(d.get(field).is_some(), "{field} missing from {d}");
+    }
+    assert!(
+        d["push_provider"].is_null() && d["apns_environment"].is_null(),
+        "{d}"
+    );
+    assert_eq!(d["push_token"], "none");
+}

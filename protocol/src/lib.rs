@@ -146,6 +146,9 @@ pub struct PublishResponse {
     /// True when an earlier message with the same idempotency key was returned.
     #[serde(default)]
     pub duplicate: bool,
+    /// Set when `recipients` is 0: why nothing was stored, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
 }
 
 /// Per-device delivery state of a message.
@@ -341,17 +344,17 @@ impl PushTokenState {
 pub struct DeviceInfo {
     pub device_id: String,
     pub user: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub platform: Option<Platform>,
     pub online: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub last_seen: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub push_provider: Option<PushProviderKind>,
     pub push_token: PushTokenState,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub push_token_error: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub apns_environment: Option<ApnsEnvironment>,
     /// Highest seq assigned to this device's inbox.
     pub last_seq: i64,

@@ -7,7 +7,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
 use herald_protocol::{
-    DeviceInfo, DeviceList, MessageStatus, PublishRequest, PublishResponse, TokenRequest,
+    DeviceInfo, DeviceList, MessageStatus, PublishRequest, PublishResponse, Target, TokenRequest,
     TokenResponse,
 };
 
@@ -90,6 +90,7 @@ pub async fn publish(
             state.router.route(entries, Instant::now());
             PublishResponse {
                 message_id,
+                hint: no_recipients_hint(&req.to, recipients),
                 recipients,
                 duplicate: false,
             }
@@ -99,11 +100,32 @@ pub async fn publish(
             recipients,
         } => PublishResponse {
             message_id,
+            hint: no_recipients_hint(&req.to, recipients),
             recipients,
             duplicate: true,
         },
     };
     Ok((StatusCode::ACCEPTED, Json(response)))
+}
+
+/// A 202 with `recipients: 0` looks like success; say that nothing was kept, and why,
+/// since inboxes exist per device and a device that appears later gets nothing.
+fn no_recipients_hint(to: &Target, recipients: u64) -> Option<String> {
+    if recipients > 0 {
+        return None;
+    }
+    match to {
+        Target::User(u) => Some(format!(
+            "user {u} has no devices, so nothing was stored: a device exists once it connects \
+             (GET /v1/connect) or registers (PUT /v1/me/devices/{{id}}), and gets only messages sent after that"
+        )),
+        Target::Topic(t) => Some(format!(
+            "no device is subscribed to topic {t}, so nothing was stored: only devices subscribed \
+             when a message is sent get it"
+        )),
+        // An unknown device is a 404 before anything is stored.
+        Target::Device(_) => None,
+    }
 }
 
 fn idempotency_key(headers: &HeaderMap, req: &PublishRequest) -> Result<Option<String>, AppError> {

@@ -230,15 +230,21 @@ impl DeliveryRow {
         } else {
             DeliveryState::Queued
         };
+        // Once the device has the message, a push that failed on the way is history that
+        // only misleads ("pushed_at" and "no push token registered" on a delivered
+        // message read as a push that went out); a push that was sent stays visible.
+        let failed_push_superseded =
+            state == DeliveryState::Acked && self.push_state.as_deref() != Some("pushed");
+        let push = |v: &Option<String>| v.clone().filter(|_| !failed_push_superseded);
         DeliveryRecord {
             device_id: self.device_id.clone(),
             seq: self.seq,
             state,
             sent_at: self.sent_at.map(rfc3339),
             acked_at: self.acked_at.map(rfc3339),
-            pushed_at: self.push_at.map(rfc3339),
-            push_provider: self.push_provider.clone(),
-            reason: self.reason.clone(),
+            pushed_at: push(&self.push_at.map(rfc3339)),
+            push_provider: push(&self.push_provider),
+            reason: push(&self.reason),
         }
     }
 }
