@@ -21,6 +21,7 @@ source "$ROOT/scripts/lib/tools.sh"
 step() { printf -- '--- walkthrough: %s\n' "$*"; }
 die() {
     echo "walkthrough: FAILED: $*" >&2
+    [[ -d "$WORK" ]] || echo "walkthrough: $WORK has disappeared (removed by something else?)" >&2
     for f in "$WORK"/*.out "$WORK"/*.log; do
         [[ -s "$f" ]] || continue
         echo "----- $f" >&2
@@ -29,7 +30,7 @@ die() {
     exit 1
 }
 
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/herald-walkthrough.XXXXXX")"
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/readme-walkthrough.XXXXXX")"
 GROUPS_STARTED=()
 cleanup() {
     exec 7>&- 2>/dev/null || true
@@ -175,7 +176,7 @@ for ((i = 0; i < 50; i++)); do
     sleep 0.2
 done
 device_json | grep -qF '"acked_seq":1' || die "the typed ack was not recorded: $(device_json)"
-if grep -qF 'ack_timeout' "$WORK/device1.out"; then die "wscat was closed with ack_timeout"; fi
+if grep -qE '"code":"ack_timeout"|Disconnected' "$WORK/device1.out"; then die "wscat was disconnected before the ack (ack_timeout?)"; fi
 
 step "terminal 3: Ctrl-C"
 exec 7>&-
