@@ -14,6 +14,31 @@ pub const SUBPROTOCOL: &str = "herald.v1";
 /// client cannot make the store index megabyte-long keys.
 pub const MAX_ID_LEN: usize = 128;
 
+/// The one rule for identifiers (device ids, user ids, topics): 1–128 characters of
+/// `[A-Za-z0-9._:@-]`, so they are safe in URLs, NATS subjects and logs. The gateway
+/// refuses anything else, so a client that checked with a looser rule would keep
+/// sending what can never be accepted. `Err` says what is wrong, to prefix with a name.
+pub fn validate_id(value: &str) -> Result<(), String> {
+    if value.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if value.len() > MAX_ID_LEN {
+        return Err(format!(
+            "is {} bytes long; the maximum is {MAX_ID_LEN}",
+            value.len()
+        ));
+    }
+    if let Some(c) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '@' | '-')))
+    {
+        return Err(format!(
+            "contains {c:?}; only letters, digits and . _ : @ - are allowed"
+        ));
+    }
+    Ok(())
+}
+
 /// Where a message goes. Exactly one of the three.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
@@ -505,6 +530,16 @@ mod tests {
         let back: PublishRequest =
             serde_json::from_str(&serde_json::to_string(&req).unwrap()).unwrap();
         assert_eq!(back, req);
+    }
+
+    #[test]
+    fn ids_follow_one_rule() {
+        assert!(validate_id("device-1.a_b:c@d").is_ok());
+        assert!(validate_id(&"x".repeat(MAX_ID_LEN)).is_ok());
+        for bad in ["", "my phone", "a/b", "é", "a\0b", "x' OR '1'='1"] {
+            assert!(validate_id(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_id(&"x".repeat(MAX_ID_LEN + 1)).is_err());
     }
 
     #[test]
