@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use herald_protocol::{
     ApnsEnvironment, DeviceInfo, InboxMessage, Platform, PushProviderKind, RegisterDeviceRequest,
-    MAX_ID_LEN,
 };
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -108,12 +107,8 @@ pub struct HeraldClient {
 }
 
 fn validate_id(what: &str, id: &str) -> Result<(), Error> {
-    if id.is_empty() || id.len() > MAX_ID_LEN || id.chars().any(|c| c.is_control() || c == '/') {
-        return Err(Error::InvalidConfig(format!(
-            "{what} must be 1..={MAX_ID_LEN} characters without '/' or control characters"
-        )));
-    }
-    Ok(())
+    // The gateway's own rule: an id it would refuse must fail here, not on every reconnect.
+    herald_protocol::validate_id(id).map_err(|m| Error::InvalidConfig(format!("{what} {m}")))
 }
 
 fn parse_base(base_url: &str) -> Result<Url, Error> {
@@ -404,6 +399,19 @@ fn dispatch(
                     listener.on_subscription_changed(topic, subscribed)
                 }));
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod id_rule_tests {
+    use super::validate_id;
+
+    #[test]
+    fn ids_the_gateway_refuses_are_refused_here() {
+        assert!(validate_id("topic", "news.eu-1").is_ok());
+        for bad in ["my phone", "a/b", "", "caf\u{e9}"] {
+            assert!(validate_id("topic", bad).is_err(), "{bad:?}");
         }
     }
 }
