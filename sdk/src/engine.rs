@@ -414,16 +414,23 @@ impl<T: Transport> Engine<T> {
                         Some(Ok(Incoming::Activity)) => {}
                         Some(Ok(Incoming::Frame(frame))) => match frame {
                             ServerFrame::Welcome { heartbeat_s, last_seq, .. } => {
-                                if last_seq < self.store.cursor() && self.in_flight.is_empty() {
-                                    // The gateway's inbox is behind us (device re-created):
-                                    // start over from its last seq.
+                                if last_seq < self.store.cursor() {
+                                    // The gateway's inbox is not the one our cursor counts in
+                                    // (device re-created, store restored): none of its seqs is
+                                    // known to be handled, so start over from 0. Resuming at
+                                    // `last_seq` would ack entries this app never saw.
+                                    conn.close().await;
+                                    if !self.in_flight.is_empty() {
+                                        // The listener still holds old-inbox messages, whose
+                                        // seqs mean nothing in the new one: reset once handled.
+                                        return self.next_backoff();
+                                    }
                                     tracing::warn!("herald: gateway last_seq {last_seq} < cursor {}; resetting", self.store.cursor());
-                                    if let Err(e) = self.store.reset(last_seq) {
+                                    if let Err(e) = self.store.reset(0) {
                                         self.report(e, false);
                                     }
-                                    self.high = last_seq;
-                                    self.acked = last_seq;
-                                    conn.close().await;
+                                    self.high = 0;
+                                    self.acked = 0;
                                     return Phase::Connect;
                                 }
                                 welcomed = true;
