@@ -67,7 +67,16 @@ pub struct DeviceClaims {
     #[serde(default)]
     pub iat: u64,
     pub iss: String,
-    pub aud: String,
+    pub aud: Audience,
+}
+
+/// RFC 7519 allows `aud` to be one string or an array of them; jsonwebtoken checks
+/// that ours is among them, this only has to accept both shapes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Audience {
+    One(String),
+    Many(Vec<String>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +99,11 @@ struct TokenKeys {
     encoding: Option<EncodingKey>,
     issuer: String,
     audience: String,
+    max_ttl_seconds: u64,
 }
+
+/// Seconds of clock skew allowed on `exp`, `nbf` and the lifetime cap.
+const LEEWAY_S: u64 = 5;
 
 impl DeviceTokens {
     /// Builds the verifier from config; with HS256 and no configured secret, the
@@ -135,25 +148,42 @@ impl DeviceTokens {
                 encoding,
                 issuer: cfg.jwt_issuer.clone(),
                 audience: cfg.jwt_audience.clone(),
+                max_ttl_seconds: cfg.max_token_ttl_seconds,
             }),
         })
     }
 
     pub fn verify(&self, token: &str) -> Result<DeviceClaims, TokenError> {
+        let data =
+            jsonwebtoken::decode::<DeviceClaims>(token, &self.inner.decoding, &self.validation())
+                .map_err(|e| TokenError::Invalid(e.to_string()))?;
+        check_sub(&data.claims.sub)?;
+        self.check_lifetime(data.claims.exp, (now_ms() / 1000) as u64)?;
+        Ok(data.claims)
+    }
+
+    fn validation(&self) -> Validation {
         let mut v = Validation::new(self.inner.algorithm);
         v.set_issuer(&[&self.inner.issuer]);
         v.set_audience(&[&self.inner.audience]);
         v.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
-        v.leeway = 5;
-        let data = jsonwebtoken::decode::<DeviceClaims>(token, &self.inner.decoding, &v)
-            .map_err(|e| TokenError::Invalid(e.to_string()))?;
-        let sub = &data.claims.sub;
-        if sub.is_empty() || sub.len() > herald_protocol::MAX_ID_LEN {
-            return Err(TokenError::Invalid(
-                "sub must be a user id of 1 to 128 characters".into(),
-            ));
+        // A token not valid yet must not be accepted early (`nbf` is optional).
+        v.validate_nbf = true;
+        v.leeway = LEEWAY_S;
+        v
+    }
+
+    /// A token valid for longer than `auth.max_token_ttl_seconds` from now was not
+    /// minted under this gateway's rules (a leaked long-lived token cannot be revoked
+    /// by waiting).
+    fn check_lifetime(&self, exp: u64, now: u64) -> Result<(), TokenError> {
+        let max = self.inner.max_ttl_seconds;
+        if exp > now.saturating_add(max).saturating_add(LEEWAY_S) {
+            return Err(TokenError::Invalid(format!(
+                "exp is more than auth.max_token_ttl_seconds ({max} s) from now"
+            )));
         }
-        Ok(data.claims)
+        Ok(())
     }
 
     /// Mints a token for `user` valid for `ttl_seconds`; returns it with its exp.
@@ -170,12 +200,18 @@ impl DeviceTokens {
             exp: now + ttl_seconds,
             iat: now,
             iss: self.inner.issuer.clone(),
-            aud: self.inner.audience.clone(),
+            aud: Audience::One(self.inner.audience.clone()),
         };
         let token = jsonwebtoken::encode(&Header::new(self.inner.algorithm), &claims, key)
             .map_err(|e| TokenError::Invalid(e.to_string()))?;
         Ok((token, claims.exp))
     }
+}
+
+/// `sub` addresses the user (`to.user`, device ownership): it follows the id rule, or
+/// the user could never be reached.
+fn check_sub(sub: &str) -> Result<(), TokenError> {
+    herald_protocol::validate_id(sub).map_err(|m| TokenError::Invalid(format!("sub {m}")))
 }
 
 #[cfg(test)]

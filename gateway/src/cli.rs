@@ -183,6 +183,12 @@ pub async fn run_token(cfg: &Config, action: TokenAction) -> anyhow::Result<()> 
     let store = open_existing_store(cfg).await?;
     let tokens = crate::auth::DeviceTokens::from_config(&cfg.auth, store.as_ref()).await?;
     let ttl = ttl.unwrap_or(cfg.auth.default_token_ttl_seconds);
+    if ttl == 0 || ttl > cfg.auth.max_token_ttl_seconds {
+        anyhow::bail!(
+            "--ttl must be between 1 and {} (auth.max_token_ttl_seconds): the gateway refuses longer-lived tokens",
+            cfg.auth.max_token_ttl_seconds
+        );
+    }
     let (token, exp) = tokens.mint(&user, ttl)?;
     eprintln!(
         "device token for user {user}, expires {}",

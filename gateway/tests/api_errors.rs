@@ -438,3 +438,203 @@ async fn health_and_readiness() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
 }
+
+/// Sends `head` (request line and headers, raw bytes) and returns (status, body).
+async fn raw_request(tg: &TestGateway, head: &[u8]) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(tg.base_url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    s.write_all(head).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+        .await
+        .expect("gateway answered")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn a_percent_before_a_multibyte_character_is_not_a_panic() {
+    let tg = TestGateway::start().await;
+    let mut head = b"GET /v1/connect?device_id=d&access_token=%a".to_vec();
+    head.extend_from_slice("é".as_bytes());
+    head.extend_from_slice(b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let (s, v) = raw_request(&tg, &head).await;
+    assert_eq!((s, code(&v)), (401, "unauthorized"), "{v}");
+}
+
+#[tokio::test]
+async fn invalid_utf8_in_a_path_segment_is_a_json_error() {
+    let tg = TestGateway::start().await;
+    for path in [
+        "/v1/messages/%ff",
+        "/v1/devices/%ff",
+        "/v1/users/%c3%28/devices",
+    ] {
+        let (s, v) = get(&tg, path, &tg.api_key).await;
+        assert_eq!((s, code(&v)), (422, "invalid_field"), "{path}: {v}");
+    }
+    let token = tg.mint_token("u", Duration::from_secs(60));
+    let resp = http()
+        .put(format!("{}/v1/me/devices/%ff", tg.base_url))
+        .bearer_auth(token)
+        .json(&json!({"platform": "android"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 422);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(code(&v), "invalid_field", "{v}");
+}
+
+#[tokio::test]
+async fn jwt_nbf_sub_aud_and_lifetime_are_checked() {
+    const SECRET: &str = "0123456789abcdef0123456789abcdef-hardening";
+    let tg = TestGateway::start_with(|c| {
+        c.auth.jwt_secret = Some(SECRET.into());
+        c.auth.max_token_ttl_seconds = 3600;
+    })
+    .await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = |sub: &str, extra: Value| {
+        let mut c = json!({"sub": sub, "exp": now + 600, "iss": "herald", "aud": "herald-device"});
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        forge(c, jsonwebtoken::Algorithm::HS256, SECRET.as_bytes())
+    };
+    let register_with = |token: String| {
+        let url = format!("{}/v1/me/devices/jwt-dev", tg.base_url);
+        async move {
+            let resp = http()
+                .put(url)
+                .bearer_auth(token)
+                .json(&json!({"platform": "android"}))
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let refused = [
+        ("nbf in an hour", claims("u", json!({"nbf": now + 3600}))),
+        ("sub with a space", claims("a b", json!({}))),
+        ("sub with a quote", claims("x' OR '1'='1", json!({}))),
+        ("sub with NUL", claims("a\0b", json!({}))),
+        ("sub not ASCII", claims("é", json!({}))),
+        (
+            "valid until 2900",
+            claims("u", json!({"exp": 29_000_000_000u64})),
+        ),
+        (
+            "past the lifetime cap",
+            claims("u", json!({"exp": now + 3600 + 60})),
+        ),
+        (
+            "aud array without ours",
+            claims("u", json!({"aud": ["other", "another"]})),
+        ),
+    ];
+    for (what, token) in refused {
+        let (s, v) = register_with(token).await;
+        assert_eq!((s, code(&v)), (401, "unauthorized"), "{what}: {v}");
+    }
+    // Nothing was registered by the refused tokens.
+    let (s, _) = get(&tg, "/v1/devices/jwt-dev", &tg.api_key).await;
+    assert_eq!(s, 404);
+
+    let accepted = [
+        ("plain", claims("u", json!({}))),
+        ("nbf passed", claims("u", json!({"nbf": now - 10}))),
+        (
+            "aud array with ours (RFC 7519)",
+            claims("u", json!({"aud": ["other", "herald-device"]})),
+        ),
+        (
+            "at the lifetime cap",
+            claims("u", json!({"exp": now + 3600})),
+        ),
+    ];
+    for (what, token) in accepted {
+        let (s, v) = register_with(token).await;
+        assert_eq!(s, 200, "{what}: {v}");
+    }
+}
+
+#[tokio::test]
+async fn unsubscribe_validates_its_topic() {
+    let tg = TestGateway::start().await;
+    let mut dev = connect(&tg, "u", "d", None).await;
+    dev.send(&herald_protocol::ClientFrame::Unsubscribe {
+        topic: "a b".into(),
+    })
+    .await;
+    match dev.frame().await {
+        Some(herald_protocol::ServerFrame::Error { code, .. }) => assert_eq!(code, "invalid_topic"),
+        other => panic!("expected invalid_topic, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn json_bodies_are_objects_of_a_json_media_type_without_duplicate_keys() {
+    let tg = TestGateway::start().await;
+    register(&tg, "u", "d", None).await;
+    let send = |content_type: &'static str, body: &'static str| {
+        let req = http()
+            .post(format!("{}/v1/messages", tg.base_url))
+            .bearer_auth(&tg.api_key)
+            .header("Content-Type", content_type)
+            .body(body);
+        async move {
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let ok = r#"{"to":{"device":"d"},"data":{}}"#;
+    for ct in [
+        "text/html+json",
+        "application/jsonp",
+        "application/json-seq",
+        "text/plain",
+    ] {
+        let (s, v) = send(ct, ok).await;
+        assert_eq!((s, code(&v)), (400, "malformed"), "{ct}: {v}");
+    }
+    let (s, v) = send("application/json", r#"[{"device":"d"},{}]"#).await;
+    assert_eq!((s, code(&v)), (422, "invalid_field"), "array: {v}");
+    let (s, v) = send(
+        "application/json",
+        r#"{"to":{"device":"d","device":"other"},"data":{}}"#,
+    )
+    .await;
+    assert_eq!((s, code(&v)), (400, "malformed"), "duplicate key: {v}");
+    let (s, v) = send(
+        "application/json",
+        r#"{"to":{"device":"other"},"to":{"device":"d"},"data":{}}"#,
+    )
+    .await;
+    assert_eq!((s, code(&v)), (400, "malformed"), "duplicate key: {v}");
+    // Nothing of the above reached the inbox.
+    let (_, d) = get(&tg, "/v1/devices/d", &tg.api_key).await;
+    assert_eq!(d["last_seq"], 0, "{d}");
+
+    for ct in ["Application/JSON", "application/json; charset=UTF-8"] {
+        let (s, v) = send(ct, ok).await;
+        assert_eq!(s, 202, "{ct}: {v}");
+    }
+    let (_, d) = get(&tg, "/v1/devices/d", &tg.api_key).await;
+    assert_eq!(d["last_seq"], 2, "{d}");
+}

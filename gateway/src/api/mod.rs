@@ -11,7 +11,8 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::rejection::QueryRejection;
+use axum::extract::path::ErrorKind;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
@@ -97,29 +98,7 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Identifiers (device ids, users, topics) are 1–128 characters of `[A-Za-z0-9._:@-]`,
-/// so they are safe in URLs, NATS subjects and logs.
-pub fn validate_id(value: &str) -> Result<(), String> {
-    if value.is_empty() {
-        return Err("must not be empty".into());
-    }
-    if value.len() > herald_protocol::MAX_ID_LEN {
-        return Err(format!(
-            "is {} bytes long; the maximum is {}",
-            value.len(),
-            herald_protocol::MAX_ID_LEN
-        ));
-    }
-    if let Some(c) = value
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '@' | '-')))
-    {
-        return Err(format!(
-            "contains {c:?}; only letters, digits and . _ : @ - are allowed"
-        ));
-    }
-    Ok(())
-}
+pub use herald_protocol::validate_id;
 
 pub fn require_id(field: &str, value: &str) -> Result<(), AppError> {
     validate_id(value).map_err(|m| AppError::invalid(field, m))
@@ -193,28 +172,11 @@ impl FromRequestParts<AppState> for DeviceAuth {
 }
 
 fn url_param(query: &str, name: &str) -> Option<String> {
-    query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=')?;
-        (k == name).then(|| percent_decode(v))
-    })
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    // Decodes bytes, not `&str` slices: a `%` before a multi-byte character must not
+    // split it (that panicked the request's task).
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
 }
 
 /// JSON body whose rejections are Herald errors: 400 when it is not JSON at all (or
@@ -234,7 +196,7 @@ where
             .headers()
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("application/json") || v.contains("+json"));
+            .is_some_and(is_json_media_type);
         if !is_json {
             return Err(AppError::Malformed(
                 "send the body with `Content-Type: application/json`".into(),
@@ -251,8 +213,16 @@ where
                     AppError::Malformed(rejection.body_text())
                 }
             })?;
+        // serde_json keeps the last of duplicate keys; a proxy may read the first and
+        // see another target. Refuse them rather than guess.
+        serde_json::from_slice::<NoDuplicateKeys>(&bytes)
+            .map_err(|e| AppError::Malformed(format!("malformed JSON: {e}")))?;
         let value: serde_json::Value = serde_json::from_slice(&bytes)
             .map_err(|e| AppError::Malformed(format!("malformed JSON: {e}")))?;
+        // Every body is an object; serde would otherwise read a struct from an array.
+        if !value.is_object() {
+            return Err(AppError::invalid("body", "must be a JSON object"));
+        }
         serde_path_to_error::deserialize::<_, T>(value)
             .map(ApiJson)
             .map_err(|e| {
@@ -264,6 +234,76 @@ where
                 };
                 AppError::invalid(field, e.into_inner().to_string())
             })
+    }
+}
+
+/// `application/json` or `application/<anything>+json`, parameters (charset) allowed,
+/// compared case-insensitively as RFC 9110 says media types are.
+fn is_json_media_type(value: &str) -> bool {
+    let essence = value.split(';').next().unwrap_or("").trim();
+    let Some((kind, subtype)) = essence.split_once('/') else {
+        return false;
+    };
+    kind.eq_ignore_ascii_case("application")
+        && (subtype.eq_ignore_ascii_case("json")
+            || (subtype.len() > 5
+                && subtype.is_char_boundary(subtype.len() - 5)
+                && subtype[subtype.len() - 5..].eq_ignore_ascii_case("+json")))
+}
+
+/// Parses any JSON and fails on an object with a repeated key, at any depth.
+struct NoDuplicateKeys;
+
+impl<'de> serde::Deserialize<'de> for NoDuplicateKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = NoDuplicateKeys;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("JSON")
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<NoDuplicateKeys, E> {
+                Ok(NoDuplicateKeys)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<NoDuplicateKeys, E> {
+                Ok(NoDuplicateKeys)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<NoDuplicateKeys, E> {
+                Ok(NoDuplicateKeys)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<NoDuplicateKeys, E> {
+                Ok(NoDuplicateKeys)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<NoDuplicateKeys, E> {
+                Ok(NoDuplicateKeys)
+            }
+            fn visit_unit<E>(self) -> Result<NoDuplicateKeys, E> {
+                Ok(NoDuplicateKeys)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<NoDuplicateKeys, A::Error> {
+                while seq.next_element::<NoDuplicateKeys>()?.is_some() {}
+                Ok(NoDuplicateKeys)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<NoDuplicateKeys, A::Error> {
+                let mut seen = std::collections::HashSet::new();
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    if !seen.insert(key.to_string()) {
+                        return Err(serde::de::Error::custom(format_args!(
+                            "duplicate key {key:?}"
+                        )));
+                    }
+                    map.next_value::<NoDuplicateKeys>()?;
+                }
+                Ok(NoDuplicateKeys)
+            }
+        }
+        d.deserialize_any(Visit)
     }
 }
 
@@ -288,6 +328,31 @@ where
                     .unwrap_or(text);
                 Err(AppError::invalid("query", detail))
             }
+            Err(other) => Err(AppError::Malformed(other.body_text())),
+        }
+    }
+}
+
+/// Path parameters with Herald errors: axum answers a `%ff` in a segment with plain
+/// text, where every other rejection is the documented JSON error.
+pub struct ApiPath<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiPath<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, AppError> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(ApiPath(v)),
+            Err(PathRejection::FailedToDeserializePathParams(e)) => match e.kind() {
+                ErrorKind::InvalidUtf8InPathParam { key } => {
+                    Err(AppError::invalid(key.as_str(), "is not valid UTF-8"))
+                }
+                _ => Err(AppError::invalid("path", e.body_text())),
+            },
             Err(other) => Err(AppError::Malformed(other.body_text())),
         }
     }
@@ -343,14 +408,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ids_are_validated() {
-        assert!(validate_id("device-1.a_b:c@d").is_ok());
-        assert!(validate_id("").is_err());
-        assert!(validate_id("a b").is_err());
-        assert!(validate_id(&"x".repeat(129)).is_err());
-    }
-
-    #[test]
     fn rate_limiter_allows_burst_then_refuses() {
         let rl = RateLimiter::new(1, 3);
         assert!(rl.check("k").is_ok());
@@ -361,11 +418,49 @@ mod tests {
     }
 
     #[test]
+    fn json_media_types() {
+        for ok in [
+            "application/json",
+            "Application/JSON",
+            "application/json; charset=utf-8",
+            "application/merge-patch+json",
+        ] {
+            assert!(is_json_media_type(ok), "{ok}");
+        }
+        for bad in [
+            "application/jsonp",
+            "text/html+json",
+            "application/json-seq",
+            "text/json",
+            "application/+json",
+            "",
+        ] {
+            assert!(!is_json_media_type(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn duplicate_keys_are_found_at_any_depth() {
+        let parse = |s: &str| serde_json::from_str::<NoDuplicateKeys>(s).is_ok();
+        assert!(parse(
+            r#"{"to":{"user":"a"},"data":{"x":[{"a":1},{"a":2}]}}"#
+        ));
+        assert!(!parse(r#"{"to":{"user":"a","user":"b"}}"#));
+        assert!(!parse(r#"{"to":{"user":"a"},"to":{"user":"b"}}"#));
+        assert!(!parse(r#"[{"k":1,"k":2}]"#));
+        assert!(!parse(r#"{"a\u0062":1,"ab":2}"#));
+    }
+
+    #[test]
     fn query_params_are_decoded() {
         assert_eq!(
             url_param("a=1&access_token=x%2Ey", "access_token").as_deref(),
             Some("x.y")
         );
         assert_eq!(url_param("a=1", "access_token"), None);
+        assert_eq!(
+            url_param("access_token=%a\u{e9}", "access_token").as_deref(),
+            Some("%a\u{e9}")
+        );
     }
 }

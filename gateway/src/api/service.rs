@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
@@ -11,7 +11,7 @@ use herald_protocol::{
     TokenResponse,
 };
 
-use super::{require_id, ApiJson, AppState, ServiceAuth};
+use super::{require_id, ApiJson, ApiPath, AppState, ServiceAuth};
 use crate::clock::{now_ms, rfc3339};
 use crate::error::AppError;
 use crate::registry::KickReason;
@@ -161,7 +161,7 @@ fn idempotency_key(headers: &HeaderMap, req: &PublishRequest) -> Result<Option<S
 pub async fn message_status(
     State(state): State<AppState>,
     ServiceAuth(_): ServiceAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<MessageStatus>, AppError> {
     let (msg, rows) = state
         .store
@@ -187,7 +187,7 @@ pub async fn message_status(
 pub async fn get_device(
     State(state): State<AppState>,
     ServiceAuth(_): ServiceAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<DeviceInfo>, AppError> {
     let device = state
         .store
@@ -201,7 +201,7 @@ pub async fn get_device(
 pub async fn user_devices(
     State(state): State<AppState>,
     ServiceAuth(_): ServiceAuth,
-    Path(user): Path<String>,
+    ApiPath(user): ApiPath<String>,
 ) -> Result<Json<DeviceList>, AppError> {
     let devices = state.store.user_devices(&user).await?;
     let online =
@@ -218,7 +218,7 @@ pub async fn user_devices(
 pub async fn delete_device(
     State(state): State<AppState>,
     ServiceAuth(_): ServiceAuth,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, AppError> {
     if !state.store.delete_device(&id).await? {
         return Err(AppError::NotFound(format!("no device {id}")));
