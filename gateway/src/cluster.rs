@@ -297,10 +297,12 @@ impl ClusterBus {
                         let committed_at = Instant::now()
                             .checked_sub(waited)
                             .unwrap_or_else(Instant::now);
+                        let entry: InboxEntry = (*entry).into();
                         let offer = if due {
-                            handle.offer_due((*entry).into(), &bus.metrics)
+                            handle.offer_due(entry, &bus.metrics)
                         } else {
-                            handle.offer((*entry).into(), committed_at, &bus.metrics)
+                            let weight = crate::registry::entry_weight(&entry.message);
+                            handle.offer(entry, committed_at, weight, &bus.metrics)
                         };
                         Some(match offer {
                             Offer::Taken => REPLY_LIVE,

@@ -85,6 +85,12 @@ pub struct DeliveryConfig {
     pub max_ttl_seconds: u64,
     /// Frames queued per session before it is treated as a slow consumer.
     pub session_queue: usize,
+    /// Bytes (about the size on the wire) queued per session before it is treated as
+    /// a slow consumer; one entry is always let in, however large.
+    pub session_queue_bytes: usize,
+    /// Longest one WebSocket write may wait for the client to read; past it the
+    /// session is closed (1008) and its unacked entries fall back to push.
+    pub write_timeout_ms: u64,
     /// Entries per replay page on connect and max `limit` of `/v1/me/sync`.
     pub replay_batch: u32,
     /// `reconnect.after_ms` sent to clients on graceful shutdown.
@@ -122,6 +128,23 @@ pub struct LimitsConfig {
     /// Recipients one publish may fan out to (topics).
     pub max_recipients: usize,
     pub request_timeout_ms: u64,
+    /// A request head (request line and headers) must be complete this long after the
+    /// connection is ready for it: after it opens, or after the previous response on a
+    /// keep-alive connection, so this also closes idle keep-alive connections.
+    pub header_read_timeout_ms: u64,
+    /// An HTTP connection on which no byte moved for this long is closed (slow bodies,
+    /// clients that do not read their response). WebSockets have heartbeats instead.
+    pub idle_timeout_ms: u64,
+    /// Open TCP connections (WebSockets included); past it new ones get 503 and are
+    /// closed. 0: the open-file limit minus 64, so the gateway never runs out of
+    /// descriptors for its store and health checks.
+    pub max_connections: usize,
+    /// Open connections per client IP; 0 = no cap. Off by default: behind a load
+    /// balancer or carrier NAT many devices share one address.
+    pub max_connections_per_ip: usize,
+    /// On SIGTERM: how long in-flight requests and sessions get to finish before the
+    /// process exits anyway.
+    pub shutdown_drain_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -224,6 +247,8 @@ impl Default for DeliveryConfig {
             default_ttl_seconds: 24 * 3600,
             max_ttl_seconds: 28 * 24 * 3600,
             session_queue: 1024,
+            session_queue_bytes: 1024 * 1024,
+            write_timeout_ms: 10_000,
             replay_batch: 500,
             shutdown_reconnect_ms: 1_000,
             sweep_interval_ms: 30_000,
@@ -247,6 +272,11 @@ impl Default for LimitsConfig {
             connect_burst_per_ip: 2_000,
             max_recipients: 200_000,
             request_timeout_ms: 30_000,
+            header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            max_connections: 0,
+            max_connections_per_ip: 0,
+            shutdown_drain_ms: 10_000,
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod error;
 pub mod metrics;
 pub mod push;
 pub mod registry;
+pub mod server;
 pub mod session;
 pub mod store;
 pub mod testing;
@@ -100,7 +101,10 @@ impl Application {
         let metrics = Metrics::new();
         let cluster = ClusterBus::connect(&config, &metrics).await?;
         let shutdown = CancellationToken::new();
-        let registry = Arc::new(SessionRegistry::new(config.delivery.session_queue));
+        let registry = Arc::new(SessionRegistry::new(
+            config.delivery.session_queue,
+            config.delivery.session_queue_bytes,
+        ));
         cluster.spawn_resync(registry.clone());
         let push_settings = config.push.settings();
         let due_polling = DuePolling {
@@ -128,6 +132,7 @@ impl Application {
         let session_cfg = SessionConfig {
             heartbeat: Duration::from_millis(d.heartbeat_ms),
             ack_timeout: Duration::from_millis(d.ack_timeout_ms),
+            write_timeout: Duration::from_millis(d.write_timeout_ms.max(1)),
             replay_batch: d.replay_batch,
             shutdown_reconnect_ms: d.shutdown_reconnect_ms,
         };
@@ -168,32 +173,47 @@ impl Application {
     }
 
     /// Serves until `shutdown` resolves, then: refuses new work, tells every client to
-    /// reconnect elsewhere, lets in-flight requests (and their commits) finish.
+    /// reconnect elsewhere, lets in-flight requests (and their commits) finish, for
+    /// at most `limits.shutdown_drain_ms`: a client holding a request half-sent must
+    /// not keep the process alive.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let state = self.state.clone();
         let token = state.shutdown.clone();
+        let limits = server::ServerLimits::from_config(&state.config.limits);
+        let drain = Duration::from_millis(state.config.limits.shutdown_drain_ms);
         let app = api::app(self.state);
         let signal_token = token.clone();
         tokio::spawn(async move {
             shutdown.await;
             signal_token.cancel();
         });
-        let graceful_token = token.clone();
-        axum::serve(
+        let conns = TaskTracker::new();
+        let abort = CancellationToken::new();
+        server::serve(
             self.listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
+            app,
+            limits,
+            state.metrics.clone(),
+            token,
+            conns.clone(),
+            abort.clone(),
         )
-        .with_graceful_shutdown(async move { graceful_token.cancelled().await })
-        .await?;
+        .await;
+        conns.close();
         state.sessions.close();
-        if tokio::time::timeout(Duration::from_secs(10), state.sessions.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!("sessions did not close within 10 s; exiting anyway");
+        let drained = tokio::time::timeout(drain, async {
+            tokio::join!(conns.wait(), state.sessions.wait());
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                drain_ms = drain.as_millis() as u64,
+                "connections still open after limits.shutdown_drain_ms; closing them"
+            );
+            abort.cancel();
         }
         Ok(())
     }

@@ -9,6 +9,10 @@ async fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // Its fallback for a failed log write is eprintln!, which panics when stderr is
+        // a closed pipe (`herald serve | head`): the logging task (shutdown's, say)
+        // would die with it. A lost log line must cost only the line.
+        .log_internal_errors(false)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
                 .unwrap_or_else(|_| default_filter.into()),

@@ -22,6 +22,8 @@ pub struct Metrics {
     pub push_queue_depth: IntGauge,
     pub cluster_routes: IntCounterVec,
     pub due_offered_live: IntCounter,
+    pub http_connections: IntGauge,
+    pub connections_refused: IntCounterVec,
 }
 
 impl Metrics {
@@ -87,8 +89,23 @@ impl Metrics {
             "Fallback entries a live session took when their push came due (it never had them: their doorbell was lost)",
         )
         .unwrap();
+        let http_connections = IntGauge::new(
+            "http_connections",
+            "Open TCP connections, WebSockets included (capped by limits.max_connections)",
+        )
+        .unwrap();
+        let connections_refused = IntCounterVec::new(
+            Opts::new(
+                "connections_refused_total",
+                "TCP connections refused with 503, by the cap they hit (max_connections, max_connections_per_ip)",
+            ),
+            &["cap"],
+        )
+        .unwrap();
         for c in [
             Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(http_connections.clone()),
+            Box::new(connections_refused.clone()),
             Box::new(connections_total.clone()),
             Box::new(published.clone()),
             Box::new(inbox_entries.clone()),
@@ -121,6 +138,8 @@ impl Metrics {
             push_queue_depth,
             cluster_routes,
             due_offered_live,
+            http_connections,
+            connections_refused,
         }
     }
 

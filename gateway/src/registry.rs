@@ -1,7 +1,7 @@
 //! Who is connected to this node: device id → live session.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -10,7 +10,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::store::InboxEntry;
+use crate::store::{InboxEntry, StoredMessage};
 
 /// What the rest of the gateway can tell a session.
 #[derive(Debug)]
@@ -18,7 +18,8 @@ pub enum SessionEvent {
     /// A freshly committed inbox entry, with the instant the publish committed.
     /// Boxed: a session's queue allocates its first block of slots up front, so the
     /// slot size is paid by every idle connection.
-    Deliver(Box<(InboxEntry, Instant)>),
+    /// The third field is the entry's weight in the queue's byte budget.
+    Deliver(Box<(InboxEntry, Instant, usize)>),
     /// The device acked up to this seq over HTTP (`POST /v1/me/ack`): the session
     /// must not treat those entries as unacked any more.
     AckedElsewhere(i64),
@@ -47,6 +48,47 @@ pub struct SessionHandle {
     kill: CancellationToken,
     reason: std::sync::Arc<Mutex<Option<KickReason>>>,
     progress: Arc<SessionProgress>,
+    queued: QueuedBytes,
+}
+
+/// Bytes of entries queued for a session and not yet taken by it: frames alone would
+/// let one stuck session pin 1,024 × 64 KiB.
+#[derive(Clone)]
+pub struct QueuedBytes {
+    bytes: Arc<AtomicUsize>,
+    max: usize,
+}
+
+impl QueuedBytes {
+    /// Reserves room for `weight` bytes; one entry is always let in, however large,
+    /// so a message bigger than the budget still reaches a session that keeps up.
+    fn reserve(&self, weight: usize) -> bool {
+        let before = self.bytes.fetch_add(weight, Ordering::AcqRel);
+        if before > 0 && before + weight > self.max {
+            self.bytes.fetch_sub(weight, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    pub fn release(&self, weight: usize) {
+        self.bytes.fetch_sub(weight, Ordering::AcqRel);
+    }
+}
+
+/// An entry's weight in a session queue's byte budget: about its size on the wire.
+/// It serializes the data, so callers that offer one message to many sessions compute
+/// it once.
+pub fn entry_weight(message: &StoredMessage) -> usize {
+    let data = serde_json::to_vec(&message.payload.data).map_or(0, |v| v.len());
+    let notification = message.payload.notification.as_ref().map_or(0, |n| {
+        [&n.title, &n.body, &n.sound]
+            .iter()
+            .map(|f| f.as_ref().map_or(0, String::len))
+            .sum()
+    });
+    // Ids, seq, timestamps and framing.
+    data + notification + 160
 }
 
 /// How far a session got, readable without the session task: a task stuck writing to
@@ -92,23 +134,42 @@ impl SessionHandle {
         self.kill.cancel();
     }
 
-    /// Queues a committed entry without ever waiting on the session.
-    pub fn offer(&self, entry: InboxEntry, committed_at: Instant, metrics: &Metrics) -> Offer {
+    /// Queues a committed entry without ever waiting on the session. `weight` is
+    /// `entry_weight(&entry.message)`.
+    pub fn offer(
+        &self,
+        entry: InboxEntry,
+        committed_at: Instant,
+        weight: usize,
+        metrics: &Metrics,
+    ) -> Offer {
+        if self.events.is_closed() {
+            return Offer::Gone;
+        }
+        if !self.queued.reserve(weight) {
+            self.kick(KickReason::SlowConsumer);
+            return Offer::Full;
+        }
         let seq = entry.seq;
-        match self
-            .events
-            .try_send(SessionEvent::Deliver(Box::new((entry, committed_at))))
-        {
+        match self.events.try_send(SessionEvent::Deliver(Box::new((
+            entry,
+            committed_at,
+            weight,
+        )))) {
             Ok(()) => {
                 self.progress.queued.fetch_max(seq, Ordering::Relaxed);
                 metrics.session_queue_depth.inc();
                 Offer::Taken
             }
             Err(TrySendError::Full(_)) => {
+                self.queued.release(weight);
                 self.kick(KickReason::SlowConsumer);
                 Offer::Full
             }
-            Err(TrySendError::Closed(_)) => Offer::Gone,
+            Err(TrySendError::Closed(_)) => {
+                self.queued.release(weight);
+                Offer::Gone
+            }
         }
     }
 
@@ -119,7 +180,8 @@ impl SessionHandle {
         if self.progress.had(entry.seq) {
             return Offer::Overdue;
         }
-        self.offer(entry, Instant::now(), metrics)
+        let weight = entry_weight(&entry.message);
+        self.offer(entry, Instant::now(), weight, metrics)
     }
 }
 
@@ -130,6 +192,7 @@ pub struct SessionInbox {
     pub kill: CancellationToken,
     reason: std::sync::Arc<Mutex<Option<KickReason>>>,
     pub progress: Arc<SessionProgress>,
+    pub queued: QueuedBytes,
 }
 
 impl SessionInbox {
@@ -145,14 +208,17 @@ pub struct SessionRegistry {
     shards: Vec<Mutex<HashMap<String, SessionHandle>>>,
     next_id: AtomicU64,
     queue_capacity: usize,
+    queue_bytes: usize,
 }
 
 impl SessionRegistry {
-    pub fn new(queue_capacity: usize) -> SessionRegistry {
+    /// Each session may have `queue_capacity` entries, of `queue_bytes` in all, queued.
+    pub fn new(queue_capacity: usize, queue_bytes: usize) -> SessionRegistry {
         SessionRegistry {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             next_id: AtomicU64::new(1),
             queue_capacity,
+            queue_bytes,
         }
     }
 
@@ -173,12 +239,17 @@ impl SessionRegistry {
         let reason = std::sync::Arc::new(Mutex::new(None));
         let session_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let progress = Arc::new(SessionProgress::default());
+        let queued = QueuedBytes {
+            bytes: Arc::new(AtomicUsize::new(0)),
+            max: self.queue_bytes,
+        };
         let handle = SessionHandle {
             session_id,
             events: tx,
             kill: kill.clone(),
             reason: reason.clone(),
             progress: progress.clone(),
+            queued: queued.clone(),
         };
         let old = self
             .shard(device_id)
@@ -194,6 +265,7 @@ impl SessionRegistry {
             kill,
             reason,
             progress,
+            queued,
         }
     }
 

@@ -19,12 +19,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::now_ms;
 use crate::delivery::DeliveryRouter;
-use crate::registry::{KickReason, SessionEvent, SessionInbox, SessionProgress};
-use crate::store::InboxEntry;
+use crate::registry::{KickReason, QueuedBytes, SessionEvent, SessionInbox, SessionProgress};
+use crate::store::{InboxEntry, StoreError};
 
 pub struct SessionConfig {
     pub heartbeat: Duration,
     pub ack_timeout: Duration,
+    /// Longest a single socket write may wait for the peer to make room; past it the
+    /// session is closed as a stuck consumer.
+    pub write_timeout: Duration,
     pub replay_batch: u32,
     pub shutdown_reconnect_ms: u64,
 }
@@ -36,6 +39,10 @@ pub enum CloseReason {
     HeartbeatTimeout,
     AckTimeout,
     SlowConsumer,
+    /// A write did not complete within `write_timeout`: the peer stopped reading.
+    WriteTimeout,
+    /// The client sent a frame or message above `limits.max_ws_frame_bytes`.
+    TooLarge,
     Replaced,
     Deleted,
     Kicked,
@@ -52,6 +59,8 @@ impl CloseReason {
             CloseReason::HeartbeatTimeout => "heartbeat_timeout",
             CloseReason::AckTimeout => "ack_timeout",
             CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::WriteTimeout => "write_timeout",
+            CloseReason::TooLarge => "too_large",
             CloseReason::Replaced => "replaced",
             CloseReason::Deleted => "deleted",
             CloseReason::Kicked => "kicked",
@@ -70,6 +79,7 @@ struct Session<'a, S> {
     cfg: &'a SessionConfig,
     /// Highest seq written to the socket.
     last_sent: i64,
+    welcome_last_seq: i64,
     /// Written but not yet acked, oldest first, with when they were written.
     unacked: VecDeque<(InboxEntry, Instant)>,
     last_heard: Instant,
@@ -79,12 +89,19 @@ struct Session<'a, S> {
 
 type SessionResult = Result<(), CloseReason>;
 
-/// Runs the session to its end and returns why it ended. `after` is the client's
-/// cursor (highest seq it has).
+/// Where a session starts, as settled by the connect request.
+pub struct SessionStart {
+    pub device_id: String,
+    /// The client's cursor (highest seq it has), already checked against `last_seq`.
+    pub after: i64,
+    /// The device's highest assigned seq when it connected, for the welcome.
+    pub last_seq: i64,
+}
+
+/// Runs the session to its end and returns why it ended.
 pub async fn run_session<S, E>(
     socket: S,
-    device_id: String,
-    after: i64,
+    start: SessionStart,
     mut inbox: SessionInbox,
     router: &DeliveryRouter,
     cfg: &SessionConfig,
@@ -92,18 +109,21 @@ pub async fn run_session<S, E>(
 ) -> CloseReason
 where
     S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin,
+    E: std::error::Error + 'static,
 {
     let mut session = Session {
         socket,
-        device_id,
+        device_id: start.device_id,
         router,
         cfg,
-        last_sent: after,
+        last_sent: start.after,
+        welcome_last_seq: start.last_seq,
         unacked: VecDeque::new(),
         last_heard: Instant::now(),
         progress: inbox.progress.clone(),
     };
     let kill = inbox.kill.clone();
+    let queued = inbox.queued.clone();
     // Biased: a kick cancels `kill` before the registry drops the session's sender,
     // so checking `kill` first reports why (replaced, deleted…) instead of the closed
     // queue the session loop would see.
@@ -115,7 +135,7 @@ where
             Some(KickReason::Deleted) => CloseReason::Deleted,
             _ => CloseReason::Kicked,
         }),
-        r = session.run(&mut inbox, &shutdown) => r,
+        r = session.run(&mut inbox, &queued, &shutdown) => r,
     };
     let reason = match result {
         Ok(()) => CloseReason::ClientClosed,
@@ -135,25 +155,21 @@ where
 impl<S, E> Session<'_, S>
 where
     S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin,
+    E: std::error::Error + 'static,
 {
     async fn run(
         &mut self,
         inbox: &mut SessionInbox,
+        queued: &QueuedBytes,
         shutdown: &CancellationToken,
     ) -> SessionResult {
+        // `last_seq` was read by the connect request: a second read here could fail
+        // and report 0, which a client takes for "device re-created" and resets.
         let welcome = ServerFrame::Welcome {
             session_id: format!("s{}", inbox.session_id),
             heartbeat_s: self.cfg.heartbeat.as_secs().max(1),
             ack_timeout_s: self.cfg.ack_timeout.as_secs().max(1),
-            last_seq: self
-                .router
-                .store
-                .device(&self.device_id)
-                .await
-                .ok()
-                .flatten()
-                .map(|d| d.last_seq)
-                .unwrap_or(0),
+            last_seq: self.welcome_last_seq,
         };
         // Work that runs once or per event is boxed: the session future lives as long
         // as the connection, and its size is the largest state it can be in, paid by
@@ -177,7 +193,7 @@ where
                 }
                 frame = self.socket.next() => match frame {
                     None => return Ok(()),
-                    Some(Err(_)) => return Err(CloseReason::SocketError),
+                    Some(Err(e)) => return Err(read_error_reason(&e)),
                     Some(Ok(msg)) => {
                         self.last_heard = Instant::now();
                         if Box::pin(self.on_client_message(msg)).await? {
@@ -187,7 +203,8 @@ where
                 },
                 event = inbox.events.recv() => match event {
                     Some(SessionEvent::Deliver(delivery)) => {
-                        let (entry, committed_at) = *delivery;
+                        let (entry, committed_at, weight) = *delivery;
+                        queued.release(weight);
                         self.router.metrics.session_queue_depth.dec();
                         Box::pin(self.on_deliver(entry, committed_at)).await?;
                     }
@@ -256,16 +273,21 @@ where
                         .store
                         .subscribe(&self.device_id, &topic)
                         .await
-                        .map_err(|_| CloseReason::StoreError)?;
+                        .map_err(|e| self.store_error("subscribe", e))?;
                     self.send_frame(&ServerFrame::Subscribed { topic }).await?;
                 }
             }
             ClientFrame::Unsubscribe { topic } => {
+                if let Err(m) = crate::api::validate_id(&topic) {
+                    self.send_error("invalid_topic", &format!("topic {m}"))
+                        .await?;
+                    return Ok(false);
+                }
                 self.router
                     .store
                     .unsubscribe(&self.device_id, &topic)
                     .await
-                    .map_err(|_| CloseReason::StoreError)?;
+                    .map_err(|e| self.store_error("unsubscribe", e))?;
                 self.send_frame(&ServerFrame::Unsubscribed { topic })
                     .await?;
             }
@@ -293,7 +315,7 @@ where
             .store
             .ack(&self.device_id, seq, now_ms())
             .await
-            .map_err(|_| CloseReason::StoreError)?;
+            .map_err(|e| self.store_error("ack", e))?;
         Ok(())
     }
 
@@ -334,7 +356,7 @@ where
                     now_ms(),
                 )
                 .await
-                .map_err(|_| CloseReason::StoreError)?;
+                .map_err(|e| self.store_error("fetch_after", e))?;
             let full = page.len() == self.cfg.replay_batch as usize;
             let mut sent_any = false;
             for entry in page {
@@ -376,41 +398,77 @@ where
         self.send(Message::Text(Utf8Bytes::from(text))).await
     }
 
+    /// Writes with a deadline: with the peer's receive window at zero a write never
+    /// completes, and nothing else (acks, heartbeats, shutdown) would run meanwhile.
     async fn send(&mut self, msg: Message) -> SessionResult {
-        self.socket
-            .send(msg)
-            .await
-            .map_err(|_| CloseReason::SocketError)
+        match tokio::time::timeout(self.cfg.write_timeout, self.socket.send(msg)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(CloseReason::SocketError),
+            Err(_) => Err(CloseReason::WriteTimeout),
+        }
+    }
+
+    /// A store error ends the session (1011); it is logged, since the client only sees
+    /// "internal error".
+    fn store_error(&self, op: &str, e: StoreError) -> CloseReason {
+        tracing::error!(device = %self.device_id, op, error = %e, "store error in a session; closing it (1011)");
+        CloseReason::StoreError
     }
 
     async fn finish(&mut self, reason: CloseReason) {
         let (code, text) = match reason {
             CloseReason::Shutdown => (1001, "server shutting down"),
             CloseReason::SlowConsumer => (1008, "slow consumer: reconnect and resume"),
+            CloseReason::WriteTimeout => (1008, "not reading: reconnect and resume"),
             CloseReason::AckTimeout => (1008, "ack timeout"),
             CloseReason::HeartbeatTimeout => (1001, "heartbeat timeout"),
             CloseReason::Replaced => (1000, "replaced by a newer session"),
             CloseReason::Deleted => (1008, "device deleted"),
+            CloseReason::TooLarge => (1009, "frame too large"),
             CloseReason::ProtocolError => (1002, "protocol error"),
             CloseReason::StoreError => (1011, "internal error"),
             _ => (1000, "bye"),
         };
-        // A slow consumer's socket is full: a close frame would only wait for the
-        // timeout, keeping the device "online" meanwhile. Just drop the connection.
-        if !matches!(
-            reason,
-            CloseReason::ClientClosed | CloseReason::SocketError | CloseReason::SlowConsumer
-        ) {
-            let close = Message::Close(Some(CloseFrame {
-                code,
-                reason: Utf8Bytes::from_static(text),
-            }));
-            let _ = tokio::time::timeout(Duration::from_secs(1), self.socket.send(close)).await;
+        // Bounded: a peer that stopped reading (slow consumer, write timeout) cannot
+        // take the close frame, and must not keep the device "online" meanwhile.
+        let grace = self.cfg.write_timeout.min(Duration::from_secs(1));
+        match reason {
+            // Flushes the echo of the client's Close, which tungstenite queued on read.
+            CloseReason::ClientClosed => {
+                let _ = tokio::time::timeout(grace, self.socket.close()).await;
+            }
+            CloseReason::SocketError => {}
+            _ => {
+                let close = Message::Close(Some(CloseFrame {
+                    code,
+                    reason: Utf8Bytes::from_static(text),
+                }));
+                let _ = tokio::time::timeout(grace, self.socket.send(close)).await;
+            }
         }
         // No push is requested here: every fallback entry has carried its due time
         // since its commit (`store::push_due_at`), and whoever finds it due pushes it,
         // even while a session task is stuck writing to a socket that stopped draining.
     }
+}
+
+/// What a read error means for the close code: the peer sent too much (1009), broke
+/// the protocol (1002), or the connection is gone.
+fn read_error_reason<E: std::error::Error + 'static>(e: &E) -> CloseReason {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(ws) = err.downcast_ref::<tungstenite::Error>() {
+            return match ws {
+                tungstenite::Error::Capacity(_) => CloseReason::TooLarge,
+                tungstenite::Error::Protocol(_) | tungstenite::Error::Utf8(_) => {
+                    CloseReason::ProtocolError
+                }
+                _ => CloseReason::SocketError,
+            };
+        }
+        cur = err.source();
+    }
+    CloseReason::SocketError
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{ConnectInfo, State};
 use axum::response::Response;
 use axum::Json;
 use herald_protocol::{
@@ -11,11 +11,11 @@ use herald_protocol::{
 };
 use serde::Deserialize;
 
-use super::{require_id, ApiJson, ApiQuery, AppState, DeviceAuth};
+use super::{require_id, ApiJson, ApiPath, ApiQuery, AppState, DeviceAuth};
 use crate::auth::DeviceClaims;
 use crate::clock::now_ms;
 use crate::error::AppError;
-use crate::session::run_session;
+use crate::session::{run_session, SessionStart};
 use crate::store::Device;
 
 #[derive(Debug, Deserialize)]
@@ -35,8 +35,7 @@ pub async fn connect(
     ApiQuery(params): ApiQuery<ConnectParams>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, AppError> {
-    let (device_id, after) =
-        open_session(&state, peer, &claims, &params.device_id, params.after).await?;
+    let start = open_session(&state, peer, &claims, &params.device_id, params.after).await?;
     let limits = &state.config.limits;
     let ws = ws
         .protocols([SUBPROTOCOL])
@@ -48,21 +47,19 @@ pub async fn connect(
     let tracker = state.sessions.clone();
     Ok(ws
         .on_failed_upgrade(|e| tracing::debug!(error = %e, "websocket upgrade failed"))
-        .on_upgrade(move |socket| {
-            tracker.track_future(serve_session(state, device_id, after, socket))
-        }))
+        .on_upgrade(move |socket| tracker.track_future(serve_session(state, start, socket))))
 }
 
 /// What every live transport (WebSocket, SSE) checks before it starts a session:
 /// rate, shutdown, the device id, ownership; and the client's cursor, which acks
-/// everything up to it. Returns the device id and the cursor to replay after.
+/// everything up to it. Returns where the session starts.
 pub(super) async fn open_session(
     state: &AppState,
     peer: SocketAddr,
     claims: &DeviceClaims,
     device_id: &str,
     after: Option<i64>,
-) -> Result<(String, i64), AppError> {
+) -> Result<SessionStart, AppError> {
     state
         .connect_limiter
         .check_ip(peer.ip())
@@ -79,23 +76,39 @@ pub(super) async fn open_session(
         .store
         .claim_device(device_id, &claims.sub, now)
         .await?;
-    let after = after.unwrap_or(device.acked_seq);
+    // A cursor above every seq this device was ever assigned belongs to an inbox that
+    // no longer exists (device deleted, store restored from a backup). Trusting it
+    // would ack entries never delivered and skip the next ones; the session resumes
+    // from the gateway's own cursor instead, and the welcome's `last_seq` below the
+    // client's cursor tells the client to reset (docs/protocol.md).
+    let after = match after {
+        Some(a) if a <= device.last_seq => a,
+        _ => device.acked_seq,
+    };
     if after > device.acked_seq {
         // The client holds everything up to `after`: that is an ack.
         state.store.ack(&device.id, after, now).await?;
     }
-    Ok((device.id, after))
+    Ok(SessionStart {
+        device_id: device.id,
+        after,
+        // Read here, with the claim: the welcome must not depend on a second read
+        // that could fail and report 0 ("device re-created" to the SDK).
+        last_seq: device.last_seq,
+    })
 }
 
 /// One live session of a device over any transport, from registration to the
 /// presence update after it ends. Replaces (kicks) the device's previous session,
 /// whatever its transport.
-pub(super) async fn serve_session<S, E>(state: AppState, device_id: String, after: i64, socket: S)
+pub(super) async fn serve_session<S, E>(state: AppState, start: SessionStart, socket: S)
 where
     S: futures_util::Stream<Item = Result<axum::extract::ws::Message, E>>
         + futures_util::Sink<axum::extract::ws::Message>
         + Unpin,
+    E: std::error::Error + 'static,
 {
+    let device_id = start.device_id.clone();
     let inbox = state.registry.register(&device_id);
     let session_id = inbox.session_id;
     // Reachable from other nodes before the replay reads the store.
@@ -107,8 +120,7 @@ where
     state.metrics.connections_total.inc();
     let reason = run_session(
         socket,
-        device_id.clone(),
-        after,
+        start,
         inbox,
         &state.router,
         &state.session_cfg,
@@ -129,7 +141,7 @@ where
 pub async fn register_device(
     State(state): State<AppState>,
     DeviceAuth(claims): DeviceAuth,
-    Path(device_id): Path<String>,
+    ApiPath(device_id): ApiPath<String>,
     ApiJson(req): ApiJson<RegisterDeviceRequest>,
 ) -> Result<Json<DeviceInfo>, AppError> {
     require_id("device_id", &device_id)?;
@@ -226,7 +238,8 @@ pub async fn sync(
             format!("must be at most {MAX_SYNC_WAIT_S} seconds"),
         ));
     }
-    if wait > 0 && params.after > device.acked_seq {
+    // Not a cursor above last_seq: that one is from another inbox (see open_session).
+    if wait > 0 && params.after > device.acked_seq && params.after <= device.last_seq {
         // A long-poll client loops with its cursor, so `after` acknowledges what it
         // already has, as on the WebSocket; otherwise an entry it holds but never
         // acked would be offered to every following poll instead of being pushed.
@@ -288,7 +301,10 @@ async fn hold_for_entries(
         }
         tokio::select! {
             event = inbox.events.recv() => match event {
-                Some(SessionEvent::Deliver(_)) => state.metrics.session_queue_depth.dec(),
+                Some(SessionEvent::Deliver(d)) => {
+                    inbox.queued.release(d.2);
+                    state.metrics.session_queue_depth.dec();
+                }
                 Some(_) => {}
                 None => break Ok(Vec::new()),
             },

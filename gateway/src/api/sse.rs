@@ -64,12 +64,11 @@ pub async fn connect(
         ),
     };
     let requested_after = last_event_id.or(params.after);
-    let (device_id, after) =
-        open_session(&state, peer, &claims, &params.device_id, requested_after).await?;
+    let start = open_session(&state, peer, &claims, &params.device_id, requested_after).await?;
 
     let (socket, body) = SseSocket::pair();
     let tracker = state.sessions.clone();
-    tracker.spawn(serve_session(state, device_id, after, socket));
+    tracker.spawn(serve_session(state, start, socket));
 
     let mut response = Response::new(body);
     *response.status_mut() = StatusCode::OK;

@@ -29,9 +29,24 @@ impl Drop for HeraldProcess {
 impl HeraldProcess {
     /// `herald serve --listen 127.0.0.1:0 --data-dir DIR EXTRA...` with `envs` set;
     /// returns once it printed the address it listens on.
+    pub fn spawn(data_dir: &Path, extra: &[&str], envs: &[(&str, &str)]) -> HeraldProcess {
+        HeraldProcess::spawn_inner(data_dir, extra, envs, true)
+    }
+
+    /// As `spawn`, but the read end of the log pipe (stderr) is closed at once, as
+    /// `herald serve 2>&1 | head` does once `head` has its lines.
+    pub fn spawn_with_stderr_closed(data_dir: &Path, envs: &[(&str, &str)]) -> HeraldProcess {
+        HeraldProcess::spawn_inner(data_dir, &[], envs, false)
+    }
+
     // The child is reaped by Drop.
     #[allow(clippy::zombie_processes)]
-    pub fn spawn(data_dir: &Path, extra: &[&str], envs: &[(&str, &str)]) -> HeraldProcess {
+    fn spawn_inner(
+        data_dir: &Path,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+        keep_stderr: bool,
+    ) -> HeraldProcess {
         let mut child = Command::new(BIN)
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
@@ -50,15 +65,19 @@ impl HeraldProcess {
                 let _ = tx.send(line);
             }
         });
-        // Logs go to stderr; keep the last ones so a failure can show them, and drain
-        // the pipe so the child never blocks on it.
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if std::env::var_os("HERALD_TEST_LOGS").is_some() {
-                    eprintln!("[herald] {line}");
+        if !keep_stderr {
+            drop(err);
+        } else {
+            // Logs go to stderr; keep the last ones so a failure can show them, and drain
+            // the pipe so the child never blocks on it.
+            std::thread::spawn(move || {
+                for line in BufReader::new(err).lines().map_while(Result::ok) {
+                    if std::env::var_os("HERALD_TEST_LOGS").is_some() {
+                        eprintln!("[herald] {line}");
+                    }
                 }
-            }
-        });
+            });
+        }
         let mut api_key = None;
         let deadline = Instant::now() + WAIT;
         loop {
@@ -78,6 +97,23 @@ impl HeraldProcess {
                 };
             }
         }
+    }
+
+    /// SIGTERM, then waits up to `within` for the exit; None if it did not exit.
+    pub fn terminate(&mut self, within: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        None
     }
 
     /// SIGKILL: no shutdown path runs.
