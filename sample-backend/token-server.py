@@ -10,10 +10,14 @@ API key:
     HERALD_API_KEY=hk_... python3 sample-backend/token-server.py \
         --gateway http://127.0.0.1:8080 --listen 0.0.0.0:8090
 
-    POST /device-token  {"user": "alice"}  ->  {"token": "<jwt>", "expires_at": "..."}
+    POST /device-token  {"user": "alice", "device_id": "<the app's device id>"}
+        ->  {"token": "<jwt>", "expires_at": "..."}
 
-It is NOT production code: it trusts whatever user name the app sends (the sample's
-sign-in is a stub). Your backend must take the user from its own authenticated session.
+The token is bound to that one device (`device_id` becomes its `did` claim): the gateway
+refuses device tokens without one by default (docs/security.md). It is NOT production
+code: it trusts whatever user name the app sends (the sample's sign-in is a stub). Your
+backend must take the user from its own authenticated session, and decide which topics
+the token allows (`"topics": [...]`; none here).
 """
 import argparse
 import json
@@ -42,14 +46,15 @@ def main():
                 return self.answer(404, {"error": "only POST /device-token exists"})
             try:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
-                user = body["user"]
-                if not isinstance(user, str) or not user.strip():
+                user, device_id = body["user"], body["device_id"]
+                if not all(isinstance(v, str) and v.strip() for v in (user, device_id)):
                     raise ValueError
             except (ValueError, KeyError, TypeError):
-                return self.answer(400, {"error": 'body must be {"user": "<non-empty user id>"}'})
+                return self.answer(400, {"error": 'body must be {"user": "<non-empty user id>", "device_id": "<non-empty device id>"}'})
             req = urllib.request.Request(
                 gateway + "/v1/tokens", method="POST",
-                data=json.dumps({"user": user.strip(), "ttl_seconds": args.ttl_seconds}).encode(),
+                data=json.dumps({"user": user.strip(), "device_id": device_id.strip(),
+                                 "ttl_seconds": args.ttl_seconds}).encode(),
                 headers={"Authorization": "Bearer " + api_key, "Content-Type": "application/json"})
             try:
                 with urllib.request.urlopen(req, timeout=10) as resp:

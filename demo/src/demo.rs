@@ -124,7 +124,7 @@ async fn story(
         ACK_TIMEOUT.as_millis()
     );
     println!(
-        "    backend API key {}… created; a device token for user {USER} minted with POST /v1/tokens",
+        "    backend API key {}… created; a device token for user {USER} and device {DEVICE} minted with POST /v1/tokens",
         &gateway.api_key[..10]
     );
     let token = backend
@@ -421,9 +421,15 @@ impl DemoGateway {
             .await
             .context("step 1: start the gateway")?;
         let addr = app.local_addr();
-        let (_, api_key) = herald_gateway::auth::create_api_key(app.state().store.as_ref(), "demo")
-            .await
-            .context("step 1: create an API key")?;
+        // Only what the demo's backend does: a key per backend role, never `admin`.
+        use herald_gateway::auth::Scope;
+        let (_, api_key) = herald_gateway::auth::create_api_key(
+            app.state().store.as_ref(),
+            "demo",
+            &[Scope::Publish, Scope::Read, Scope::Tokens],
+        )
+        .await
+        .context("step 1: create an API key")?;
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(app.run_until_stopped(async move {
             let _ = stopped.await;
@@ -571,6 +577,9 @@ impl Backend {
         let req = TokenRequest {
             user: user.to_string(),
             ttl_seconds: Some(3600),
+            // Bound to the demo's one device: device routes refuse other tokens.
+            device_id: Some(DEVICE.to_string()),
+            topics: None,
         };
         let resp: TokenResponse = self
             .call(

@@ -71,6 +71,10 @@ pub enum KeysAction {
     Create {
         #[arg(long, default_value = "default")]
         name: String,
+        /// What the key may do, comma-separated: publish, read, devices, tokens, admin
+        /// (admin is all of them). Give a backend only what it needs.
+        #[arg(long, default_value = "admin")]
+        scope: String,
     },
     /// List keys (never the keys themselves).
     List,
@@ -84,6 +88,14 @@ pub enum TokenAction {
     Mint {
         #[arg(long)]
         user: String,
+        /// The one device the token may act for (its `did` claim); device routes refuse
+        /// tokens without one unless auth.require_device_claim = false.
+        #[arg(long)]
+        device_id: Option<String>,
+        /// Topics the device may subscribe to, comma-separated; a prefix ends in `*`
+        /// (e.g. `news,user.alice.*`).
+        #[arg(long)]
+        topics: Option<String>,
         /// Lifetime in seconds (default: auth.default_token_ttl_seconds).
         #[arg(long)]
         ttl: Option<u64>,
@@ -138,11 +150,15 @@ pub async fn run_keys(cfg: &Config, action: KeysAction) -> anyhow::Result<()> {
         _ => open_existing_store(cfg).await?,
     };
     match action {
-        KeysAction::Create { name } => {
-            let (record, key) = crate::auth::create_api_key(store.as_ref(), &name).await?;
+        KeysAction::Create { name, scope } => {
+            let scopes = crate::auth::Scope::parse_list(&scope)
+                .map_err(|m| anyhow::anyhow!("--scope: {m}"))?;
+            let (record, key) = crate::auth::create_api_key(store.as_ref(), &name, &scopes).await?;
             eprintln!(
-                "created API key {} ({}); it is shown only now:",
-                record.id, record.name
+                "created API key {} ({}, scopes {}); it is shown only now:",
+                record.id,
+                record.name,
+                crate::auth::Scope::join(&record.scopes)
             );
             println!("{key}");
         }
@@ -157,10 +173,11 @@ pub async fn run_keys(cfg: &Config, action: KeysAction) -> anyhow::Result<()> {
                     None => "active".into(),
                 };
                 println!(
-                    "{}\t{}…\t{}\tcreated {}\t{}",
+                    "{}\t{}…\t{}\t{}\tcreated {}\t{}",
                     k.id,
                     k.prefix,
                     k.name,
+                    crate::auth::Scope::join(&k.scopes),
                     rfc3339(k.created_at),
                     state
                 );
@@ -178,8 +195,27 @@ pub async fn run_keys(cfg: &Config, action: KeysAction) -> anyhow::Result<()> {
 }
 
 pub async fn run_token(cfg: &Config, action: TokenAction) -> anyhow::Result<()> {
-    let TokenAction::Mint { user, ttl } = action;
+    let TokenAction::Mint {
+        user,
+        device_id,
+        topics,
+        ttl,
+    } = action;
     crate::api::validate_id(&user).map_err(|m| anyhow::anyhow!("--user {m}"))?;
+    if let Some(d) = &device_id {
+        crate::api::validate_id(d).map_err(|m| anyhow::anyhow!("--device-id {m}"))?;
+    }
+    let topics: Option<Vec<String>> = topics.map(|t| {
+        t.split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(str::to_owned)
+            .collect()
+    });
+    for p in topics.iter().flatten() {
+        crate::auth::validate_topic_pattern(p)
+            .map_err(|m| anyhow::anyhow!("--topics: {p:?} {m}"))?;
+    }
     let store = open_existing_store(cfg).await?;
     let tokens = crate::auth::DeviceTokens::from_config(&cfg.auth, store.as_ref()).await?;
     let ttl = ttl.unwrap_or(cfg.auth.default_token_ttl_seconds);
@@ -189,9 +225,16 @@ pub async fn run_token(cfg: &Config, action: TokenAction) -> anyhow::Result<()> 
             cfg.auth.max_token_ttl_seconds
         );
     }
-    let (token, exp) = tokens.mint(&user, ttl)?;
+    let grant = crate::auth::Grant {
+        device_id: device_id.clone(),
+        topics,
+    };
+    let (token, exp) = tokens.mint_grant(&user, &grant, ttl)?;
     eprintln!(
-        "device token for user {user}, expires {}",
+        "device token for user {user}{}, expires {}",
+        device_id
+            .map(|d| format!(" and device {d}"))
+            .unwrap_or_default(),
         rfc3339(exp as i64 * 1000)
     );
     println!("{token}");
@@ -207,12 +250,20 @@ pub async fn first_start_banner(
     if !store.api_keys().await?.is_empty() {
         return Ok(());
     }
-    let (_, key) = crate::auth::create_api_key(store, "default").await?;
+    let (_, key) =
+        crate::auth::create_api_key(store, "default", &[crate::auth::Scope::Admin]).await?;
     let secret = store.setting("device_token_secret").await?;
-    let example_token = tokens.mint("alice", 3600).ok().map(|t| t.0);
+    // A device id as the SDK makes one: random, so no other user can guess and take it.
+    let device_id = uuid::Uuid::new_v4().to_string();
+    let grant = crate::auth::Grant {
+        device_id: Some(device_id.clone()),
+        topics: Some(vec!["news".into(), "user.alice.*".into()]),
+    };
+    let example_token = tokens.mint_grant("alice", &grant, 3600).ok().map(|t| t.0);
     let ws = base_url.replacen("http://", "ws://", 1);
     println!("\n=== Herald first start: keep these, they are shown only once ===");
     println!("API key (service routes):      {key}");
+    println!("  (scope admin: every service route; give each backend a narrower key,\n   e.g. `herald keys create --name sender --scope publish`)");
     if let Some(s) = secret {
         println!("device-token secret (HS256):   {s}");
         println!("  (the HMAC key is this text as it is, not hex-decoded; see README, \"Device tokens from your backend\")");
@@ -222,11 +273,11 @@ pub async fn first_start_banner(
         "  curl -sS -X POST {base_url}/v1/messages -H 'Authorization: Bearer {key}' \\\n    -H 'Content-Type: application/json' -d '{{\"to\":{{\"user\":\"alice\"}},\"data\":{{\"text\":\"hello\"}}}}'"
     );
     if let Some(t) = example_token {
-        println!("\nA device token for alice (1 h; mint more with POST /v1/tokens or `herald token mint --user alice`):");
+        println!("\nA device token for alice's device {device_id} (1 h; topics news, user.alice.*;\nmint more with POST /v1/tokens or `herald token mint --user alice --device-id ID`):");
         println!("  {t}");
-        println!("Connect a device (wscat, as in README):");
+        println!("Connect that device (wscat, as in README):");
         println!(
-            "  npx --yes wscat@6 -s herald.v1 -H 'Authorization: Bearer {t}' -c '{ws}/v1/connect?device_id=phone-1'"
+            "  npx --yes wscat@6 -s herald.v1 -H 'Authorization: Bearer {t}' -c '{ws}/v1/connect?device_id={device_id}'"
         );
     }
     println!("=================================================================\n");

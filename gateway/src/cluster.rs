@@ -80,6 +80,7 @@ enum BusFrame {
 enum WireKick {
     Replaced,
     Deleted,
+    Revoked,
 }
 
 const REPLY_LIVE: &[u8] = b"live";
@@ -325,6 +326,7 @@ impl ClusterBus {
                             handle.kick(match reason {
                                 WireKick::Replaced => KickReason::Replaced,
                                 WireKick::Deleted => KickReason::Deleted,
+                                WireKick::Revoked => KickReason::Revoked,
                             });
                         }
                         None
@@ -387,9 +389,18 @@ impl ClusterBus {
 
     /// Closes the device's session wherever it is (the device was deleted).
     pub async fn kick_deleted(&self, device_id: &str) {
+        self.kick_everywhere(device_id, WireKick::Deleted).await
+    }
+
+    /// Closes the device's session wherever it is (its user's tokens were revoked).
+    pub async fn kick_revoked(&self, device_id: &str) {
+        self.kick_everywhere(device_id, WireKick::Revoked).await
+    }
+
+    async fn kick_everywhere(&self, device_id: &str, reason: WireKick) {
         if let ClusterBus::Nats(bus) = self {
             let frame = BusFrame::Kick {
-                reason: WireKick::Deleted,
+                reason,
                 node: bus.node_id.clone(),
                 session_id: 0,
             };

@@ -33,6 +33,32 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     pub limits: LimitsConfig,
     pub push: PushConfig,
+    pub ops: OpsConfig,
+}
+
+/// Where operational endpoints are served and who may read them (docs/security.md).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpsConfig {
+    /// A second listener for `/metrics` (and `/healthz`, `/readyz`), e.g. an address
+    /// only the monitoring network reaches; `/metrics` then leaves the main listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// When set, `/metrics` answers only `Authorization: Bearer <metrics_token>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_token: Option<String>,
+}
+
+/// Which topics a device may subscribe to itself (`auth.topic_policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TopicPolicy {
+    /// Only topics its token's `topics` claim allows.
+    Claims,
+    /// None: the backend subscribes devices (`PUT /v1/devices/{id}/topics/{topic}`).
+    Server,
+    /// Any topic (Herald before the security model; opt-in).
+    Open,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -72,6 +98,18 @@ pub struct AuthConfig {
     /// Lifetime of tokens minted by `POST /v1/tokens` and `herald token mint`.
     pub default_token_ttl_seconds: u64,
     pub max_token_ttl_seconds: u64,
+    /// Which topics devices may subscribe to themselves: claims | server | open.
+    pub topic_policy: TopicPolicy,
+    /// Device routes refuse tokens without a `did` (device id) claim.
+    pub require_device_claim: bool,
+    /// RS256/ES256: verify with the keys of this JWKS (picked by `kid`) instead of
+    /// `jwt_public_key_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_url: Option<String>,
+    /// How often the JWKS is fetched again; an unknown `kid` also triggers a fetch, at
+    /// most once per `jwks_min_refresh_seconds`.
+    pub jwks_refresh_seconds: u64,
+    pub jwks_min_refresh_seconds: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -145,6 +183,10 @@ pub struct LimitsConfig {
     /// On SIGTERM: how long in-flight requests and sessions get to finish before the
     /// process exits anyway.
     pub shutdown_drain_ms: u64,
+    /// Topics one device may be subscribed to.
+    pub max_topics_per_device: usize,
+    /// Devices one user may own; claiming one more is 409 `conflict`.
+    pub max_devices_per_user: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -221,6 +263,7 @@ impl Default for Config {
             delivery: DeliveryConfig::default(),
             limits: LimitsConfig::default(),
             push: PushConfig::default(),
+            ops: OpsConfig::default(),
         }
     }
 }
@@ -235,6 +278,11 @@ impl Default for AuthConfig {
             jwt_audience: "herald-device".into(),
             default_token_ttl_seconds: 3600,
             max_token_ttl_seconds: 30 * 24 * 3600,
+            topic_policy: TopicPolicy::Claims,
+            require_device_claim: true,
+            jwks_url: None,
+            jwks_refresh_seconds: 300,
+            jwks_min_refresh_seconds: 10,
         }
     }
 }
@@ -277,6 +325,8 @@ impl Default for LimitsConfig {
             max_connections: 0,
             max_connections_per_ip: 0,
             shutdown_drain_ms: 10_000,
+            max_topics_per_device: 256,
+            max_devices_per_user: 100,
         }
     }
 }
@@ -384,6 +434,9 @@ fn path_exists(value: &toml::Value, path: &[String]) -> bool {
         "database_url",
         "auth.jwt_secret",
         "auth.jwt_public_key_file",
+        "auth.jwks_url",
+        "ops.listen",
+        "ops.metrics_token",
     ];
     /// Optional sections: any key below them may be set from the environment.
     const OPTIONAL_SECTIONS: &[&str] = &["push.fcm.", "push.apns."];

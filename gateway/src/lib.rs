@@ -62,6 +62,8 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
 /// A built gateway: store open, port bound, background tasks running.
 pub struct Application {
     listener: TcpListener,
+    /// `ops.listen`: metrics (and health) on an address of their own.
+    ops_listener: Option<TcpListener>,
     state: AppState,
 }
 
@@ -97,6 +99,14 @@ impl Application {
                 config.listen
             )
         })?;
+        let ops_listener = match config.ops.listen {
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot listen on ops.listen {addr}: {e}; choose another address (HERALD_OPS__LISTEN)"
+                )
+            })?),
+            None => None,
+        };
         let tokens = DeviceTokens::from_config(&config.auth, store.as_ref()).await?;
         let metrics = Metrics::new();
         let cluster = ClusterBus::connect(&config, &metrics).await?;
@@ -135,6 +145,7 @@ impl Application {
             write_timeout: Duration::from_millis(d.write_timeout_ms.max(1)),
             replay_batch: d.replay_batch,
             shutdown_reconnect_ms: d.shutdown_reconnect_ms,
+            max_topics: config.limits.max_topics_per_device,
         };
         let l = &config.limits;
         let state = AppState {
@@ -157,11 +168,22 @@ impl Application {
             sessions: TaskTracker::new(),
         };
         spawn_sweeper(&state);
-        Ok(Application { listener, state })
+        Ok(Application {
+            listener,
+            ops_listener,
+            state,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().expect("bound listener")
+    }
+
+    /// Where `ops.listen` is bound, if it is set.
+    pub fn ops_addr(&self) -> Option<SocketAddr> {
+        self.ops_listener
+            .as_ref()
+            .map(|l| l.local_addr().expect("bound listener"))
     }
 
     pub fn port(&self) -> u16 {
@@ -190,6 +212,18 @@ impl Application {
             shutdown.await;
             signal_token.cancel();
         });
+        if let Some(ops) = self.ops_listener {
+            let ops_app = api::ops_app(state.clone());
+            let ops_token = token.clone();
+            tokio::spawn(async move {
+                let served = axum::serve(ops, ops_app)
+                    .with_graceful_shutdown(async move { ops_token.cancelled().await })
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "ops listener failed");
+                }
+            });
+        }
         let conns = TaskTracker::new();
         let abort = CancellationToken::new();
         server::serve(

@@ -37,6 +37,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let base = app.state().config.public_url(addr);
             cli::first_start_banner(app.state().store.as_ref(), &app.state().tokens, &base).await?;
             tracing::info!(%addr, data_dir = %app.state().config.data_dir.display(), "herald listening");
+            if let Some(ops) = app.ops_addr() {
+                tracing::info!(addr = %ops, "ops listener (metrics, health) listening");
+            }
             // A stable line on stdout, after the banner, for scripts and tests.
             println!("herald listening on {base}");
             app.run_until_stopped(shutdown_signal()).await?;

@@ -37,6 +37,8 @@ pub enum KickReason {
     Replaced,
     /// The device was deleted.
     Deleted,
+    /// Its user's tokens were revoked (`POST /v1/users/{user}/revoke_tokens`).
+    Revoked,
     /// An operator or test asked.
     Kicked,
 }

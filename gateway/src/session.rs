@@ -17,6 +17,7 @@ use herald_protocol::{ClientFrame, ServerFrame};
 use tokio::time::{interval_at, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::TopicAccess;
 use crate::clock::now_ms;
 use crate::delivery::DeliveryRouter;
 use crate::registry::{KickReason, QueuedBytes, SessionEvent, SessionInbox, SessionProgress};
@@ -30,6 +31,8 @@ pub struct SessionConfig {
     pub write_timeout: Duration,
     pub replay_batch: u32,
     pub shutdown_reconnect_ms: u64,
+    /// `limits.max_topics_per_device`.
+    pub max_topics: usize,
 }
 
 /// Why a session ended (metrics label).
@@ -45,6 +48,7 @@ pub enum CloseReason {
     TooLarge,
     Replaced,
     Deleted,
+    Revoked,
     Kicked,
     Shutdown,
     ProtocolError,
@@ -63,6 +67,7 @@ impl CloseReason {
             CloseReason::TooLarge => "too_large",
             CloseReason::Replaced => "replaced",
             CloseReason::Deleted => "deleted",
+            CloseReason::Revoked => "revoked",
             CloseReason::Kicked => "kicked",
             CloseReason::Shutdown => "shutdown",
             CloseReason::ProtocolError => "protocol_error",
@@ -75,6 +80,7 @@ impl CloseReason {
 struct Session<'a, S> {
     socket: S,
     device_id: String,
+    topics: TopicAccess,
     router: &'a DeliveryRouter,
     cfg: &'a SessionConfig,
     /// Highest seq written to the socket.
@@ -96,6 +102,8 @@ pub struct SessionStart {
     pub after: i64,
     /// The device's highest assigned seq when it connected, for the welcome.
     pub last_seq: i64,
+    /// The topics the device may subscribe to itself (from its token and the policy).
+    pub topics: TopicAccess,
 }
 
 /// Runs the session to its end and returns why it ended.
@@ -114,6 +122,7 @@ where
     let mut session = Session {
         socket,
         device_id: start.device_id,
+        topics: start.topics,
         router,
         cfg,
         last_sent: start.after,
@@ -133,6 +142,7 @@ where
             Some(KickReason::SlowConsumer) => CloseReason::SlowConsumer,
             Some(KickReason::Replaced) => CloseReason::Replaced,
             Some(KickReason::Deleted) => CloseReason::Deleted,
+            Some(KickReason::Revoked) => CloseReason::Revoked,
             _ => CloseReason::Kicked,
         }),
         r = session.run(&mut inbox, &queued, &shutdown) => r,
@@ -268,6 +278,14 @@ where
                 if let Err(m) = crate::api::validate_id(&topic) {
                     self.send_error("invalid_topic", &format!("topic {m}"))
                         .await?;
+                } else if !self.topics.allows(&topic) {
+                    let message = self.topics.refusal(&topic);
+                    self.send_error("forbidden_topic", &message).await?;
+                } else if let Some(n) = self.topics_full(&topic).await? {
+                    let message = format!(
+                        "this device is subscribed to {n} topics, the maximum (limits.max_topics_per_device); unsubscribe one first"
+                    );
+                    self.send_error("too_many_topics", &message).await?;
                 } else {
                     self.router
                         .store
@@ -293,6 +311,18 @@ where
             }
         }
         Ok(false)
+    }
+
+    /// How many topics the device has, when `topic` would be one too many.
+    async fn topics_full(&mut self, topic: &str) -> Result<Option<usize>, CloseReason> {
+        let topics = self
+            .router
+            .store
+            .device_topics(&self.device_id)
+            .await
+            .map_err(|_| CloseReason::StoreError)?;
+        let full = topics.len() >= self.cfg.max_topics && !topics.iter().any(|t| t == topic);
+        Ok(full.then_some(topics.len()))
     }
 
     async fn on_ack(&mut self, seq: i64) -> SessionResult {
@@ -425,6 +455,7 @@ where
             CloseReason::Replaced => (1000, "replaced by a newer session"),
             CloseReason::Deleted => (1008, "device deleted"),
             CloseReason::TooLarge => (1009, "frame too large"),
+            CloseReason::Revoked => (1008, "revoked"),
             CloseReason::ProtocolError => (1002, "protocol error"),
             CloseReason::StoreError => (1011, "internal error"),
             _ => (1000, "bye"),

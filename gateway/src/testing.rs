@@ -10,6 +10,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::api::AppState;
+use crate::auth::Scope;
 use crate::config::Config;
 use crate::push::stub::StubProvider;
 use crate::push::PushProvider;
@@ -18,6 +19,8 @@ use crate::Application;
 
 pub struct TestGateway {
     pub base_url: String,
+    /// `http://` base of the `ops.listen` listener, when the config sets one.
+    pub ops_url: Option<String>,
     pub api_key: String,
     pub data_dir: PathBuf,
     pub config: Config,
@@ -55,6 +58,10 @@ impl TestGateway {
         TestGateway::start_with(|_| {}).await
     }
 
+    /// The gateway with the compatibility values `auth.topic_policy = "open"` and
+    /// `auth.require_device_claim = false`, because the SDK's and the delivery tests'
+    /// devices mint user-wide tokens and subscribe freely; `customize` sees them and
+    /// may set the product defaults back (the security tests do: `start_secure_with`).
     pub async fn start_with(customize: impl FnOnce(&mut Config)) -> TestGateway {
         let tmp = Arc::new(TempDir::new("herald-test"));
         let mut config = Config {
@@ -62,16 +69,23 @@ impl TestGateway {
             data_dir: tmp.0.clone(),
             ..Config::default()
         };
+        config.auth.topic_policy = crate::config::TopicPolicy::Open;
+        config.auth.require_device_claim = false;
         customize(&mut config);
         let apns = StubProvider::new(PushProviderKind::Apns);
         let fcm = StubProvider::new(PushProviderKind::Fcm);
-        let (state, stop, task, addr) = launch(config.clone(), &apns, &fcm).await;
+        let (state, stop, task, addr, ops_addr) = launch(config.clone(), &apns, &fcm).await;
         config.listen = addr;
-        let (_, api_key) = crate::auth::create_api_key(state.store.as_ref(), "test")
-            .await
-            .expect("create api key");
+        if let Some(ops) = ops_addr {
+            config.ops.listen = Some(ops);
+        }
+        let (_, api_key) =
+            crate::auth::create_api_key(state.store.as_ref(), "test", &[Scope::Admin])
+                .await
+                .expect("create api key");
         TestGateway {
             base_url: format!("http://{addr}"),
+            ops_url: ops_addr.map(|a| format!("http://{a}")),
             api_key,
             data_dir: tmp.0.clone(),
             config,
@@ -82,6 +96,45 @@ impl TestGateway {
             task: Some(task),
             _tmp: tmp,
         }
+    }
+
+    /// The gateway with the product's security defaults (`auth.topic_policy =
+    /// "claims"`, `auth.require_device_claim = true`), then `customize`.
+    pub async fn start_secure_with(customize: impl FnOnce(&mut Config)) -> TestGateway {
+        TestGateway::start_with(|c| {
+            let defaults = crate::config::AuthConfig::default();
+            c.auth.topic_policy = defaults.topic_policy;
+            c.auth.require_device_claim = defaults.require_device_claim;
+            customize(c)
+        })
+        .await
+    }
+
+    /// A new API key with these scopes.
+    pub async fn create_key(&self, scopes: &[Scope]) -> String {
+        crate::auth::create_api_key(self.state.store.as_ref(), "scoped", scopes)
+            .await
+            .expect("create api key")
+            .1
+    }
+
+    /// A token bound to `device` (its `did`) that may subscribe to `topics`.
+    pub fn mint_device_token(
+        &self,
+        user: &str,
+        device: &str,
+        topics: &[&str],
+        ttl: Duration,
+    ) -> String {
+        let grant = crate::auth::Grant {
+            device_id: Some(device.to_owned()),
+            topics: Some(topics.iter().map(|t| t.to_string()).collect()),
+        };
+        self.state
+            .tokens
+            .mint_grant(user, &grant, ttl.as_secs().max(1))
+            .expect("HS256 gateway mints")
+            .0
     }
 
     /// `ws://` URL of the connect route for `device_id`.
@@ -124,7 +177,7 @@ impl TestGateway {
     /// Stops and starts again on the same data directory and port.
     pub async fn restart(&mut self) {
         self.shutdown().await;
-        let (state, stop, task, _) = launch(self.config.clone(), &self.apns, &self.fcm).await;
+        let (state, stop, task, _, _) = launch(self.config.clone(), &self.apns, &self.fcm).await;
         self.state = state;
         self.stop = Some(stop);
         self.task = Some(task);
@@ -161,6 +214,7 @@ async fn launch(
     oneshot::Sender<()>,
     JoinHandle<anyhow::Result<()>>,
     std::net::SocketAddr,
+    Option<std::net::SocketAddr>,
 ) {
     // Stubs record pushes, unless the test configured a real provider (e.g. FCM
     // pointed at a mock server).
@@ -187,12 +241,13 @@ async fn launch(
         }
     };
     let addr = app.local_addr();
+    let ops_addr = app.ops_addr();
     let state = app.state().clone();
     let (stop, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(app.run_until_stopped(async move {
         let _ = rx.await;
     }));
-    (state, stop, task, addr)
+    (state, stop, task, addr, ops_addr)
 }
 
 /// Minimal HTTP/1.1 POST over a TCP socket, so the library does not need an HTTP

@@ -119,12 +119,13 @@ impl Cluster {
         self.nodes[node].base.clone()
     }
 
-    async fn token(&self, user: &str) -> String {
+    /// A token of `user` bound to `device`, allowed every topic.
+    async fn token(&self, user: &str, device: &str) -> String {
         let v: Value = self
             .http
             .post(format!("{}/v1/tokens", self.base(0)))
             .bearer_auth(&self.api_key)
-            .json(&json!({ "user": user }))
+            .json(&json!({ "user": user, "device_id": device, "topics": ["*"] }))
             .send()
             .await
             .unwrap()
@@ -249,7 +250,7 @@ async fn a_device_on_one_node_gets_what_any_node_accepts() {
         "[delivery]\nack_timeout_ms = 4000\n",
     )
     .await;
-    let token = c.token("ana").await;
+    let token = c.token("ana", "ana.phone").await;
     c.register(0, &token, "ana.phone", "fcm-ana").await;
     let mut phone = connect(&c.nodes[1].ws_url("ana.phone", 0), &token).await;
 
@@ -428,7 +429,7 @@ async fn kill_9_of_a_node_during_a_burst_loses_nothing_and_pushes_at_most_once()
     let mut readers = Vec::new();
     for (i, first) in [0usize, 0, 0, 0, 1, 1].into_iter().enumerate() {
         let device = format!("live-{i}");
-        let token = c.token(&format!("u-{device}")).await;
+        let token = c.token(&format!("u-{device}"), &device).await;
         c.register(1, &token, &device, &format!("fcm-{device}"))
             .await;
         let received = Arc::new(Mutex::new(Received::default()));
@@ -445,7 +446,7 @@ async fn kill_9_of_a_node_during_a_burst_loses_nothing_and_pushes_at_most_once()
     let mut offline = Vec::new();
     for i in 0..4 {
         let device = format!("off-{i}");
-        let token = c.token(&format!("u-{device}")).await;
+        let token = c.token(&format!("u-{device}"), &device).await;
         c.register(2, &token, &device, &format!("fcm-{device}"))
             .await;
         offline.push((device, token));
@@ -671,7 +672,7 @@ impl Drop for NatsServer {
 async fn nodes_that_lose_nats_go_unready_and_recover_by_themselves() {
     let mut nats = NatsServer::start();
     let c = Cluster::start(2, &nats.url(), "").await;
-    let token = c.token("bo").await;
+    let token = c.token("bo", "bo-phone").await;
     c.register(0, &token, "bo-phone", "fcm-bo").await;
     let mut phone = connect(&c.nodes[1].ws_url("bo-phone", 0), &token).await;
     let id = c
@@ -798,7 +799,7 @@ async fn a_node_that_loses_postgres_goes_unready_and_recovers_by_itself() {
         }
     };
     let c = Cluster::start_via(1, &machine_nats_url(), "", Some(&proxied)).await;
-    let token = c.token("cy").await;
+    let token = c.token("cy", "cy-phone").await;
     c.register(0, &token, "cy-phone", "fcm-cy").await;
     assert_eq!(c.readyz(0).await.0, 200);
 
@@ -883,7 +884,7 @@ async fn a_message_whose_doorbell_never_rang_still_reaches_the_device_live() {
     .await;
     let proxied = format!("nats://{}", partition.addr);
     c.add_node_with_env(&[("HERALD_NATS__URL", &proxied)]);
-    let token = c.token("dee").await;
+    let token = c.token("dee", "dee.phone").await;
     c.register(0, &token, "dee.phone", "fcm-dee").await;
     let mut phone = connect(&c.nodes[1].ws_url("dee.phone", 0), &token).await;
     let first = c
@@ -936,5 +937,105 @@ async fn a_message_whose_doorbell_never_rang_still_reaches_the_device_live() {
     phone.quiet_for(Duration::from_millis(500)).await;
     assert_eq!(c.fcm.send_requests(), 0, "{:?}", c.pushes());
     c.fcm.assert_no_problems();
+    c.stop().await;
+}
+
+/// Topic drops and revocation reach every node: the store is shared, and the kick
+/// travels over NATS to whichever node holds the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn revocation_and_topic_drops_hold_on_every_node() {
+    use futures_util::StreamExt;
+    use herald_protocol::ClientFrame;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let c = Cluster::start(3, &machine_nats_url(), "").await;
+    let mint = |device: &str, topics: Value| {
+        let body = json!({"user": "rita", "device_id": device, "topics": topics});
+        let (http, base, key) = (c.http.clone(), c.base(0), c.api_key.clone());
+        async move {
+            let v: Value = http
+                .post(format!("{base}/v1/tokens"))
+                .bearer_auth(key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["token"].as_str().expect("token").to_owned()
+        }
+    };
+
+    // Subscribed on node 1 under a wide token…
+    let wide = mint("rita-1", json!(["news", "user.rita.*"])).await;
+    let mut d = connect(&c.nodes[1].ws_url("rita-1", 0), &wide).await;
+    for topic in ["news", "user.rita.x"] {
+        d.send(&ClientFrame::Subscribe {
+            topic: topic.into(),
+        })
+        .await;
+        assert!(matches!(
+            d.frame().await,
+            Some(ServerFrame::Subscribed { .. })
+        ));
+    }
+    drop(d);
+    // …then connected on node 2 with a narrower one: node 0 sees the drop.
+    let narrow = mint("rita-1", json!(["news"])).await;
+    let mut d1 = connect(&c.nodes[2].ws_url("rita-1", 0), &narrow).await;
+    assert_eq!(
+        c.get(0, "/v1/devices/rita-1/topics").await,
+        json!({"topics": ["news"]})
+    );
+    let r = c
+        .http
+        .post(format!("{}/v1/messages", c.base(0)))
+        .bearer_auth(&c.api_key)
+        .json(&json!({"to": {"topic": "user.rita.x"}, "data": {}, "push": "never"}))
+        .send()
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["recipients"], 0, "{v}");
+
+    // A second device of rita's on node 1; revoke on node 0: both close with 1008
+    // `revoked`, and their tokens are refused on every node.
+    let t2 = mint("rita-2", json!([])).await;
+    let mut d2 = connect(&c.nodes[1].ws_url("rita-2", 0), &t2).await;
+    let r = c
+        .http
+        .post(format!("{}/v1/users/rita/revoke_tokens", c.base(0)))
+        .bearer_auth(&c.api_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+    for d in [&mut d1, &mut d2] {
+        let close = loop {
+            let msg = tokio::time::timeout(SLOW_WAIT, d.ws.next())
+                .await
+                .expect("closed in time");
+            match msg {
+                Some(Ok(Message::Close(f))) => break f,
+                Some(Ok(_)) => continue,
+                other => panic!("closed without a close frame: {other:?}"),
+            }
+        };
+        let close = close.expect("a close frame with a code");
+        assert_eq!(u16::from(close.code), 1008);
+        assert_eq!(close.reason.as_str(), "revoked");
+    }
+    for (node, device, token) in [
+        (0, "rita-1", &narrow),
+        (1, "rita-2", &t2),
+        (2, "rita-1", &narrow),
+    ] {
+        let err = connect_with_token(&c.nodes[node].ws_url(device, 0), token)
+            .await
+            .err()
+            .expect("a revoked token is refused");
+        assert!(err.starts_with("HTTP 401"), "node {node}: {err}");
+    }
     c.stop().await;
 }

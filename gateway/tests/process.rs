@@ -65,7 +65,10 @@ async fn cli_manages_keys_and_mints_tokens() {
     let (ok, list, _) = cli(&tmp.0, &["keys", "list"]);
     assert!(ok);
     assert!(list.contains("backend") && !list.contains(&key), "{list}");
-    let (ok, token, _) = cli(&tmp.0, &["token", "mint", "--user", "zoe"]);
+    let (ok, token, _) = cli(
+        &tmp.0,
+        &["token", "mint", "--user", "zoe", "--device-id", "zoe-phone"],
+    );
     assert!(ok);
     assert_eq!(token.split('.').count(), 3, "{token}");
 
@@ -105,7 +108,10 @@ async fn sigterm_tells_clients_to_reconnect_and_exits_zero() {
     let tmp = TempDir::new("herald-term");
     let mut gw = spawn(&tmp.0);
     let api_key = gw.api_key.clone().expect("first start prints an API key");
-    let (_, token, _) = cli(&tmp.0, &["token", "mint", "--user", "t"]);
+    let (_, token, _) = cli(
+        &tmp.0,
+        &["token", "mint", "--user", "t", "--device-id", "t1"],
+    );
     let mut dev = connect_with_token(&ws_url(&gw.base, "t1", 0), &token)
         .await
         .unwrap();
@@ -141,7 +147,10 @@ async fn kill_9_during_a_publish_burst_loses_nothing_answered_202() {
     let tmp = TempDir::new("herald-crash");
     let mut gw = spawn(&tmp.0);
     let api_key = gw.api_key.clone().unwrap();
-    let (_, token, _) = cli(&tmp.0, &["token", "mint", "--user", "crash"]);
+    let (_, token, _) = cli(
+        &tmp.0,
+        &["token", "mint", "--user", "crash", "--device-id", "victim"],
+    );
     register(&gw.base, &token, "victim").await;
 
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
@@ -267,7 +276,10 @@ async fn a_push_waiting_for_retry_survives_kill_9_and_is_sent_once() {
     let config_arg = config.to_str().unwrap();
     let mut gw = spawn_with(&tmp.0, &["--config", config_arg]);
     let api_key = gw.api_key.clone().unwrap();
-    let (_, token, _) = cli(&tmp.0, &["token", "mint", "--user", "p"]);
+    let (_, token, _) = cli(
+        &tmp.0,
+        &["token", "mint", "--user", "p", "--device-id", "pd"],
+    );
     let r = reqwest::Client::new()
         .put(format!("{}/v1/me/devices/pd", gw.base))
         .bearer_auth(&token)

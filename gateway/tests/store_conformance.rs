@@ -12,6 +12,7 @@ mod common;
 use std::future::Future;
 use std::sync::Arc;
 
+use herald_gateway::auth::Scope;
 use herald_gateway::store::postgres::PostgresStore;
 use herald_gateway::store::sqlite::SqliteStore;
 use herald_gateway::store::{
@@ -96,6 +97,8 @@ conformance!(
     concurrent_claims_have_one_winner,
     register_and_invalidate_token,
     subscriptions,
+    user_device_count,
+    token_revocations_only_move_forward,
     publish_assigns_increasing_seqs_per_device,
     concurrent_publishes_to_one_device_are_gapless,
     fetch_after_orders_limits_and_hides_expired,
@@ -224,6 +227,7 @@ async fn api_keys_create_find_revoke(store: Arc<dyn Store>) {
         hash: vec![1, 2, 3, 0, 255],
         created_at: T0,
         revoked_at: None,
+        scopes: vec![Scope::Publish, Scope::Read],
     };
     let k2 = ApiKeyRecord {
         id: "id2".into(),
@@ -232,6 +236,7 @@ async fn api_keys_create_find_revoke(store: Arc<dyn Store>) {
         hash: vec![9; 32],
         created_at: T0 + 1,
         revoked_at: None,
+        scopes: vec![Scope::Admin],
     };
     store.create_api_key(&k2).await.unwrap();
     store.create_api_key(&k1).await.unwrap();
@@ -383,6 +388,38 @@ async fn subscriptions(store: Arc<dyn Store>) {
     assert_eq!(store.device_topics("d1").await.unwrap(), ["Alerts", "news"]);
     store.unsubscribe("d1", "news").await.unwrap();
     assert_eq!(store.device_topics("d1").await.unwrap(), ["Alerts"]);
+}
+
+async fn user_device_count(store: Arc<dyn Store>) {
+    assert_eq!(store.count_user_devices("alice").await.unwrap(), 0);
+    device(&store, "d1", "alice").await;
+    device(&store, "d2", "alice").await;
+    device(&store, "d3", "bob").await;
+    assert_eq!(store.count_user_devices("alice").await.unwrap(), 2);
+    assert!(store.delete_device("d1").await.unwrap());
+    assert_eq!(store.count_user_devices("alice").await.unwrap(), 1);
+    assert_eq!(store.count_user_devices("bob").await.unwrap(), 1);
+}
+
+async fn token_revocations_only_move_forward(store: Arc<dyn Store>) {
+    assert_eq!(store.tokens_revoked_before("alice").await.unwrap(), None);
+    store.revoke_user_tokens("alice", 1_000).await.unwrap();
+    assert_eq!(
+        store.tokens_revoked_before("alice").await.unwrap(),
+        Some(1_000)
+    );
+    // A revocation with an older mark (a node with a slow clock) does not undo one.
+    store.revoke_user_tokens("alice", 900).await.unwrap();
+    assert_eq!(
+        store.tokens_revoked_before("alice").await.unwrap(),
+        Some(1_000)
+    );
+    store.revoke_user_tokens("alice", 2_000).await.unwrap();
+    assert_eq!(
+        store.tokens_revoked_before("alice").await.unwrap(),
+        Some(2_000)
+    );
+    assert_eq!(store.tokens_revoked_before("bob").await.unwrap(), None);
 }
 
 async fn publish_assigns_increasing_seqs_per_device(store: Arc<dyn Store>) {

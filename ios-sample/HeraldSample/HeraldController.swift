@@ -83,7 +83,8 @@ final class HeraldController: ObservableObject {
             let created = try HeraldClient(
                 config: config,
                 listener: ListenerBridge(self),
-                tokenProvider: SampleBackendTokenProvider(backendUrl: signIn.backendUrl, user: signIn.user)
+                tokenProvider: SampleBackendTokenProvider(
+                    backendUrl: signIn.backendUrl, user: signIn.user, deviceId: SampleSettings.deviceId)
             )
             heraldClient = created
             user = signIn.user

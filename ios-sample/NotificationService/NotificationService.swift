@@ -50,7 +50,8 @@ final class NotificationService: UNNotificationServiceExtension {
             let client = try HeraldClient(
                 config: config,
                 listener: SilentListener(),
-                tokenProvider: SampleBackendTokenProvider(backendUrl: signIn.backendUrl, user: signIn.user)
+                tokenProvider: SampleBackendTokenProvider(
+                    backendUrl: signIn.backendUrl, user: signIn.user, deviceId: SampleSettings.deviceId)
             )
             defer { client.shutdown() }
             let fresh = try client.handlePush(payloadJson: json)

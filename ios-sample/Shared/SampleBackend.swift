@@ -2,15 +2,18 @@ import Foundation
 import Herald
 
 /// Gets device JWTs from the sample backend (`sample-backend/token-server.py`,
-/// `POST /device-token {"user": ...}`), the way a real app asks its own backend. The app
+/// `POST /device-token {"user": ..., "device_id": ...}`), the way a real app asks its own
+/// backend. The token is bound to this device (the gateway refuses others). The app
 /// holds no API key. The SDK calls `fetchToken` on a background thread, so it may block.
 final class SampleBackendTokenProvider: TokenProvider {
     private let backendUrl: String
     private let user: String
+    private let deviceId: String
 
-    init(backendUrl: String, user: String) {
+    init(backendUrl: String, user: String, deviceId: String) {
         self.backendUrl = backendUrl
         self.user = user
+        self.deviceId = deviceId
     }
 
     func fetchToken() throws -> String {
@@ -21,7 +24,7 @@ final class SampleBackendTokenProvider: TokenProvider {
         var request = URLRequest(url: url, timeoutInterval: 10)
         request.httpMethod = "POST"
         request.setValue("application/json", forHTTPHeaderField: "Content-Type")
-        request.httpBody = try JSONSerialization.data(withJSONObject: ["user": user])
+        request.httpBody = try JSONSerialization.data(withJSONObject: ["user": user, "device_id": deviceId])
 
         let done = DispatchSemaphore(value: 0)
         var answer: (Data?, URLResponse?, Error?) = (nil, nil, nil)

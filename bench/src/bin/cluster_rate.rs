@@ -192,7 +192,7 @@ async fn run(
         let token: Value = http
             .post(format!("{}/v1/tokens", bases[0]))
             .bearer_auth(&api_key)
-            .json(&json!({"user": format!("u{d}")}))
+            .json(&json!({"user": format!("u{d}"), "device_id": format!("d{d}")}))
             .send()
             .await?
             .json()

@@ -82,7 +82,12 @@ async fn main() -> anyhow::Result<()> {
     let gw = Application::build(config).await?;
     let base = format!("http://{}", gw.local_addr());
     let store = gw.state().store.clone();
-    let (_, api_key) = herald_gateway::auth::create_api_key(store.as_ref(), "bench").await?;
+    let (_, api_key) = herald_gateway::auth::create_api_key(
+        store.as_ref(),
+        "bench",
+        &[herald_gateway::auth::Scope::Admin],
+    )
+    .await?;
 
     eprintln!("registering {devices} offline devices with FCM tokens…");
     let db = sqlx::SqlitePool::connect(&format!("sqlite://{}", tmp.0.join("herald.db").display()))

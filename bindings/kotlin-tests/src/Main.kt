@@ -29,8 +29,10 @@ fun publish(device: String, n: Int, extra: String = ""): String {
     return jsonField(body, "message_id")
 }
 
-fun mintToken(user: String, ttlSeconds: Int): String {
-    val (code, body) = http("POST", "/v1/tokens", """{"user":"$user","ttl_seconds":$ttlSeconds}""", apiKey)
+/** A token of `user`; bound to `device` (its `did`) when given, as device routes require. */
+fun mintToken(user: String, ttlSeconds: Int, device: String? = null): String {
+    val did = if (device != null) ""","device_id":"$device"""" else ""
+    val (code, body) = http("POST", "/v1/tokens", """{"user":"$user","ttl_seconds":$ttlSeconds$did}""", apiKey)
     check(code == 200 || code == 201) { "token mint answered $code: $body" }
     return jsonField(body, "token")
 }
@@ -65,11 +67,11 @@ class Recorder : HeraldListener {
     fun ns(): List<Int> = messages.map { Regex("\"n\":(\\d+)").find(it.dataJson)!!.groupValues[1].toInt() }
 }
 
-class Tokens(val user: String, val ttlSeconds: Int = 3600) : TokenProvider {
+class Tokens(val user: String, val device: String, val ttlSeconds: Int = 3600) : TokenProvider {
     val calls = AtomicInteger(0)
     override fun fetchToken(): String {
         calls.incrementAndGet()
-        return mintToken(user, ttlSeconds)
+        return mintToken(user, ttlSeconds, device)
     }
 }
 
@@ -84,7 +86,7 @@ fun config(device: String, dir: String = device) = ClientConfig(
 fun main() {
     test("typed error on a bad URL") {
         try {
-            HeraldClient(config("bad").copy(baseUrl = "not a url"), Recorder(), Tokens("u"))
+            HeraldClient(config("bad").copy(baseUrl = "not a url"), Recorder(), Tokens("u", "bad"))
             throw CheckFailed("no exception")
         } catch (e: HeraldException.InvalidConfig) {
             check(e.detail.contains("base_url")) { e.detail }
@@ -102,7 +104,7 @@ fun main() {
 
     test("connect, states, live message, backlog, de-dup across reconnect and restart") {
         val rec = Recorder()
-        val tokens = Tokens("alice")
+        val tokens = Tokens("alice", "kt-1")
         var client = HeraldClient(config("kt-1"), rec, tokens)
         client.connect()
         waitFor("Connected") { rec.last() == ConnectionState.Connected }
@@ -139,7 +141,7 @@ fun main() {
         val rec = Recorder()
         // 2 s tokens: always within the SDK's 30 s expiry margin, so every new
         // connection needs a fresh one.
-        val tokens = Tokens("alice", ttlSeconds = 2)
+        val tokens = Tokens("alice", "kt-exp", ttlSeconds = 2)
         val client = HeraldClient(config("kt-exp"), rec, tokens)
         client.connect()
         waitFor("Connected") { rec.last() == ConnectionState.Connected }
@@ -153,7 +155,7 @@ fun main() {
 
     test("register push token and handle an FCM data payload") {
         val rec = Recorder()
-        val client = HeraldClient(config("kt-push"), rec, Tokens("alice"))
+        val client = HeraldClient(config("kt-push"), rec, Tokens("alice", "kt-push"))
         val reg = client.registerPushToken(PushProvider.FCM, "fcm-token-kotlin", null)
         check(reg.deviceId == "kt-push" && reg.user == "alice") { "$reg" }
         check(reg.pushTokenState == "active") { "$reg" }
@@ -180,12 +182,12 @@ fun main() {
 
     test("device of another user: terminal Forbidden, no retries") {
         val owner = Recorder()
-        val a = HeraldClient(config("kt-owned", "kt-owned-a"), owner, Tokens("alice"))
+        val a = HeraldClient(config("kt-owned", "kt-owned-a"), owner, Tokens("alice", "kt-owned"))
         a.connect()
         waitFor("owner connected") { owner.last() == ConnectionState.Connected }
         a.shutdown()
         val rec = Recorder()
-        val tokens = Tokens("mallory")
+        val tokens = Tokens("mallory", "kt-owned")
         val b = HeraldClient(config("kt-owned", "kt-owned-b"), rec, tokens)
         b.connect()
         waitFor("terminal error") { rec.errors.isNotEmpty() }

@@ -12,11 +12,44 @@ use herald_protocol::{
 use serde::Deserialize;
 
 use super::{require_id, ApiJson, ApiPath, ApiQuery, AppState, DeviceAuth};
-use crate::auth::DeviceClaims;
+use crate::auth::{DeviceClaims, TopicAccess};
 use crate::clock::now_ms;
+use crate::config::TopicPolicy;
 use crate::error::AppError;
 use crate::session::{run_session, SessionStart};
 use crate::store::Device;
+
+/// A token acts for the device in its `did` claim only; without one it is refused,
+/// unless `auth.require_device_claim = false` allows user-wide tokens.
+fn check_bound(state: &AppState, claims: &DeviceClaims, device_id: &str) -> Result<(), AppError> {
+    match &claims.did {
+        Some(did) if did == device_id => Ok(()),
+        Some(did) => Err(AppError::Forbidden(format!(
+            "this device token is bound to device {did} (its `did` claim), not {device_id}"
+        ))),
+        None if state.config.auth.require_device_claim => Err(AppError::Forbidden(
+            "this device token has no `did` claim; mint one with `device_id` (POST /v1/tokens) or set auth.require_device_claim = false".into(),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// `limits.max_devices_per_user`: claiming one more device is a 409 `conflict`. A
+/// separate read before the claim: concurrent claims of new devices may overshoot
+/// the cap by the number racing, which bounds the abuse all the same.
+async fn check_device_cap(state: &AppState, user: &str, device_id: &str) -> Result<(), AppError> {
+    if state.store.device(device_id).await?.is_some() {
+        return Ok(());
+    }
+    let max = state.config.limits.max_devices_per_user;
+    let n = state.store.count_user_devices(user).await?;
+    if n >= max as u64 {
+        return Err(AppError::Conflict(format!(
+            "user {user} already has {n} devices, the maximum (limits.max_devices_per_user = {max}); delete one with DELETE /v1/devices/{{id}}"
+        )));
+    }
+    Ok(())
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -51,8 +84,9 @@ pub async fn connect(
 }
 
 /// What every live transport (WebSocket, SSE) checks before it starts a session:
-/// rate, shutdown, the device id, ownership; and the client's cursor, which acks
-/// everything up to it. Returns where the session starts.
+/// rate, shutdown, the device id, the token's device (`did`), ownership, the per-user
+/// device cap; drops stored topics the token no longer allows; and the client's
+/// cursor, which acks everything up to it. Returns where the session starts.
 pub(super) async fn open_session(
     state: &AppState,
     peer: SocketAddr,
@@ -71,11 +105,23 @@ pub(super) async fn open_session(
     if after.is_some_and(|a| a < 0) {
         return Err(AppError::invalid("after", "must be 0 or more"));
     }
+    check_bound(state, claims, device_id)?;
+    check_device_cap(state, &claims.sub, device_id).await?;
     let now = now_ms();
     let device = state
         .store
         .claim_device(device_id, &claims.sub, now)
         .await?;
+    let topics = TopicAccess::new(state.config.auth.topic_policy, claims);
+    if state.config.auth.topic_policy == TopicPolicy::Claims {
+        // The token may allow less than an earlier one did: what it no longer allows
+        // is dropped, so a narrowed token is never outlived by its subscriptions.
+        for topic in state.store.device_topics(&device.id).await? {
+            if !topics.allows(&topic) {
+                state.store.unsubscribe(&device.id, &topic).await?;
+            }
+        }
+    }
     // A cursor above every seq this device was ever assigned belongs to an inbox that
     // no longer exists (device deleted, store restored from a backup). Trusting it
     // would ack entries never delivered and skip the next ones; the session resumes
@@ -95,6 +141,7 @@ pub(super) async fn open_session(
         // Read here, with the claim: the welcome must not depend on a second read
         // that could fail and report 0 ("device re-created" to the SDK).
         last_seq: device.last_seq,
+        topics,
     })
 }
 
@@ -145,6 +192,7 @@ pub async fn register_device(
     ApiJson(req): ApiJson<RegisterDeviceRequest>,
 ) -> Result<Json<DeviceInfo>, AppError> {
     require_id("device_id", &device_id)?;
+    check_bound(&state, &claims, &device_id)?;
     match (&req.push_provider, &req.push_token) {
         (Some(_), None) => {
             return Err(AppError::invalid(
@@ -177,6 +225,7 @@ pub async fn register_device(
             "only applies to push_provider apns",
         ));
     }
+    check_device_cap(&state, &claims.sub, &device_id).await?;
     let device = state
         .store
         .register_device(&device_id, &claims.sub, &req, now_ms())
@@ -198,9 +247,15 @@ pub struct SyncParams {
 /// The longest a long-poll (`GET /v1/me/sync?wait=S`) is held.
 pub const MAX_SYNC_WAIT_S: u64 = 60;
 
-/// The device must exist and belong to the caller.
-async fn owned_device(state: &AppState, user: &str, device_id: &str) -> Result<Device, AppError> {
+/// The device must exist, belong to the caller and be the token's device.
+async fn owned_device(
+    state: &AppState,
+    claims: &DeviceClaims,
+    device_id: &str,
+) -> Result<Device, AppError> {
     require_id("device_id", device_id)?;
+    check_bound(state, claims, device_id)?;
+    let user = claims.sub.as_str();
     let device = state.store.device(device_id).await?.ok_or_else(|| {
         AppError::NotFound(format!(
             "no device {device_id}; connect or register it first"
@@ -219,7 +274,7 @@ pub async fn sync(
     DeviceAuth(claims): DeviceAuth,
     ApiQuery(params): ApiQuery<SyncParams>,
 ) -> Result<Json<SyncResponse>, AppError> {
-    let device = owned_device(&state, &claims.sub, &params.device_id).await?;
+    let device = owned_device(&state, &claims, &params.device_id).await?;
     let max = state.config.delivery.replay_batch;
     let limit = params.limit.unwrap_or(100);
     if limit == 0 || limit > max {
@@ -334,7 +389,7 @@ pub async fn ack(
     DeviceAuth(claims): DeviceAuth,
     ApiJson(req): ApiJson<AckRequest>,
 ) -> Result<Json<AckResponse>, AppError> {
-    let device = owned_device(&state, &claims.sub, &req.device_id).await?;
+    let device = owned_device(&state, &claims, &req.device_id).await?;
     if req.seq < 0 {
         return Err(AppError::invalid("seq", "must be 0 or more"));
     }

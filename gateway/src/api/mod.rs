@@ -22,7 +22,7 @@ use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{verify_api_key, DeviceClaims, DeviceTokens};
+use crate::auth::{verify_api_key, DeviceClaims, DeviceTokens, Scope};
 use crate::config::Config;
 use crate::delivery::DeliveryRouter;
 use crate::error::AppError;
@@ -68,6 +68,15 @@ pub fn app(state: AppState) -> Router {
             get(service::get_device).delete(service::delete_device),
         )
         .route("/v1/users/{user}/devices", get(service::user_devices))
+        .route(
+            "/v1/users/{user}/revoke_tokens",
+            post(service::revoke_tokens),
+        )
+        .route("/v1/devices/{id}/topics", get(service::device_topics))
+        .route(
+            "/v1/devices/{id}/topics/{topic}",
+            put(service::subscribe_device).delete(service::unsubscribe_device),
+        )
         .route("/v1/tokens", post(service::mint_token))
         .route("/v1/me/devices/{device_id}", put(device::register_device))
         .route("/v1/me/ack", post(device::ack))
@@ -85,11 +94,26 @@ pub fn app(state: AppState) -> Router {
                 + Duration::from_secs(device::MAX_SYNC_WAIT_S),
         ),
     );
-    Router::new()
+    let mut router = Router::new()
         .merge(api)
         .merge(long_poll)
         .route("/v1/connect", get(device::connect))
         .route("/v1/connect/sse", get(sse::connect))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz));
+    // With an ops listener, metrics are not served to whoever reaches the main port.
+    if state.config.ops.listen.is_none() {
+        router = router.route("/metrics", get(ops::metrics));
+    }
+    router
+        .fallback(ops::not_found)
+        .method_not_allowed_fallback(ops::method_not_allowed)
+        .with_state(state)
+}
+
+/// The `ops.listen` listener: health, readiness and metrics only.
+pub fn ops_app(state: AppState) -> Router {
+    Router::new()
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
@@ -112,6 +136,22 @@ fn bearer(parts: &Parts) -> Option<&str> {
 
 /// A service caller, authenticated by API key.
 pub struct ServiceAuth(pub ApiKeyRecord);
+
+impl ServiceAuth {
+    /// 403 `forbidden` naming the scope the key lacks.
+    pub fn require(&self, scope: Scope) -> Result<(), AppError> {
+        if self.0.allows(scope) {
+            return Ok(());
+        }
+        Err(AppError::Forbidden(format!(
+            "this API key ({}) lacks the `{}` scope; it has: {}. Create a key with it: `herald keys create --name NAME --scope {}`",
+            self.0.id,
+            scope.as_str(),
+            Scope::join(&self.0.scopes),
+            scope.as_str()
+        )))
+    }
+}
 
 impl FromRequestParts<AppState> for ServiceAuth {
     type Rejection = AppError;
@@ -153,8 +193,20 @@ impl FromRequestParts<AppState> for DeviceAuth {
                     "missing credentials: send `Authorization: Bearer <device-token>`".into(),
                 )
             })?;
-        match state.tokens.verify(&token) {
-            Ok(claims) => Ok(DeviceAuth(claims)),
+        match state.tokens.verify_fresh(&token).await {
+            Ok(claims) => {
+                // The mark is in the store, so a revocation made on any node holds here.
+                if let Some(before) = state.store.tokens_revoked_before(&claims.sub).await? {
+                    if claims.iat <= before as u64 {
+                        return Err(AppError::Unauthorized(format!(
+                            "this device token was revoked (tokens of user {} issued at or before {} are refused); fetch a new one",
+                            claims.sub,
+                            crate::clock::rfc3339(before.saturating_mul(1000)),
+                        )));
+                    }
+                }
+                Ok(DeviceAuth(claims))
+            }
             Err(e) => {
                 if verify_api_key(state.store.as_ref(), &token)
                     .await?

@@ -4,6 +4,8 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 
+use subtle::ConstantTimeEq;
+
 use super::AppState;
 use crate::error::AppError;
 use crate::store::StoreError;
@@ -44,11 +46,30 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     }
 }
 
-pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    (
+pub async fn metrics(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+) -> Result<impl IntoResponse, AppError> {
+    if let Some(expected) = &state.config.ops.metrics_token {
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, t)| t.trim())
+            .unwrap_or("");
+        // Compared as hashes, so the comparison time says nothing about the token.
+        let ok = crate::auth::hash_api_key(presented).ct_eq(&crate::auth::hash_api_key(expected));
+        if !bool::from(ok) {
+            return Err(AppError::Unauthorized(
+                "metrics need `Authorization: Bearer <ops.metrics_token>`".into(),
+            ));
+        }
+    }
+    Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
-    )
+    ))
 }
 
 pub async fn not_found() -> AppError {

@@ -8,10 +8,11 @@ use axum::response::IntoResponse;
 use axum::Json;
 use herald_protocol::{
     DeviceInfo, DeviceList, MessageStatus, PublishRequest, PublishResponse, Target, TokenRequest,
-    TokenResponse,
+    TokenResponse, TopicList,
 };
 
 use super::{require_id, ApiJson, ApiPath, AppState, ServiceAuth};
+use crate::auth::{Grant, Scope};
 use crate::clock::{now_ms, rfc3339};
 use crate::error::AppError;
 use crate::registry::KickReason;
@@ -21,10 +22,12 @@ const IDEMPOTENCY_WINDOW_MS: i64 = 24 * 3600 * 1000;
 
 pub async fn publish(
     State(state): State<AppState>,
-    ServiceAuth(key): ServiceAuth,
+    auth: ServiceAuth,
     headers: HeaderMap,
     ApiJson(req): ApiJson<PublishRequest>,
 ) -> Result<impl IntoResponse, AppError> {
+    auth.require(Scope::Publish)?;
+    let key = auth.0;
     state
         .publish_limiter
         .check(&key.id)
@@ -160,9 +163,10 @@ fn idempotency_key(headers: &HeaderMap, req: &PublishRequest) -> Result<Option<S
 
 pub async fn message_status(
     State(state): State<AppState>,
-    ServiceAuth(_): ServiceAuth,
+    auth: ServiceAuth,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<MessageStatus>, AppError> {
+    auth.require(Scope::Read)?;
     let (msg, rows) = state
         .store
         .message(&id)
@@ -186,9 +190,10 @@ pub async fn message_status(
 
 pub async fn get_device(
     State(state): State<AppState>,
-    ServiceAuth(_): ServiceAuth,
+    auth: ServiceAuth,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<DeviceInfo>, AppError> {
+    auth.require(Scope::Read)?;
     let device = state
         .store
         .device(&id)
@@ -200,9 +205,10 @@ pub async fn get_device(
 
 pub async fn user_devices(
     State(state): State<AppState>,
-    ServiceAuth(_): ServiceAuth,
+    auth: ServiceAuth,
     ApiPath(user): ApiPath<String>,
 ) -> Result<Json<DeviceList>, AppError> {
+    auth.require(Scope::Read)?;
     let devices = state.store.user_devices(&user).await?;
     let online =
         futures_util::future::join_all(devices.iter().map(|d| state.is_online(&d.id))).await;
@@ -217,9 +223,10 @@ pub async fn user_devices(
 
 pub async fn delete_device(
     State(state): State<AppState>,
-    ServiceAuth(_): ServiceAuth,
+    auth: ServiceAuth,
     ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, AppError> {
+    auth.require(Scope::Devices)?;
     if !state.store.delete_device(&id).await? {
         return Err(AppError::NotFound(format!("no device {id}")));
     }
@@ -230,10 +237,24 @@ pub async fn delete_device(
 
 pub async fn mint_token(
     State(state): State<AppState>,
-    ServiceAuth(_): ServiceAuth,
+    auth: ServiceAuth,
     ApiJson(req): ApiJson<TokenRequest>,
 ) -> Result<Json<TokenResponse>, AppError> {
+    auth.require(Scope::Tokens)?;
     require_id("user", &req.user)?;
+    if let Some(d) = &req.device_id {
+        require_id("device_id", d)?;
+    }
+    if let Some(topics) = &req.topics {
+        for (i, p) in topics.iter().enumerate() {
+            crate::auth::validate_topic_pattern(p).map_err(|m| {
+                AppError::invalid(
+                    format!("topics[{i}]"),
+                    format!("{m} (a topic, or a prefix ending in `*`)"),
+                )
+            })?;
+        }
+    }
     let auth = &state.config.auth;
     let ttl = req.ttl_seconds.unwrap_or(auth.default_token_ttl_seconds);
     if ttl == 0 || ttl > auth.max_token_ttl_seconds {
@@ -242,12 +263,103 @@ pub async fn mint_token(
             format!("must be between 1 and {}", auth.max_token_ttl_seconds),
         ));
     }
-    let (token, exp) = state.tokens.mint(&req.user, ttl).map_err(|e| match e {
-        crate::auth::TokenError::CannotMint(m) => AppError::Conflict(m),
-        other => AppError::Internal(anyhow::anyhow!(other.to_string())),
-    })?;
+    let grant = Grant {
+        device_id: req.device_id,
+        topics: req.topics,
+    };
+    let (token, exp) = state
+        .tokens
+        .mint_grant(&req.user, &grant, ttl)
+        .map_err(|e| match e {
+            crate::auth::TokenError::CannotMint(m) => AppError::Conflict(m),
+            other => AppError::Internal(anyhow::anyhow!(other.to_string())),
+        })?;
     Ok(Json(TokenResponse {
         token,
         expires_at: rfc3339(exp as i64 * 1000),
     }))
+}
+
+/// Revokes every device token of `user` issued up to now and closes the user's live
+/// sessions, on every node.
+pub async fn revoke_tokens(
+    State(state): State<AppState>,
+    auth: ServiceAuth,
+    ApiPath(user): ApiPath<String>,
+) -> Result<StatusCode, AppError> {
+    auth.require(Scope::Devices)?;
+    require_id("user", &user)?;
+    // Whole seconds, like `iat`: a token minted in this second is refused too, because
+    // it cannot be told apart from one minted just before the revocation.
+    let before = now_ms().div_euclid(1000);
+    state.store.revoke_user_tokens(&user, before).await?;
+    for device in state.store.user_devices(&user).await? {
+        state.registry.kick(&device.id, KickReason::Revoked);
+        state.router.cluster.kick_revoked(&device.id).await;
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn existing_device(state: &AppState, id: &str) -> Result<(), AppError> {
+    require_id("device_id", id)?;
+    match state.store.device(id).await? {
+        Some(_) => Ok(()),
+        None => Err(AppError::NotFound(format!("no device {id}"))),
+    }
+}
+
+pub async fn device_topics(
+    State(state): State<AppState>,
+    auth: ServiceAuth,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<TopicList>, AppError> {
+    auth.require(Scope::Read)?;
+    existing_device(&state, &id).await?;
+    Ok(Json(TopicList {
+        topics: state.store.device_topics(&id).await?,
+    }))
+}
+
+/// Backend-managed subscription: bypasses `auth.topic_policy`, not the per-device cap.
+pub async fn subscribe_device(
+    State(state): State<AppState>,
+    auth: ServiceAuth,
+    ApiPath((id, topic)): ApiPath<(String, String)>,
+) -> Result<StatusCode, AppError> {
+    auth.require(Scope::Devices)?;
+    require_id("topic", &topic)?;
+    existing_device(&state, &id).await?;
+    check_topic_cap(&state, &id, &topic).await?;
+    state.store.subscribe(&id, &topic).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn unsubscribe_device(
+    State(state): State<AppState>,
+    auth: ServiceAuth,
+    ApiPath((id, topic)): ApiPath<(String, String)>,
+) -> Result<StatusCode, AppError> {
+    auth.require(Scope::Devices)?;
+    require_id("topic", &topic)?;
+    existing_device(&state, &id).await?;
+    state.store.unsubscribe(&id, &topic).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `limits.max_topics_per_device`: a new subscription past it is a 409 `conflict`
+/// (re-subscribing to a topic the device has is not new).
+pub async fn check_topic_cap(
+    state: &AppState,
+    device_id: &str,
+    topic: &str,
+) -> Result<(), AppError> {
+    let max = state.config.limits.max_topics_per_device;
+    let topics = state.store.device_topics(device_id).await?;
+    if topics.len() >= max && !topics.iter().any(|t| t == topic) {
+        return Err(AppError::Conflict(format!(
+            "device {device_id} is subscribed to {} topics, the maximum (limits.max_topics_per_device = {max}); unsubscribe one first",
+            topics.len()
+        )));
+    }
+    Ok(())
 }

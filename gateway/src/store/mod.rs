@@ -170,6 +170,22 @@ pub struct ApiKeyRecord {
     pub hash: Vec<u8>,
     pub created_at: i64,
     pub revoked_at: Option<i64>,
+    pub scopes: Vec<crate::auth::Scope>,
+}
+
+impl ApiKeyRecord {
+    pub fn allows(&self, scope: crate::auth::Scope) -> bool {
+        self.scopes
+            .iter()
+            .any(|s| *s == scope || *s == crate::auth::Scope::Admin)
+    }
+}
+
+/// Stored form of a key's scopes; a value this version does not know grants nothing.
+pub fn scopes_from_text(text: &str) -> Vec<crate::auth::Scope> {
+    text.split(',')
+        .filter_map(crate::auth::Scope::parse)
+        .collect()
 }
 
 /// Push bookkeeping of one delivery.
@@ -286,6 +302,14 @@ pub trait Store: Send + Sync + 'static {
     async fn subscribe(&self, device_id: &str, topic: &str) -> StoreResult<()>;
     async fn unsubscribe(&self, device_id: &str, topic: &str) -> StoreResult<()>;
     async fn device_topics(&self, device_id: &str) -> StoreResult<Vec<String>>;
+    /// Devices `user` owns (the per-user cap).
+    async fn count_user_devices(&self, user: &str) -> StoreResult<u64>;
+
+    /// Tokens of `user` issued at or before `before` (unix seconds) are revoked; a later
+    /// revocation moves the mark forward, never back.
+    async fn revoke_user_tokens(&self, user: &str, before: i64) -> StoreResult<()>;
+    /// The revocation mark of `user`, if any.
+    async fn tokens_revoked_before(&self, user: &str) -> StoreResult<Option<i64>>;
 
     /// Appends the message to every target inbox in one durable transaction.
     async fn publish(&self, msg: NewMessage) -> StoreResult<PublishOutcome>;

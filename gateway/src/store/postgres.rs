@@ -308,11 +308,12 @@ fn key_from_row(row: &PgRow) -> ApiKeyRecord {
         hash: row.get("hash"),
         created_at: row.get("created_at"),
         revoked_at: row.get("revoked_at"),
+        scopes: super::scopes_from_text(row.get("scopes")),
     }
 }
 
 const DEVICE_COLUMNS: &str = "id, user_id, platform, push_provider, push_token, apns_environment, token_state, token_error, last_seq, acked_seq, last_seen";
-const KEY_COLUMNS: &str = "id, name, prefix, hash, created_at, revoked_at";
+const KEY_COLUMNS: &str = "id, name, prefix, hash, created_at, revoked_at, scopes";
 
 impl PostgresStore {
     async fn device_on(&self, device_id: &str) -> StoreResult<Option<Device>> {
@@ -355,7 +356,7 @@ impl Store for PostgresStore {
 
     async fn create_api_key(&self, key: &ApiKeyRecord) -> StoreResult<()> {
         sqlx::query(
-            "INSERT INTO api_keys (id, name, prefix, hash, created_at, revoked_at) VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO api_keys (id, name, prefix, hash, created_at, revoked_at, scopes) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(&key.id)
         .bind(&key.name)
@@ -363,6 +364,7 @@ impl Store for PostgresStore {
         .bind(&key.hash)
         .bind(key.created_at)
         .bind(key.revoked_at)
+        .bind(crate::auth::Scope::join(&key.scopes))
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -538,6 +540,36 @@ impl Store for PostgresStore {
         .bind(device_id)
         .fetch_all(&self.pool)
         .await?)
+    }
+
+    async fn count_user_devices(&self, user: &str) -> StoreResult<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM devices WHERE user_id = $1")
+            .bind(user)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n as u64)
+    }
+
+    async fn revoke_user_tokens(&self, user: &str, before: i64) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO token_revocations (user_id, revoked_before) VALUES ($1, $2)
+             ON CONFLICT (user_id) DO UPDATE
+             SET revoked_before = GREATEST(token_revocations.revoked_before, excluded.revoked_before)",
+        )
+        .bind(user)
+        .bind(before)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn tokens_revoked_before(&self, user: &str) -> StoreResult<Option<i64>> {
+        Ok(
+            sqlx::query_scalar("SELECT revoked_before FROM token_revocations WHERE user_id = $1")
+                .bind(user)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
     }
 
     async fn publish(&self, msg: NewMessage) -> StoreResult<PublishOutcome> {

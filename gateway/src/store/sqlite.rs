@@ -408,6 +408,7 @@ fn key_from_row(row: &sqlx::sqlite::SqliteRow) -> ApiKeyRecord {
         hash: row.get("hash"),
         created_at: row.get("created_at"),
         revoked_at: row.get("revoked_at"),
+        scopes: super::scopes_from_text(row.get("scopes")),
     }
 }
 
@@ -440,7 +441,7 @@ impl Store for SqliteStore {
 
     async fn create_api_key(&self, key: &ApiKeyRecord) -> StoreResult<()> {
         sqlx::query(
-            "INSERT INTO api_keys (id, name, prefix, hash, created_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO api_keys (id, name, prefix, hash, created_at, revoked_at, scopes) VALUES (?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&key.id)
         .bind(&key.name)
@@ -448,6 +449,7 @@ impl Store for SqliteStore {
         .bind(&key.hash)
         .bind(key.created_at)
         .bind(key.revoked_at)
+        .bind(crate::auth::Scope::join(&key.scopes))
         .execute(&self.write)
         .await?;
         Ok(())
@@ -639,6 +641,35 @@ impl Store for SqliteStore {
             .bind(device_id)
             .fetch_all(&self.read)
             .await?,
+        )
+    }
+
+    async fn count_user_devices(&self, user: &str) -> StoreResult<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM devices WHERE user_id = ?")
+            .bind(user)
+            .fetch_one(&self.read)
+            .await?;
+        Ok(n as u64)
+    }
+
+    async fn revoke_user_tokens(&self, user: &str, before: i64) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO token_revocations (user_id, revoked_before) VALUES (?, ?)
+             ON CONFLICT (user_id) DO UPDATE SET revoked_before = MAX(revoked_before, excluded.revoked_before)",
+        )
+        .bind(user)
+        .bind(before)
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    async fn tokens_revoked_before(&self, user: &str) -> StoreResult<Option<i64>> {
+        Ok(
+            sqlx::query_scalar("SELECT revoked_before FROM token_revocations WHERE user_id = ?")
+                .bind(user)
+                .fetch_optional(&self.read)
+                .await?,
         )
     }
 

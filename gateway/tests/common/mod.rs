@@ -27,8 +27,9 @@ pub fn http() -> reqwest::Client {
     reqwest::Client::new()
 }
 
+/// Connects `device` with a token bound to it (its `did`) that allows every topic.
 pub async fn connect(tg: &TestGateway, user: &str, device: &str, after: Option<i64>) -> Device {
-    let token = tg.mint_token(user, Duration::from_secs(600));
+    let token = tg.mint_device_token(user, device, &["*"], Duration::from_secs(600));
     connect_with_token(&tg.ws_url(device, after), &token)
         .await
         .unwrap_or_else(|e| panic!("connect {device}: {e}"))
@@ -149,7 +150,7 @@ pub async fn register(
     device: &str,
     push: Option<(&str, &str)>,
 ) -> Value {
-    let token = tg.mint_token(user, Duration::from_secs(600));
+    let token = tg.mint_device_token(user, device, &["*"], Duration::from_secs(600));
     let mut body = serde_json::json!({"platform": "android"});
     if let Some((provider, t)) = push {
         body["push_provider"] = provider.into();

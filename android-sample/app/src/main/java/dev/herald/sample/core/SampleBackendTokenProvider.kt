@@ -9,12 +9,14 @@ import java.net.URI
 
 /**
  * Gets device JWTs from the sample backend (`sample-backend/token-server.py`,
- * `POST /device-token {"user": ...}`), the way a real app asks its own backend. The app
+ * `POST /device-token {"user": ..., "device_id": ...}`), the way a real app asks its own
+ * backend. The token is bound to this device (the gateway refuses others). The app
  * holds no API key. The SDK calls this on a background thread, so blocking is fine.
  */
 class SampleBackendTokenProvider(
     private val backendUrl: String,
     private val user: String,
+    private val deviceId: String,
 ) : TokenProvider {
     override fun fetchToken(): String {
         val url = backendUrl.trimEnd('/') + "/device-token"
@@ -25,7 +27,7 @@ class SampleBackendTokenProvider(
             c.readTimeout = 10_000
             c.doOutput = true
             c.setRequestProperty("Content-Type", "application/json")
-            c.outputStream.use { it.write(jsonObjectOf(mapOf("user" to user)).toByteArray()) }
+            c.outputStream.use { it.write(jsonObjectOf(mapOf("user" to user, "device_id" to deviceId)).toByteArray()) }
             val status = c.responseCode
             val body = (if (status < 400) c.inputStream else c.errorStream)
                 ?.bufferedReader()?.use { it.readText() } ?: ""
