@@ -369,3 +369,53 @@ async fn a_timed_out_push_is_retried_under_the_message_id_as_collapse_key() {
     }
     mock.assert_no_problems();
 }
+
+#[tokio::test]
+async fn a_removed_push_token_is_never_used_again() {
+    let mock = MockFcm::start(3600).await;
+    let tg = gateway_with_mock(&mock, |_| {}).await;
+    register(&tg, "u", "droid", Some(("fcm", "tok-before-logout"))).await;
+    let path = format!("{}/v1/me/devices/droid/push_token", tg.base_url);
+    // Another user may not remove it.
+    let thief = tg.mint_token("thief", Duration::from_secs(60));
+    let resp = http()
+        .delete(&path)
+        .bearer_auth(&thief)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 403);
+    let (_, device) = get(&tg, "/v1/devices/droid", &tg.api_key).await;
+    assert_eq!(device["push_token"], "active");
+    // The owner removes it; twice is fine.
+    let owner = tg.mint_token("u", Duration::from_secs(60));
+    for _ in 0..2 {
+        let resp = http()
+            .delete(&path)
+            .bearer_auth(&owner)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 204);
+    }
+    let (_, device) = get(&tg, "/v1/devices/droid", &tg.api_key).await;
+    assert_eq!(device["push_token"], "none", "{device}");
+    assert_eq!(device["platform"], "android", "the device itself stays");
+    let r = publish(&tg, json!({"to": {"device": "droid"}, "data": {}})).await;
+    let d = wait_state(&tg, r["message_id"].as_str().unwrap(), "push_failed").await;
+    assert!(
+        d["reason"].as_str().unwrap().contains("no push token"),
+        "{d}"
+    );
+    assert_eq!(mock.send_requests(), 0, "nothing sent to the removed token");
+    // An unknown device is a JSON 404.
+    let resp = http()
+        .delete(format!("{}/v1/me/devices/nobody/push_token", tg.base_url))
+        .bearer_auth(&owner)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 404);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "not_found", "{body}");
+}

@@ -1,9 +1,10 @@
-//! Device routes (device JWT): connect, register a push token, sync, ack.
+//! Device routes (device JWT): connect, register or remove a push token, sync, ack.
 
 use std::net::SocketAddr;
 
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, State};
+use axum::http::StatusCode;
 use axum::response::Response;
 use axum::Json;
 use herald_protocol::{
@@ -231,6 +232,38 @@ pub async fn register_device(
         .register_device(&device_id, &claims.sub, &req, now_ms())
         .await?;
     Ok(Json(device.to_wire(state.is_online(&device_id).await)))
+}
+
+/// `DELETE /v1/me/devices/{device_id}/push_token`: the app logs out or switches
+/// account, so this installation must get no more pushes. The device, its inbox and
+/// cursor stay (a service deletes devices with `DELETE /v1/devices/{id}`). Idempotent.
+pub async fn remove_push_token(
+    State(state): State<AppState>,
+    DeviceAuth(claims): DeviceAuth,
+    ApiPath(device_id): ApiPath<String>,
+) -> Result<StatusCode, AppError> {
+    require_id("device_id", &device_id)?;
+    check_bound(&state, &claims, &device_id)?;
+    let Some(device) = state.store.device(&device_id).await? else {
+        return Err(AppError::NotFound(format!("no device {device_id}")));
+    };
+    if device.user_id != claims.sub {
+        return Err(crate::store::StoreError::DeviceOwnedByOtherUser(device_id).into());
+    }
+    // A token can only have been registered together with a platform.
+    if let (Some(platform), Some(_)) = (device.platform, &device.push_token) {
+        let req = RegisterDeviceRequest {
+            platform,
+            push_provider: None,
+            push_token: None,
+            apns_environment: None,
+        };
+        state
+            .store
+            .register_device(&device_id, &claims.sub, &req, now_ms())
+            .await?;
+    }
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Debug, Deserialize)]

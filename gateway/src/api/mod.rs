@@ -16,7 +16,7 @@ use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::Router;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
@@ -79,6 +79,10 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/v1/tokens", post(service::mint_token))
         .route("/v1/me/devices/{device_id}", put(device::register_device))
+        .route(
+            "/v1/me/devices/{device_id}/push_token",
+            delete(device::remove_push_token),
+        )
         .route("/v1/me/ack", post(device::ack))
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
         .merge(publish)
