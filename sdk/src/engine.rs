@@ -8,8 +8,8 @@
 //! `Wait` (WaitingToReconnect) → `Connect` … Terminal errors go back to `Idle` with
 //! `wanted = false`.
 
-use std::collections::BTreeSet;
-use std::sync::{mpsc, Arc, Mutex};
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use herald_protocol::{ClientFrame, InboxMessage, ServerFrame};
@@ -22,13 +22,20 @@ use url::Url;
 
 use crate::backoff::Backoff;
 use crate::http::Api;
-use crate::push::PushInfo;
+use crate::log::{log, Counters};
+use crate::push::{PushInfo, PushOutcome};
 use crate::store::Store;
 use crate::token::Tokens;
 use crate::transport::{ConnectError, Connection, Incoming, Transport};
 use crate::{ConnectionState, Error};
 
 pub(crate) type Reply<T> = mpsc::SyncSender<Result<T, Error>>;
+/// One store for the engine and the listener thread (which commits the cursor).
+pub(crate) type SharedStore = Arc<Mutex<Store>>;
+
+pub(crate) fn lock(store: &SharedStore) -> MutexGuard<'_, Store> {
+    store.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Inputs of the engine.
 pub(crate) enum Command {
@@ -40,31 +47,62 @@ pub(crate) enum Command {
     Subscribe(String),
     Unsubscribe(String),
     SyncNow,
-    HandlePush(PushInfo, Reply<Vec<InboxMessage>>),
-    /// The app's listener returned for this message.
+    /// `handle_push`: answer (recorded and acked, or why not) by the deadline.
+    HandlePush(PushInfo, Instant, Reply<PushOutcome>),
+    /// The `handle_push` caller was gone when its messages were ready.
+    PushUndelivered(Vec<InboxMessage>),
+    /// Forget the local state (logout); stops connecting.
+    Reset(Reply<()>),
+    /// The app's listener returned for this message (its cursor is committed).
     Handled {
         seq: i64,
-        id: String,
     },
-    /// Shut down; with `drain`, first wait (bounded) for the listener to finish the
-    /// messages already handed to it so their cursor is persisted.
-    Close {
-        drain: bool,
-    },
+    /// Shut down. (The listener thread commits what it finishes by itself.)
+    Close,
     /// Result of a background `GET /v1/me/sync`.
     SyncDone {
         result: Result<Vec<InboxMessage>, Error>,
-        push: Option<(PushInfo, Reply<Vec<InboxMessage>>)>,
+        push: Option<PendingPush>,
     },
+}
+
+pub(crate) struct PendingPush {
+    info: PushInfo,
+    deadline: Instant,
+    reply: Reply<PushOutcome>,
+}
+
+/// How the listener thread treats a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Delivery {
+    /// Of the ordered stream, handed over in seq order: claimed (unless another
+    /// process handled it) right before `on_message`, and the cursor is committed
+    /// up to its seq right after, before the next message.
+    Stream,
+    /// Already recorded elsewhere (a `handle_push` whose caller went away).
+    Direct,
 }
 
 /// Outputs of the engine, delivered to the app's listener in order.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Event {
     State(ConnectionState),
-    Message(InboxMessage),
-    Error { error: Error, terminal: bool },
-    Subscription { topic: String, subscribed: bool },
+    Message(InboxMessage, Delivery),
+    Error {
+        error: Error,
+        terminal: bool,
+    },
+    Subscription {
+        topic: String,
+        subscribed: bool,
+    },
+    /// The gateway refused a subscribe (`subscribe = true`) or unsubscribe.
+    SubscriptionFailed {
+        topic: String,
+        subscribe: bool,
+        code: String,
+        message: String,
+    },
 }
 
 /// Tunables of the engine (from [`crate::Config`]).
@@ -78,6 +116,9 @@ pub(crate) struct Settings {
     pub healthy_session: Duration,
     pub connect_timeout: Duration,
     pub heartbeat: Option<Duration>,
+    /// In the foreground: ping this often and expect traffic within `pong_timeout`.
+    pub foreground_ping: Option<Duration>,
+    pub pong_timeout: Duration,
     pub max_token_failures: u32,
     pub sync_max_pages: u32,
 }
@@ -87,19 +128,23 @@ pub(crate) struct Engine<T: Transport> {
     transport: Arc<T>,
     tokens: Arc<Tokens>,
     api: Arc<Api>,
-    store: Store,
+    store: SharedStore,
     events: mpsc::Sender<Event>,
     cmd_rx: UnboundedReceiver<Command>,
     cmd_tx: WeakUnboundedSender<Command>,
     shared_state: Arc<Mutex<ConnectionState>>,
+    counters: Arc<Counters>,
     state: ConnectionState,
     rng: StdRng,
     backoff: Backoff,
     wanted: bool,
     network: bool,
     foreground: bool,
+    /// Wanted topics and unconfirmed unsubscribes (mirrors the store).
     topics: BTreeSet<String>,
     unsubscribe_pending: BTreeSet<String>,
+    /// Subscribe (`true`) / unsubscribe frames sent and not answered yet, in order.
+    topic_requests: VecDeque<(String, bool)>,
     /// Highest seq of the ordered stream (live or sync) handed to the app or skipped.
     high: i64,
     /// Handed to the listener, not yet returned.
@@ -112,7 +157,6 @@ pub(crate) struct Engine<T: Transport> {
     tasks: JoinSet<()>,
     /// Frames to send once the session is up.
     outbox: Vec<ClientFrame>,
-    drain_on_close: bool,
 }
 
 enum Phase {
@@ -143,25 +187,40 @@ const DEAD_GRACE: Duration = Duration::from_secs(2);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Until the welcome tells the real value.
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(30);
-/// Bound on waiting for the listener at close.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub(crate) struct EngineParts<T> {
     pub settings: Arc<Settings>,
     pub transport: Arc<T>,
     pub tokens: Arc<Tokens>,
     pub api: Arc<Api>,
-    pub store: Store,
+    pub store: SharedStore,
     pub events: mpsc::Sender<Event>,
     pub cmd_rx: UnboundedReceiver<Command>,
     pub cmd_tx: WeakUnboundedSender<Command>,
     pub shared_state: Arc<Mutex<ConnectionState>>,
+    pub counters: Arc<Counters>,
     pub rng: StdRng,
 }
 
 impl<T: Transport> Engine<T> {
     pub fn new(p: EngineParts<T>) -> Self {
-        let high = p.store.cursor();
+        let (high, saved_topics) = {
+            let db = lock(&p.store);
+            let topics = db.topics().unwrap_or_else(|e| {
+                log!(Error, "cannot read saved topics: {e}");
+                Vec::new()
+            });
+            (db.cursor(), topics)
+        };
+        let mut topics = BTreeSet::new();
+        let mut unsubscribe_pending = BTreeSet::new();
+        for (topic, wanted) in saved_topics {
+            if wanted {
+                topics.insert(topic);
+            } else {
+                unsubscribe_pending.insert(topic);
+            }
+        }
         Engine {
             backoff: Backoff::new(p.settings.backoff_min, p.settings.backoff_max),
             s: p.settings,
@@ -173,13 +232,15 @@ impl<T: Transport> Engine<T> {
             cmd_rx: p.cmd_rx,
             cmd_tx: p.cmd_tx,
             shared_state: p.shared_state,
+            counters: p.counters,
             state: ConnectionState::Disconnected,
             rng: p.rng,
             wanted: false,
             network: true,
             foreground: true,
-            topics: BTreeSet::new(),
-            unsubscribe_pending: BTreeSet::new(),
+            topics,
+            unsubscribe_pending,
+            topic_requests: VecDeque::new(),
             high,
             in_flight: BTreeSet::new(),
             acked: high,
@@ -187,8 +248,11 @@ impl<T: Transport> Engine<T> {
             sync_running: false,
             tasks: JoinSet::new(),
             outbox: Vec::new(),
-            drain_on_close: false,
         }
+    }
+
+    fn db(&self) -> MutexGuard<'_, Store> {
+        lock(&self.store)
     }
 
     pub async fn run(mut self) {
@@ -221,7 +285,7 @@ impl<T: Transport> Engine<T> {
     }
 
     fn terminal(&mut self, error: Error) -> Phase {
-        tracing::warn!("herald: giving up: {error}");
+        log!(Warn, "giving up: {error}");
         self.wanted = false;
         self.report(error, true);
         Phase::Idle
@@ -281,12 +345,17 @@ impl<T: Transport> Engine<T> {
 
     async fn connect(&mut self) -> Phase {
         self.set_state(ConnectionState::Connecting);
+        Counters::inc(&self.counters.connect_attempts);
         let transport = self.transport.clone();
         let tokens = self.tokens.clone();
         let s = self.s.clone();
         // Resume after what the app has handled (not merely received): messages still
-        // with the listener are replayed and skipped, so nothing is acked early.
-        let after = self.store.cursor();
+        // with the listener are replayed and skipped, so nothing is acked early. Read
+        // from the file: another process may have handled more.
+        let after = {
+            let mut db = self.db();
+            db.refresh().unwrap_or(db.cursor())
+        };
         let attempt = async move {
             let token = tokens.get().await.map_err(AttemptError::Token)?;
             let connect = transport.connect(&s.base, &s.device_id, after, &token.value);
@@ -302,11 +371,19 @@ impl<T: Transport> Engine<T> {
                 r = &mut attempt => break r,
                 cmd = self.cmd_rx.recv() => {
                     let Some(cmd) = cmd else { return Phase::Stop };
+                    let is_network_up = matches!(cmd, Command::Network(true));
                     if self.handle(cmd, false) == Flow::Stop {
                         return Phase::Stop;
                     }
                     if !self.should_connect() {
                         return Phase::Idle;
+                    }
+                    if is_network_up {
+                        // A new network (Wi-Fi → cellular): this attempt may be stuck on
+                        // the old one until the connect timeout; start over at once.
+                        log!(Debug, "network changed during a connect attempt; retrying at once");
+                        self.backoff.reset();
+                        return Phase::Connect;
                     }
                 }
             }
@@ -321,9 +398,12 @@ impl<T: Transport> Engine<T> {
                     self.next_backoff()
                 }
             }
-            Err(AttemptError::Timeout) => self.next_backoff(),
+            Err(AttemptError::Timeout) => {
+                log!(Debug, "connect attempt timed out");
+                self.next_backoff()
+            }
             Err(AttemptError::Connect(ConnectError::Network(e), _)) => {
-                tracing::debug!("herald: connect failed: {e}");
+                log!(Debug, "connect failed: {e}");
                 self.next_backoff()
             }
             Err(AttemptError::Connect(ConnectError::Rejected { status, error }, token)) => {
@@ -352,6 +432,15 @@ impl<T: Transport> Engine<T> {
         }
     }
 
+    /// Client ping interval now: the foreground ping when the app is in front (if
+    /// configured and shorter), else the heartbeat.
+    fn ping_interval(&self, heartbeat: Duration) -> Duration {
+        match self.s.foreground_ping {
+            Some(fg) if self.foreground => fg.min(heartbeat),
+            _ => heartbeat,
+        }
+    }
+
     async fn session(&mut self, mut conn: T::Conn, after: i64) -> Phase {
         let started = Instant::now();
         // Highest seq this session has carried: acks never go beyond it (the gateway
@@ -359,11 +448,15 @@ impl<T: Transport> Engine<T> {
         let mut carried = after;
         // Connecting with `after` acknowledges it.
         self.acked = self.acked.max(after);
+        self.topic_requests.clear();
         let mut welcomed = false;
         let mut heartbeat = self.s.heartbeat.unwrap_or(DEFAULT_HEARTBEAT);
         let mut last_rx = Instant::now();
-        let mut next_ping = Instant::now() + heartbeat;
+        let mut next_ping = Instant::now() + self.ping_interval(heartbeat);
+        // Traffic must arrive by then (a ping in the foreground, a network change).
         let mut probe: Option<Instant> = None;
+        // When the last client ping went out (for the RTT).
+        let mut ping_sent: Option<Instant> = None;
         let end = |engine: &mut Self, welcomed: bool| {
             if welcomed && started.elapsed() >= engine.s.healthy_session {
                 engine.backoff.reset();
@@ -387,6 +480,7 @@ impl<T: Transport> Engine<T> {
                         return Phase::Stop;
                     };
                     let is_network_up = matches!(cmd, Command::Network(true));
+                    let is_foreground = matches!(cmd, Command::Foreground);
                     let flow = self.handle(cmd, welcomed);
                     if flow == Flow::Stop {
                         conn.close().await;
@@ -396,10 +490,13 @@ impl<T: Transport> Engine<T> {
                         conn.close().await;
                         return Phase::Idle;
                     }
-                    if is_network_up && welcomed {
-                        // The old socket may be bound to the old network: probe it.
+                    if (is_network_up || is_foreground) && welcomed {
+                        // The old socket may be bound to the old network, or have died
+                        // while the app was in the background: probe it.
                         self.outbox.push(ClientFrame::Ping);
-                        probe = Some(Instant::now() + PROBE_TIMEOUT.min(heartbeat));
+                        ping_sent = Some(Instant::now());
+                        probe = Some(Instant::now() + self.s.pong_timeout.min(PROBE_TIMEOUT).min(heartbeat));
+                        next_ping = Instant::now() + self.ping_interval(heartbeat);
                     }
                 }
                 incoming = conn.recv() => {
@@ -408,13 +505,14 @@ impl<T: Transport> Engine<T> {
                     match incoming {
                         None => return end(self, welcomed),
                         Some(Err(e)) => {
-                            tracing::debug!("herald: connection error: {e}");
+                            log!(Debug, "connection error: {e}");
                             return end(self, welcomed);
                         }
                         Some(Ok(Incoming::Activity)) => {}
                         Some(Ok(Incoming::Frame(frame))) => match frame {
                             ServerFrame::Welcome { heartbeat_s, last_seq, .. } => {
-                                if last_seq < self.store.cursor() {
+                                let cursor = self.db().cursor();
+                                if last_seq < cursor {
                                     // The gateway's inbox is not the one our cursor counts in
                                     // (device re-created, store restored): none of its seqs is
                                     // known to be handled, so start over from 0. Resuming at
@@ -425,8 +523,8 @@ impl<T: Transport> Engine<T> {
                                         // seqs mean nothing in the new one: reset once handled.
                                         return self.next_backoff();
                                     }
-                                    tracing::warn!("herald: gateway last_seq {last_seq} < cursor {}; resetting", self.store.cursor());
-                                    if let Err(e) = self.store.reset(0) {
+                                    log!(Warn, "gateway last_seq {last_seq} < cursor {cursor}; resetting");
+                                    if let Err(e) = self.db().reset(0) {
                                         self.report(e, false);
                                     }
                                     self.high = 0;
@@ -435,18 +533,20 @@ impl<T: Transport> Engine<T> {
                                 }
                                 welcomed = true;
                                 self.unauthorized = 0;
+                                Counters::inc(&self.counters.connections);
                                 heartbeat = self.s.heartbeat.unwrap_or(Duration::from_secs(heartbeat_s.max(1)));
-                                next_ping = Instant::now() + heartbeat;
+                                next_ping = Instant::now() + self.ping_interval(heartbeat);
                                 self.set_state(ConnectionState::Connected);
                                 let mut frames: Vec<ClientFrame> = self
                                     .topics
                                     .iter()
                                     .map(|t| ClientFrame::Subscribe { topic: t.clone() })
                                     .collect();
+                                // Kept until the gateway confirms (they survive restarts).
                                 frames.extend(
-                                    std::mem::take(&mut self.unsubscribe_pending)
-                                        .into_iter()
-                                        .map(|topic| ClientFrame::Unsubscribe { topic }),
+                                    self.unsubscribe_pending
+                                        .iter()
+                                        .map(|topic| ClientFrame::Unsubscribe { topic: topic.clone() }),
                                 );
                                 frames.append(&mut self.outbox);
                                 self.outbox = frames;
@@ -455,13 +555,14 @@ impl<T: Transport> Engine<T> {
                                 carried = carried.max(m.seq);
                                 self.on_stream_message(m);
                             }
-                            ServerFrame::Pong => {}
-                            ServerFrame::Subscribed { topic } => {
-                                let _ = self.events.send(Event::Subscription { topic, subscribed: true });
+                            ServerFrame::Pong => {
+                                if let Some(sent) = ping_sent.take() {
+                                    let rtt = sent.elapsed().as_millis() as u64;
+                                    self.counters.last_rtt_ms.store(rtt + 1, std::sync::atomic::Ordering::Relaxed);
+                                }
                             }
-                            ServerFrame::Unsubscribed { topic } => {
-                                let _ = self.events.send(Event::Subscription { topic, subscribed: false });
-                            }
+                            ServerFrame::Subscribed { topic } => self.on_topic_answer(topic, true),
+                            ServerFrame::Unsubscribed { topic } => self.on_topic_answer(topic, false),
                             ServerFrame::Reconnect { after_ms } => {
                                 conn.close().await;
                                 // A planned drain, not a failure; spread clients a little.
@@ -469,36 +570,105 @@ impl<T: Transport> Engine<T> {
                                 let jitter = self.rng.gen_range(0..=self.s.backoff_min.as_millis() as u64);
                                 return Phase::Wait(Duration::from_millis(after_ms.saturating_add(jitter)));
                             }
-                            ServerFrame::Error { code, message } => {
-                                self.report(Error::Protocol(format!("{code}: {message}")), false);
-                            }
+                            ServerFrame::Error { code, message } => self.on_error_frame(code, message),
                         },
                     }
                 }
                 _ = sleep_until(next_ping), if welcomed => {
                     self.outbox.push(ClientFrame::Ping);
-                    next_ping = Instant::now() + heartbeat;
+                    ping_sent = Some(Instant::now());
+                    let interval = self.ping_interval(heartbeat);
+                    if interval < heartbeat && probe.is_none() {
+                        // Foreground liveness: a pong (or any traffic) must come soon.
+                        probe = Some(Instant::now() + self.s.pong_timeout);
+                    }
+                    next_ping = Instant::now() + interval;
                 }
                 _ = sleep_until(dead_at) => {
-                    tracing::debug!("herald: connection silent, reconnecting");
+                    log!(Info, "connection silent, reconnecting");
                     conn.close().await;
                     return end(self, welcomed);
                 }
             }
             if welcomed {
-                let cursor = self.store.cursor().min(carried);
+                let cursor = self.db().cursor().min(carried);
                 if cursor > self.acked {
                     self.outbox.push(ClientFrame::Ack { seq: cursor });
                     self.acked = cursor;
                 }
                 for frame in std::mem::take(&mut self.outbox) {
+                    match &frame {
+                        ClientFrame::Subscribe { topic } => {
+                            self.topic_requests.push_back((topic.clone(), true))
+                        }
+                        ClientFrame::Unsubscribe { topic } => {
+                            self.topic_requests.push_back((topic.clone(), false))
+                        }
+                        _ => {}
+                    }
                     if let Err(e) = conn.send(&frame).await {
-                        tracing::debug!("herald: send failed: {e}");
+                        log!(Debug, "send failed: {e}");
                         return end(self, welcomed);
                     }
                 }
             }
         }
+    }
+
+    /// `subscribed` / `unsubscribed` from the gateway.
+    fn on_topic_answer(&mut self, topic: String, subscribed: bool) {
+        if let Some(i) = self
+            .topic_requests
+            .iter()
+            .position(|(t, s)| *t == topic && *s == subscribed)
+        {
+            self.topic_requests.remove(i);
+        }
+        if !subscribed && !self.topics.contains(&topic) {
+            self.unsubscribe_pending.remove(&topic);
+            if let Err(e) = self.db().forget_topic(&topic, Some(false)) {
+                self.report(e, false);
+            }
+        }
+        let _ = self.events.send(Event::Subscription { topic, subscribed });
+    }
+
+    /// An `error` frame. Frames are answered in order, so a refusal of a topic
+    /// request (e.g. `forbidden_topic`) belongs to the oldest unanswered request whose
+    /// topic the message names — or, for a topic error code, to the oldest one.
+    fn on_error_frame(&mut self, code: String, message: String) {
+        let by_name = self
+            .topic_requests
+            .iter()
+            .position(|(t, _)| message.contains(t.as_str()));
+        let idx = by_name
+            .or_else(|| (code.contains("topic") && !self.topic_requests.is_empty()).then_some(0));
+        let Some((topic, subscribe)) = idx.and_then(|i| self.topic_requests.remove(i)) else {
+            self.report(Error::Protocol(format!("{code}: {message}")), false);
+            return;
+        };
+        log!(
+            Warn,
+            "gateway refused to {} {topic}: {code}: {message}",
+            if subscribe {
+                "subscribe to"
+            } else {
+                "unsubscribe from"
+            }
+        );
+        if subscribe {
+            // Refused: do not ask again on every reconnect.
+            self.topics.remove(&topic);
+            if let Err(e) = self.db().forget_topic(&topic, Some(true)) {
+                self.report(e, false);
+            }
+        }
+        let _ = self.events.send(Event::SubscriptionFailed {
+            topic,
+            subscribe,
+            code,
+            message,
+        });
     }
 
     /// Cursor: everything at or below it was handled (the listener returned).
@@ -511,7 +681,8 @@ impl<T: Transport> Engine<T> {
 
     fn record(&mut self, seq: i64, id: &str) {
         let cursor = self.cursor_now();
-        if let Err(e) = self.store.record_handled(seq, id, cursor) {
+        let r = self.db().record_handled(seq, id, cursor);
+        if let Err(e) = r {
             self.report(e, false);
         }
     }
@@ -519,30 +690,53 @@ impl<T: Transport> Engine<T> {
     /// A message of the ordered stream (live or sync, seqs increasing).
     fn on_stream_message(&mut self, m: InboxMessage) {
         if m.seq <= self.high {
+            Counters::inc(&self.counters.duplicates_skipped);
             return; // already handed over in this process
         }
         self.high = m.seq;
-        match self.store.is_handled(m.seq, &m.id) {
-            Ok(true) => self.record(m.seq, &m.id), // got it through a push before
+        let handled = self.db().is_handled(m.seq, &m.id);
+        match handled {
+            Ok(true) => {
+                // Got it through a push before, or another process handled it.
+                Counters::inc(&self.counters.duplicates_skipped);
+                self.record(m.seq, &m.id)
+            }
             _ => {
                 self.in_flight.insert(m.seq);
-                let _ = self.events.send(Event::Message(m));
+                let _ = self.events.send(Event::Message(m, Delivery::Stream));
             }
         }
     }
 
-    fn on_handled(&mut self, seq: i64, id: &str) {
+    /// The listener thread finished a message (and committed its cursor): only the
+    /// in-memory view and, when a push-handled seq was passed meanwhile, the cursor
+    /// beyond it are left to do.
+    fn on_handled(&mut self, seq: i64) {
         self.in_flight.remove(&seq);
-        self.record(seq, id);
+        let cursor = self.cursor_now();
+        let r = self.db().advance(cursor);
+        if let Err(e) = r {
+            self.report(e, false);
+        }
     }
 
-    fn spawn_sync(&mut self, push: Option<(PushInfo, Reply<Vec<InboxMessage>>)>) {
+    fn spawn_sync(&mut self, push: Option<PendingPush>) {
         let api = self.api.clone();
         let after = self.high;
         let pages = self.s.sync_max_pages;
         let tx = self.cmd_tx.clone();
         self.tasks.spawn(async move {
-            let result = api.sync_all(after, pages).await;
+            let result = match push.as_ref().map(|p| p.deadline) {
+                // Leave time to record and ack before the caller's deadline.
+                Some(deadline) => {
+                    let until = deadline - (deadline - Instant::now()) / 4;
+                    match tokio::time::timeout_at(until, api.sync_all(after, pages)).await {
+                        Ok(r) => r,
+                        Err(_) => Err(Error::Timeout("sync did not finish in time".into())),
+                    }
+                }
+                None => api.sync_all(after, pages).await,
+            };
             if let Some(tx) = tx.upgrade() {
                 let _ = tx.send(Command::SyncDone { result, push });
             }
@@ -551,13 +745,13 @@ impl<T: Transport> Engine<T> {
 
     /// Acks over HTTP what was handled while no session is up (background sync).
     fn http_ack(&mut self) {
-        let cursor = self.store.cursor();
+        let cursor = self.db().cursor();
         if cursor > self.acked && self.network {
             self.acked = cursor;
             let api = self.api.clone();
             self.tasks.spawn(async move {
                 if let Err(e) = api.ack(cursor).await {
-                    tracing::debug!("herald: ack over HTTP failed: {e}");
+                    log!(Debug, "ack over HTTP failed: {e}");
                 }
             });
         }
@@ -584,17 +778,24 @@ impl<T: Transport> Engine<T> {
             }
             Command::Background => self.foreground = false,
             Command::Subscribe(topic) => {
+                if let Err(e) = self.db().set_topic(&topic, true) {
+                    self.report(e, false);
+                }
                 self.unsubscribe_pending.remove(&topic);
                 if self.topics.insert(topic.clone()) && connected {
                     self.outbox.push(ClientFrame::Subscribe { topic });
                 }
             }
             Command::Unsubscribe(topic) => {
+                if let Err(e) = self.db().set_topic(&topic, false) {
+                    self.report(e, false);
+                }
                 self.topics.remove(&topic);
+                // Kept (in the store too) until the gateway confirms, so an unsubscribe
+                // made offline is sent after a restart.
+                self.unsubscribe_pending.insert(topic.clone());
                 if connected {
                     self.outbox.push(ClientFrame::Unsubscribe { topic });
-                } else {
-                    self.unsubscribe_pending.insert(topic);
                 }
             }
             Command::SyncNow => {
@@ -603,27 +804,50 @@ impl<T: Transport> Engine<T> {
                     self.spawn_sync(None);
                 }
             }
-            Command::HandlePush(info, reply) => {
+            Command::HandlePush(info, deadline, reply) => {
                 let mine = info
                     .device_id
                     .as_deref()
                     .is_none_or(|d| d == self.s.device_id);
                 let seen = info.seq <= self.high
                     || self
-                        .store
+                        .db()
                         .is_handled(info.seq, &info.message_id)
                         .unwrap_or(false);
                 if !mine || seen {
-                    let _ = reply.send(Ok(Vec::new()));
+                    let _ = reply.send(Ok(PushOutcome {
+                        messages: Vec::new(),
+                        acked: true,
+                    }));
                 } else {
-                    self.spawn_sync(Some((info, reply)));
+                    self.spawn_sync(Some(PendingPush {
+                        info,
+                        deadline,
+                        reply,
+                    }));
                 }
             }
-            Command::Handled { seq, id } => self.on_handled(seq, &id),
-            Command::Close { drain } => {
-                self.drain_on_close = drain;
-                return Flow::Stop;
+            Command::PushUndelivered(messages) => {
+                for m in messages {
+                    let _ = self.db().unclaim(m.seq);
+                    self.in_flight.insert(m.seq);
+                    let _ = self.events.send(Event::Message(m, Delivery::Direct));
+                }
             }
+            Command::Reset(reply) => {
+                self.wanted = false;
+                let r = self.db().clear(&self.s.device_id);
+                self.high = 0;
+                self.acked = 0;
+                self.in_flight.clear();
+                self.topics.clear();
+                self.unsubscribe_pending.clear();
+                self.topic_requests.clear();
+                self.outbox.clear();
+                let _ = reply.send(r);
+            }
+            Command::Handled { seq } => self.on_handled(seq),
+            Command::Close => return Flow::Stop,
             Command::SyncDone { result, push } => self.on_sync_done(result, push),
         }
         Flow::Continue
@@ -632,9 +856,14 @@ impl<T: Transport> Engine<T> {
     fn on_sync_done(
         &mut self,
         result: Result<Vec<InboxMessage>, Error>,
-        push: Option<(PushInfo, Reply<Vec<InboxMessage>>)>,
+        push: Option<PendingPush>,
     ) {
-        let Some((info, reply)) = push else {
+        let Some(PendingPush {
+            info,
+            deadline,
+            reply,
+        }) = push
+        else {
             self.sync_running = false;
             match result {
                 Ok(messages) => messages.into_iter().for_each(|m| self.on_stream_message(m)),
@@ -642,9 +871,10 @@ impl<T: Transport> Engine<T> {
             }
             return;
         };
-        // handle_push: new messages go back to the caller, not to the listener.
+        // handle_push: new messages go back to the caller, not to the listener. Each
+        // is recorded as handled here (in a transaction that first checks the other
+        // process did not take it), before the caller gets it.
         let mut out = Vec::new();
-        let mut skipped = Vec::new();
         let sync_error = match result {
             Ok(messages) => {
                 for m in messages {
@@ -652,73 +882,81 @@ impl<T: Transport> Engine<T> {
                         continue;
                     }
                     self.high = m.seq;
-                    if self.store.is_handled(m.seq, &m.id).unwrap_or(false) {
-                        skipped.push((m.seq, m.id));
-                    } else {
-                        out.push(m);
+                    let fresh = self.db().claim_for_push(m.seq, &m.id);
+                    match fresh {
+                        Ok(true) => out.push(m),
+                        Ok(false) => Counters::inc(&self.counters.duplicates_skipped),
+                        // Better twice than never.
+                        Err(e) => {
+                            log!(Error, "cannot record message {}: {e}", m.id);
+                            out.push(m)
+                        }
                     }
                 }
                 None
             }
             Err(e) => Some(e),
         };
-        for (seq, id) in skipped {
-            self.record(seq, &id);
+        let cursor = self.cursor_now();
+        if let Err(e) = self.db().advance(cursor) {
+            self.report(e, false);
         }
         // The pushed message itself, if the sync did not bring it (offline, or beyond
         // the pages fetched) and the push carried its content: deliver it out of order
         // (recorded by id; the cursor does not move past the gap).
-        let mut out_of_order = None;
         if info.seq > self.high && !out.iter().any(|m| m.seq == info.seq) {
-            out_of_order = info.to_message();
+            if let Some(m) = info.to_message() {
+                if self.db().claim_for_push(m.seq, &m.id).unwrap_or(true) {
+                    out.push(m);
+                }
+            }
         }
-        if out.is_empty() && out_of_order.is_none() {
+        if out.is_empty() {
             if let Some(e) = sync_error {
                 let _ = reply.send(Err(e));
                 return;
             }
         }
-        let mut all = out.clone();
-        all.extend(out_of_order.clone());
-        match reply.send(Ok(all)) {
-            Ok(()) => {
-                for m in &out {
-                    self.record(m.seq, &m.id);
-                }
-                if let Some(m) = out_of_order {
-                    let cursor = self.store.cursor();
-                    if let Err(e) = self.store.record_handled(m.seq, &m.id, cursor) {
-                        self.report(e, false);
+        // Ack before answering: the caller (an extension) may be suspended or killed
+        // right after, and an ack that never left keeps the delivery `pushed`.
+        let cursor = self.db().cursor();
+        let need_ack = cursor > self.acked;
+        if need_ack {
+            self.acked = cursor;
+        }
+        let api = self.api.clone();
+        let tx = self.cmd_tx.clone();
+        self.tasks.spawn(async move {
+            let acked = if need_ack {
+                match tokio::time::timeout_at(deadline, api.ack(cursor)).await {
+                    Ok(Ok(_)) => true,
+                    Ok(Err(e)) => {
+                        log!(Info, "push: ack of {cursor} failed: {e}");
+                        false
+                    }
+                    Err(_) => {
+                        log!(Info, "push: ack of {cursor} not answered in time");
+                        false
                     }
                 }
-            }
-            Err(_) => {
+            } else {
+                true
+            };
+            let out_of_order = out.iter().any(|m| m.seq > cursor);
+            let outcome = PushOutcome {
+                messages: out,
+                acked: acked && !out_of_order,
+            };
+            if let Err(mpsc::SendError(Ok(outcome))) = reply.send(Ok(outcome)) {
                 // The caller is gone: hand the messages to the listener instead.
-                for m in out {
-                    self.in_flight.insert(m.seq);
-                    let _ = self.events.send(Event::Message(m));
+                if let Some(tx) = tx.upgrade() {
+                    let _ = tx.send(Command::PushUndelivered(outcome.messages));
                 }
             }
-        }
+        });
     }
 
     async fn finish(&mut self) {
-        if self.drain_on_close {
-            let deadline = Instant::now() + DRAIN_TIMEOUT;
-            while !self.in_flight.is_empty() {
-                tokio::select! {
-                    _ = sleep_until(deadline) => break,
-                    cmd = self.cmd_rx.recv() => match cmd {
-                        Some(Command::Handled { seq, id }) => self.on_handled(seq, &id),
-                        Some(Command::HandlePush(_, reply)) => {
-                            let _ = reply.send(Err(Error::Closed));
-                        }
-                        Some(_) => {}
-                        None => break,
-                    },
-                }
-            }
-        }
         self.tasks.shutdown().await;
         self.set_state(ConnectionState::Closed);
     }

@@ -14,6 +14,7 @@ use url::Url;
 
 use crate::engine::{Command, Engine, EngineParts, Event, Settings};
 use crate::http::Api;
+use crate::log::Counters;
 use crate::store::Store;
 use crate::token::{TokenProvider, Tokens};
 use crate::transport::{ConnectError, Connection, Incoming, Transport};
@@ -24,6 +25,8 @@ enum Outcome {
     Fail(ConnectError),
     /// Accept; the test drives the server side through the handle.
     Accept(ServerSide),
+    /// Never answer (SYN to a network that is gone).
+    Hang,
 }
 
 struct ServerSide {
@@ -131,6 +134,7 @@ impl Transport for Fake {
         match next {
             Some(Outcome::Accept(s)) => Ok(FakeConn(s)),
             Some(Outcome::Fail(e)) => Err(e),
+            Some(Outcome::Hang) => std::future::pending().await,
             None => Err(ConnectError::Network("refused".into())),
         }
     }
@@ -142,6 +146,7 @@ struct Harness {
     events: mpsc::Receiver<Event>,
     seen: Vec<Event>,
     token_calls: Arc<AtomicU32>,
+    counters: Arc<Counters>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -155,14 +160,20 @@ fn settings() -> Settings {
         healthy_session: Duration::from_secs(10),
         connect_timeout: Duration::from_secs(10),
         heartbeat: None,
+        foreground_ping: None,
+        pong_timeout: Duration::from_secs(5),
         max_token_failures: 3,
         sync_max_pages: 2,
     }
 }
 
 fn start_with(provider: Arc<dyn TokenProvider>, store: Store) -> Harness {
+    start_full(provider, store, settings())
+}
+
+fn start_full(provider: Arc<dyn TokenProvider>, store: Store, settings: Settings) -> Harness {
     let fake = Arc::new(Fake::default());
-    let s = Arc::new(settings());
+    let s = Arc::new(settings);
     let tokens = Arc::new(Tokens::new(provider));
     let api = Arc::new(
         Api::new(
@@ -175,16 +186,18 @@ fn start_with(provider: Arc<dyn TokenProvider>, store: Store) -> Harness {
     );
     let (cmd_tx, cmd_rx) = unbounded_channel();
     let (ev_tx, events) = mpsc::channel();
+    let counters = Arc::new(Counters::default());
     let engine = Engine::new(EngineParts {
         settings: s,
         transport: fake.clone(),
         tokens,
         api,
-        store,
+        store: Arc::new(Mutex::new(store)),
         events: ev_tx,
         cmd_rx,
         cmd_tx: cmd_tx.downgrade(),
         shared_state: Arc::new(Mutex::new(ConnectionState::Disconnected)),
+        counters: counters.clone(),
         rng: StdRng::seed_from_u64(42),
     });
     let task = tokio::spawn(engine.run());
@@ -194,6 +207,7 @@ fn start_with(provider: Arc<dyn TokenProvider>, store: Store) -> Harness {
         events,
         seen: vec![],
         token_calls: Arc::new(AtomicU32::new(0)),
+        counters,
         task,
     }
 }
@@ -250,7 +264,7 @@ impl Harness {
         self.seen
             .iter()
             .filter_map(|e| match e {
-                Event::Message(m) => Some(m.seq),
+                Event::Message(m, _) => Some(m.seq),
                 _ => None,
             })
             .collect()
@@ -265,7 +279,7 @@ impl Harness {
             .collect()
     }
     async fn close(mut self) {
-        self.send(Command::Close { drain: false });
+        self.send(Command::Close);
         tokio::time::timeout(Duration::from_secs(5), &mut self.task)
             .await
             .expect("engine stops")
@@ -493,14 +507,8 @@ async fn messages_once_in_order_acked_after_the_listener() {
         }]
     );
     // Nothing acked until the listener returns; then cumulatively.
-    h.send(Command::Handled {
-        seq: 1,
-        id: "m1".into(),
-    });
-    h.send(Command::Handled {
-        seq: 2,
-        id: "m2".into(),
-    });
+    h.send(Command::Handled { seq: 1 });
+    h.send(Command::Handled { seq: 2 });
     h.run_for(Duration::from_millis(10)).await;
     let acks: Vec<_> = peer.sent();
     assert_eq!(acks.last(), Some(&ClientFrame::Ack { seq: 2 }));
@@ -515,10 +523,7 @@ async fn messages_once_in_order_acked_after_the_listener() {
     peer2.welcome(30, 4);
     peer2.msg(3);
     peer2.msg(4);
-    h.send(Command::Handled {
-        seq: 3,
-        id: "m3".into(),
-    });
+    h.send(Command::Handled { seq: 3 });
     h.run_for(Duration::from_millis(10)).await;
     assert_eq!(h.messages(), [1, 2, 3, 4]);
     let sent = peer2.sent();
@@ -547,10 +552,7 @@ async fn handled_cursor_survives_restart() {
         peer.msg(2);
         h.run_for(Duration::from_millis(1)).await;
         // The app finished only seq 1 before it died.
-        h.send(Command::Handled {
-            seq: 1,
-            id: "m1".into(),
-        });
+        h.send(Command::Handled { seq: 1 });
         h.run_for(Duration::from_millis(1)).await;
         h.close().await;
     }
@@ -571,6 +573,209 @@ async fn handled_cursor_survives_restart() {
     peer.msg(2);
     h.run_for(Duration::from_millis(1)).await;
     assert_eq!(h.messages(), [2]);
+    h.close().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn network_change_during_a_connect_attempt_retries_at_once() {
+    let mut h = start();
+    // The attempt on the old network hangs (10 s connect timeout).
+    h.fake.push(Outcome::Hang);
+    let (o, _peer) = accept();
+    h.fake.push(o);
+    h.send(Command::Connect);
+    h.wait_attempts(1).await;
+    h.run_for(Duration::from_secs(1)).await;
+    assert_eq!(h.last_state(), Some(ConnectionState::Connecting));
+    let switched = Instant::now();
+    h.send(Command::Network(true));
+    h.run_for(Duration::from_millis(1)).await;
+    let attempts = h.fake.attempts();
+    assert_eq!(attempts.len(), 2, "a new attempt at once");
+    assert!(attempts[1].0 - switched < Duration::from_millis(2));
+    h.close().await;
+}
+
+fn fg_settings() -> Settings {
+    Settings {
+        foreground_ping: Some(Duration::from_secs(10)),
+        pong_timeout: Duration::from_secs(5),
+        suspend_in_background: false,
+        ..settings()
+    }
+}
+
+fn start_fg() -> Harness {
+    start_full(
+        Arc::new(|| Ok::<_, String>("t".into())),
+        Store::open_in_memory("t").unwrap(),
+        fg_settings(),
+    )
+}
+
+/// Silence from `welcome` (heartbeat 25 s, as the gateway's default) until the
+/// client gives up on the connection.
+async fn time_to_notice_a_dead_network(h: &mut Harness) -> Duration {
+    let (o, peer) = accept();
+    h.fake.push(o);
+    h.send(Command::Connect);
+    h.run_for(Duration::from_millis(1)).await;
+    peer.welcome(25, 0);
+    h.run_for(Duration::from_millis(1)).await;
+    let silent_from = Instant::now();
+    for _ in 0..120 {
+        h.run_for(Duration::from_millis(500)).await;
+        if h.fake.attempts().len() >= 2 {
+            break;
+        }
+    }
+    let attempts = h.fake.attempts();
+    assert!(attempts.len() >= 2, "never noticed");
+    drop(peer);
+    attempts[1].0 - silent_from
+}
+
+#[tokio::test(start_paused = true)]
+async fn foreground_ping_notices_a_dead_network_in_15_s_background_in_52() {
+    let mut h = start_fg();
+    let fg = time_to_notice_a_dead_network(&mut h).await;
+    // Ping at 10 s, no answer by 15 s.
+    assert!(
+        fg >= Duration::from_secs(15) && fg <= Duration::from_millis(15_600),
+        "{fg:?}"
+    );
+    h.close().await;
+    // In the background only heartbeats: 2 × 25 s + 2 s.
+    let mut h = start_fg();
+    h.send(Command::Background);
+    let bg = time_to_notice_a_dead_network(&mut h).await;
+    assert!(
+        bg >= Duration::from_secs(52) && bg <= Duration::from_millis(52_600),
+        "{bg:?}"
+    );
+    h.close().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn foreground_ping_answered_keeps_the_connection_and_measures_rtt() {
+    let mut h = start_fg();
+    let (o, mut peer) = accept();
+    h.fake.push(o);
+    h.send(Command::Connect);
+    h.run_for(Duration::from_millis(1)).await;
+    peer.welcome(25, 0);
+    for _ in 0..6000 {
+        // Answer each ping 40 ms later, as a healthy gateway does.
+        h.run_for(Duration::from_millis(10)).await;
+        if peer.sent().contains(&ClientFrame::Ping) {
+            h.run_for(Duration::from_millis(40)).await;
+            peer.frame(ServerFrame::Pong);
+        }
+    }
+    h.run_for(Duration::from_millis(1)).await;
+    assert_eq!(h.fake.attempts().len(), 1, "a live connection was dropped");
+    assert_eq!(h.last_state(), Some(ConnectionState::Connected));
+    let stats = h.counters.snapshot();
+    assert!((40..=50).contains(&stats.last_rtt_ms.unwrap()), "{stats:?}");
+    assert_eq!((stats.connections, stats.reconnects), (1, 0));
+    h.close().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn topics_are_saved_re_sent_and_refusals_reported() {
+    let dir = std::env::temp_dir().join(format!("herald-topics-{}", uuid::Uuid::new_v4()));
+    let token = || Arc::new(|| Ok::<_, String>("t".into()));
+    {
+        // Offline: subscribe two, unsubscribe one confirmed earlier; then the app dies.
+        let h = start_with(token(), Store::open(&dir, "s").unwrap());
+        h.send(Command::Subscribe("news".into()));
+        h.send(Command::Subscribe("secret".into()));
+        h.send(Command::Unsubscribe("old".into()));
+        h.close().await;
+    }
+    let mut h = start_with(token(), Store::open(&dir, "s").unwrap());
+    let (o, mut peer) = accept();
+    h.fake.push(o);
+    h.send(Command::Connect);
+    h.run_for(Duration::from_millis(1)).await;
+    peer.welcome(30, 0);
+    h.run_for(Duration::from_millis(1)).await;
+    let topic = |t: &str| t.to_string();
+    assert_eq!(
+        peer.sent(),
+        [
+            ClientFrame::Subscribe {
+                topic: topic("news")
+            },
+            ClientFrame::Subscribe {
+                topic: topic("secret")
+            },
+            ClientFrame::Unsubscribe {
+                topic: topic("old")
+            },
+        ]
+    );
+    peer.frame(ServerFrame::Subscribed {
+        topic: topic("news"),
+    });
+    peer.frame(ServerFrame::Error {
+        code: "forbidden_topic".into(),
+        message: "not allowed to subscribe to secret".into(),
+    });
+    peer.frame(ServerFrame::Unsubscribed {
+        topic: topic("old"),
+    });
+    h.run_for(Duration::from_millis(1)).await;
+    let answers: Vec<_> = h
+        .seen
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                Event::Subscription { .. } | Event::SubscriptionFailed { .. }
+            )
+        })
+        .cloned()
+        .collect();
+    assert_eq!(
+        answers,
+        [
+            Event::Subscription {
+                topic: topic("news"),
+                subscribed: true
+            },
+            Event::SubscriptionFailed {
+                topic: topic("secret"),
+                subscribe: true,
+                code: "forbidden_topic".into(),
+                message: "not allowed to subscribe to secret".into(),
+            },
+            Event::Subscription {
+                topic: topic("old"),
+                subscribed: false
+            },
+        ]
+    );
+    assert!(
+        h.errors().is_empty(),
+        "a topic refusal is not a connection error"
+    );
+    h.close().await;
+    // Next start: only the granted topic is asked for again.
+    let mut h = start_with(token(), Store::open(&dir, "s").unwrap());
+    let (o, mut peer) = accept();
+    h.fake.push(o);
+    h.send(Command::Connect);
+    h.run_for(Duration::from_millis(1)).await;
+    peer.welcome(30, 0);
+    h.run_for(Duration::from_millis(1)).await;
+    assert_eq!(
+        peer.sent(),
+        [ClientFrame::Subscribe {
+            topic: topic("news")
+        }]
+    );
     h.close().await;
     std::fs::remove_dir_all(&dir).unwrap();
 }

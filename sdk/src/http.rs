@@ -79,9 +79,10 @@ impl Api {
             let resp = req.send().await.map_err(net_error)?;
             let status = resp.status();
             if status.is_success() {
-                return resp
-                    .json::<T>()
-                    .await
+                let bytes = resp.bytes().await.map_err(net_error)?;
+                // 204 No Content reads as JSON `null`.
+                let body: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
+                return serde_json::from_slice::<T>(body)
                     .map_err(|e| Error::Protocol(format!("unexpected answer from {url}: {e}")));
             }
             let retry_after = resp
@@ -139,6 +140,19 @@ impl Api {
             }
         }
         Ok(out)
+    }
+
+    /// `DELETE /v1/me/devices/{device_id}/push_token` (404: no such device, so no
+    /// token either).
+    pub async fn remove_push_token(&self) -> Result<(), Error> {
+        let url = self.url(&["v1", "me", "devices", &self.device_id, "push_token"]);
+        match self
+            .call::<(), serde::de::IgnoredAny>(Method::DELETE, url, None)
+            .await
+        {
+            Ok(_) | Err(Error::DeviceNotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// `POST /v1/me/ack`.

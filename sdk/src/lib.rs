@@ -4,19 +4,22 @@
 //!
 //! Threads: every client runs a small current-thread tokio runtime on its own thread
 //! (`herald-sdk-io`: the connection state machine and HTTP calls) and calls the app's
-//! [`Listener`] from one dedicated thread (`herald-sdk-listener`), in order. Public
-//! calls only post a command, except [`HeraldClient::handle_push`] and
-//! [`HeraldClient::register_push_token`], which wait for their network answer.
+//! [`Listener`] from one dedicated thread (`herald-sdk-listener`), in order; the
+//! app's [`Logger`] gets its own thread (`herald-sdk-log`). Public calls only post a
+//! command, except [`HeraldClient::handle_push`], [`HeraldClient::register_push_token`],
+//! [`HeraldClient::unregister`] and [`HeraldClient::reset`], which wait (bounded).
 //!
 //! Layout: [`backoff`] (policy), [`transport`] (WebSocket, behind a trait),
-//! `engine` (state machine), [`store`] (SQLite cursor), [`push`] (payload parsing),
-//! `http` (REST), [`token`] (token provider and expiry).
+//! `engine` (state machine), [`store`] (SQLite cursor, shared safely by two
+//! processes), [`push`] (payload parsing), `http` (REST), [`token`] (token provider
+//! and expiry), `log` (logger and counters).
 
 pub mod backoff;
 mod client;
 mod engine;
 mod error;
 mod http;
+mod log;
 pub mod push;
 pub mod store;
 pub mod token;
@@ -27,7 +30,8 @@ pub use error::Error;
 pub use herald_protocol::{
     ApnsEnvironment, DeviceInfo, InboxMessage, Notification, PushProviderKind,
 };
-pub use push::{is_herald_push, parse_push, PushInfo};
+pub use log::{set_logger, LogLevel, Logger, Stats};
+pub use push::{is_herald_push, parse_push, PushInfo, PushOutcome};
 pub use token::{jwt_expiry, TokenProvider};
 
 /// Connection state, reported to [`Listener::on_state_changed`] on every change.

@@ -5,6 +5,19 @@ use serde_json::{Map, Value};
 
 use crate::Error;
 
+/// What `HeraldClient::handle_push` did with a push.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PushOutcome {
+    /// The new messages the push brings, for the caller to show. Recorded as
+    /// handled: they never reach the listener too.
+    pub messages: Vec<InboxMessage>,
+    /// The gateway confirmed the ack of everything handled (so it will not push
+    /// these again). False when the ack failed or did not finish by the deadline, or
+    /// a message came from the payload alone (out of order, not ackable yet): the
+    /// next connect or push acks it.
+    pub acked: bool,
+}
+
 /// What a Herald push says.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PushInfo {

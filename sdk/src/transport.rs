@@ -140,7 +140,7 @@ impl Connection for WsConnection {
                 Some(Ok(match serde_json::from_str::<ServerFrame>(t.as_str()) {
                     Ok(f) => Incoming::Frame(f),
                     Err(e) => {
-                        tracing::debug!("ignoring unknown frame: {e}");
+                        crate::log::log!(Debug, "ignoring unknown frame: {e}");
                         Incoming::Activity
                     }
                 }))

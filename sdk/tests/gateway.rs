@@ -363,11 +363,22 @@ async fn push_hint_is_fetched_once_and_not_delivered_again_live() {
     let payload = herald_gateway::push::payload::herald_keys(&sent, true);
     let payload = serde_json::to_string(&payload).unwrap();
     let got = tokio::task::block_in_place(|| client.handle_push(&payload)).unwrap();
-    assert_eq!(got.len(), 1);
-    assert_eq!(got[0].data, json!({"n": 1}));
+    assert_eq!(got.messages.len(), 1);
+    assert_eq!(got.messages[0].data, json!({"n": 1}));
+    // Recorded and acked before it returned: the gateway says so already.
+    assert!(got.acked);
+    let (_, status) = herald_gateway::testing::http_request(
+        "GET",
+        &format!("{}/v1/messages/{}", tg.base_url, got.messages[0].id),
+        &tg.api_key,
+        None,
+    )
+    .await;
+    assert!(status.contains(r#""state":"acked""#), "{status}");
     // The same push again: nothing new.
     assert!(tokio::task::block_in_place(|| client.handle_push(&payload))
         .unwrap()
+        .messages
         .is_empty());
     assert!(matches!(
         tokio::task::block_in_place(|| client.handle_push(r#"{"other":"app"}"#)),
@@ -395,6 +406,7 @@ async fn push_hint_is_fetched_once_and_not_delivered_again_live() {
     let full = serde_json::to_string(&full).unwrap();
     assert!(tokio::task::block_in_place(|| client.handle_push(&full))
         .unwrap()
+        .messages
         .is_empty());
     client.close();
     tg.stop().await;
