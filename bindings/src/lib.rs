@@ -175,14 +175,19 @@ pub struct DeviceRegistration {
     pub acked_seq: i64,
 }
 
-/// Client configuration; only the first three fields are required.
+/// Client configuration; only `base_url` and `data_dir` are required.
 #[derive(Debug, Clone, uniffi::Record)]
 pub struct ClientConfig {
     /// `http(s)://host[:port]` of the gateway.
     pub base_url: String,
-    /// This installation's stable device id.
-    pub device_id: String,
-    /// Directory for the SDK's SQLite file (e.g. Application Support / filesDir).
+    /// This installation's stable device id. `null`/`nil`: the SDK generates a
+    /// random one (UUID v4) once and keeps it in `data_dir` (read it with
+    /// `deviceId()`; `reset()` forgets it).
+    #[uniffi(default = None)]
+    pub device_id: Option<String>,
+    /// Directory for the SDK's SQLite file (e.g. Application Support / filesDir). An
+    /// app and its notification service extension / FCM service may share it (App
+    /// Group container): the SDK coordinates the two processes through the file.
     pub data_dir: String,
     #[uniffi(default = true)]
     pub suspend_in_background: bool,
@@ -197,6 +202,90 @@ pub struct ClientConfig {
     /// Client ping interval; `None` uses the gateway's heartbeat.
     #[uniffi(default = None)]
     pub heartbeat_ms: Option<u64>,
+    /// In the foreground: ping this often and reconnect when nothing answers within
+    /// `pong_timeout_ms` (a dead network is noticed in ~15 s instead of ~52 s).
+    /// 0: heartbeats only.
+    #[uniffi(default = 10000)]
+    pub foreground_ping_ms: u64,
+    #[uniffi(default = 5000)]
+    pub pong_timeout_ms: u64,
+    /// Deadline of `handlePush` (sync, record and ack), well under the ~30 s an iOS
+    /// notification service extension gets.
+    #[uniffi(default = 20000)]
+    pub push_deadline_ms: u64,
+}
+
+/// What `handlePush` did.
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+pub struct HandledPush {
+    /// The new messages the push brings (recorded as handled: never also given to
+    /// the listener, nor by another process sharing the data directory).
+    pub messages: Vec<HeraldMessage>,
+    /// The gateway confirmed the ack before `handlePush` returned. False: the ack
+    /// failed or missed the deadline (the next connect or push sends it).
+    pub acked: bool,
+}
+
+/// Counters of one client.
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+pub struct ClientStats {
+    pub connect_attempts: u64,
+    pub connections: u64,
+    /// Sessions established after the first one.
+    pub reconnects: u64,
+    pub messages_delivered: u64,
+    /// Not given to the listener: handled already (replay, or the other process).
+    pub duplicates_skipped: u64,
+    /// Round trip of the last client ping, in ms.
+    pub last_rtt_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+/// Receives the SDK's log lines (forward them to os_log / Logcat). Called on one
+/// SDK thread (`herald-sdk-log`), in order.
+#[uniffi::export(callback_interface)]
+pub trait HeraldLogger: Send + Sync {
+    fn log(&self, level: LogLevel, message: String);
+}
+
+struct LoggerAdapter(Box<dyn HeraldLogger>);
+
+impl sdk::Logger for LoggerAdapter {
+    fn log(&self, level: sdk::LogLevel, message: String) {
+        let level = match level {
+            sdk::LogLevel::Error => LogLevel::Error,
+            sdk::LogLevel::Warn => LogLevel::Warn,
+            sdk::LogLevel::Info => LogLevel::Info,
+            sdk::LogLevel::Debug => LogLevel::Debug,
+            sdk::LogLevel::Trace => LogLevel::Trace,
+        };
+        self.0.log(level, message);
+    }
+}
+
+/// Sends the SDK's log lines at `level` and above to `logger` (process-wide);
+/// `null`/`nil` stops.
+#[uniffi::export]
+pub fn set_logger(logger: Option<Box<dyn HeraldLogger>>, level: LogLevel) {
+    let level = match level {
+        LogLevel::Error => sdk::LogLevel::Error,
+        LogLevel::Warn => sdk::LogLevel::Warn,
+        LogLevel::Info => sdk::LogLevel::Info,
+        LogLevel::Debug => sdk::LogLevel::Debug,
+        LogLevel::Trace => sdk::LogLevel::Trace,
+    };
+    sdk::set_logger(
+        logger.map(|l| std::sync::Arc::new(LoggerAdapter(l)) as std::sync::Arc<dyn sdk::Logger>),
+        level,
+    );
 }
 
 /// Error passed to `HeraldListener.onError`.
@@ -208,13 +297,21 @@ pub struct ErrorEvent {
 }
 
 /// The app's listener. Called on one SDK thread, in order (dispatch to the UI
-/// thread yourself). A message is acknowledged after `on_message` returns.
+/// thread yourself).
 #[uniffi::export(callback_interface)]
 pub trait HeraldListener: Send + Sync {
     fn on_state_changed(&self, state: ConnectionState);
+    /// A new message. Returning is the acknowledgement: the SDK commits it as
+    /// handled before the next message, then acks it to the gateway. If the process
+    /// dies, at most the one message whose `onMessage` was running is delivered
+    /// again on the next start: de-duplicate that one by `id`.
     fn on_message(&self, message: HeraldMessage);
     fn on_error(&self, event: ErrorEvent);
+    /// The gateway confirmed a subscribe (`subscribed`) or unsubscribe.
     fn on_subscription_changed(&self, topic: String, subscribed: bool);
+    /// The gateway refused a subscribe (`subscribe`) or unsubscribe; `code` is its
+    /// error code (e.g. `forbidden_topic`). A refused subscribe is not re-sent.
+    fn on_subscription_failed(&self, topic: String, subscribe: bool, code: String, message: String);
 }
 
 /// Supplies device JWTs (fetch one from your backend). Called on an SDK background
@@ -243,6 +340,16 @@ impl sdk::Listener for ListenerAdapter {
     fn on_subscription_changed(&self, topic: String, subscribed: bool) {
         self.0.on_subscription_changed(topic, subscribed);
     }
+    fn on_subscription_failed(
+        &self,
+        topic: String,
+        subscribe: bool,
+        code: String,
+        message: String,
+    ) {
+        self.0
+            .on_subscription_failed(topic, subscribe, code, message);
+    }
 }
 
 struct TokenAdapter(Box<dyn TokenProvider>);
@@ -269,13 +376,21 @@ impl HeraldClient {
         listener: Box<dyn HeraldListener>,
         token_provider: Box<dyn TokenProvider>,
     ) -> Result<Arc<Self>, HeraldError> {
-        let mut c = sdk::Config::new(config.base_url, config.device_id, config.data_dir);
+        let mut c = sdk::Config::new(
+            config.base_url,
+            config.device_id.unwrap_or_default(),
+            config.data_dir,
+        );
         c.suspend_in_background = config.suspend_in_background;
         c.backoff_min = Duration::from_millis(config.backoff_min_ms);
         c.backoff_max = Duration::from_millis(config.backoff_max_ms);
         c.connect_timeout = Duration::from_millis(config.connect_timeout_ms.max(1));
         c.request_timeout = Duration::from_millis(config.request_timeout_ms.max(1));
         c.heartbeat = config.heartbeat_ms.map(Duration::from_millis);
+        c.foreground_ping = (config.foreground_ping_ms > 0)
+            .then(|| Duration::from_millis(config.foreground_ping_ms));
+        c.pong_timeout = Duration::from_millis(config.pong_timeout_ms.max(1));
+        c.push_deadline = Duration::from_millis(config.push_deadline_ms.max(1));
         let inner = sdk::HeraldClient::new(
             c,
             Arc::new(ListenerAdapter(listener)),
@@ -321,15 +436,54 @@ impl HeraldClient {
     }
 
     /// Turns an APNs userInfo / FCM data payload (JSON) into the new messages it
-    /// brings (fetching the body of a sync hint). Returned messages are NOT also
-    /// given to the listener. Blocking: call from a background thread.
-    pub fn handle_push(&self, payload_json: String) -> Result<Vec<HeraldMessage>, HeraldError> {
+    /// brings (fetching the body of a sync hint), records them as handled and acks
+    /// them, all within `pushDeadlineMs`. Returned messages are NOT also given to
+    /// the listener. Blocking: call from a background thread; `shutdown()` right
+    /// after is safe.
+    pub fn handle_push(&self, payload_json: String) -> Result<HandledPush, HeraldError> {
+        Ok(self.inner.handle_push(&payload_json)?.into())
+    }
+
+    /// `handlePush` with its own deadline (e.g. what the extension has left).
+    pub fn handle_push_within(
+        &self,
+        payload_json: String,
+        deadline_ms: u64,
+    ) -> Result<HandledPush, HeraldError> {
         Ok(self
             .inner
-            .handle_push(&payload_json)?
-            .into_iter()
-            .map(Into::into)
-            .collect())
+            .handle_push_within(&payload_json, Duration::from_millis(deadline_ms))?
+            .into())
+    }
+
+    /// Logout / account switch: removes this device's push token from the gateway
+    /// (no more pushes). Blocking: call from a background thread.
+    pub fn unregister(&self) -> Result<(), HeraldError> {
+        Ok(self.inner.unregister()?)
+    }
+
+    /// Logout / account switch: disconnects and forgets the local state (cursor,
+    /// handled ids, topics, the generated device id). Create a new client after.
+    pub fn reset(&self) -> Result<(), HeraldError> {
+        Ok(self.inner.reset()?)
+    }
+
+    /// This client's device id (the generated one when the config gave none).
+    pub fn device_id(&self) -> String {
+        self.inner.device_id().to_string()
+    }
+
+    /// Counters: reconnects, last ping RTT, messages delivered / skipped.
+    pub fn stats(&self) -> ClientStats {
+        let s = self.inner.stats();
+        ClientStats {
+            connect_attempts: s.connect_attempts,
+            connections: s.connections,
+            reconnects: s.reconnects,
+            messages_delivered: s.messages_delivered,
+            duplicates_skipped: s.duplicates_skipped,
+            last_rtt_ms: s.last_rtt_ms,
+        }
     }
 
     /// Registers this device's push token with the gateway. Blocking: call from a
@@ -365,11 +519,22 @@ impl HeraldClient {
         self.inner.state().into()
     }
 
-    /// Stop everything and join the SDK threads; the listener receives `Closed` last.
+    /// Stop everything; the listener receives `Closed` last. Waits at most 0.5 s
+    /// (safe on the main thread); queued messages not yet given to the listener
+    /// come again on the next start.
     /// (Named `shutdown` because Kotlin's generated `close()` is `AutoCloseable`'s,
     /// which frees the object — and shuts down too.)
     pub fn shutdown(&self) {
         self.inner.close();
+    }
+}
+
+impl From<sdk::PushOutcome> for HandledPush {
+    fn from(o: sdk::PushOutcome) -> Self {
+        HandledPush {
+            messages: o.messages.into_iter().map(Into::into).collect(),
+            acked: o.acked,
+        }
     }
 }
 
@@ -411,6 +576,7 @@ mod tests {
         fn on_message(&self, _: HeraldMessage) {}
         fn on_error(&self, _: ErrorEvent) {}
         fn on_subscription_changed(&self, _: String, _: bool) {}
+        fn on_subscription_failed(&self, _: String, _: bool, _: String, _: String) {}
     }
     struct NoToken;
     impl TokenProvider for NoToken {
@@ -426,7 +592,7 @@ mod tests {
         let r = HeraldClient::new(
             ClientConfig {
                 base_url: "not a url".into(),
-                device_id: "d".into(),
+                device_id: Some("d".into()),
                 data_dir: std::env::temp_dir().to_string_lossy().into_owned(),
                 suspend_in_background: true,
                 backoff_min_ms: 500,
@@ -434,6 +600,9 @@ mod tests {
                 connect_timeout_ms: 1000,
                 request_timeout_ms: 1000,
                 heartbeat_ms: None,
+                foreground_ping_ms: 10000,
+                pong_timeout_ms: 5000,
+                push_deadline_ms: 20000,
             },
             Box::new(Nop),
             Box::new(NoToken),

@@ -98,8 +98,17 @@ final class HeraldController: ObservableObject {
         }
     }
 
+    /// Logout: the gateway forgets this installation's push token (no more pushes for
+    /// the old user) and the SDK its local state, off the main thread; then the client
+    /// is shut down.
     func signOut() {
-        heraldClient?.shutdown()
+        if let client = heraldClient {
+            blocking.async {
+                try? client.unregister()
+                try? client.reset()
+                client.shutdown()
+            }
+        }
         heraldClient = nil
         SampleSettings.signIn = nil
         user = nil
@@ -145,7 +154,7 @@ final class HeraldController: ObservableObject {
             let outcome: PushOutcome
             var fresh: [HeraldMessage] = []
             do {
-                fresh = try client.handlePush(payloadJson: json)
+                fresh = try client.handlePush(payloadJson: json).messages
                 outcome = .herald(newMessages: fresh.count)
             } catch HeraldError.NotHeraldPush {
                 outcome = .foreign
@@ -191,6 +200,10 @@ final class HeraldController: ObservableObject {
         lastError = event.terminal ? "\(event.error) (stopped; sign in again)" : "\(event.error)"
     }
 
+    fileprivate func topicRefused(_ topic: String, code: String) {
+        lastError = "topic \(topic) refused: \(code)"
+    }
+
     fileprivate func add(_ received: [HeraldMessage], viaPush: Bool) {
         // The SDK gives each message once, through the listener or handlePush; the id
         // check keeps the list right if the same message is also added another way.
@@ -227,4 +240,8 @@ private final class ListenerBridge: HeraldListener, @unchecked Sendable {
     }
 
     func onSubscriptionChanged(topic: String, subscribed: Bool) {}
+
+    func onSubscriptionFailed(topic: String, subscribe: Bool, code: String, message: String) {
+        DispatchQueue.main.async { self.controller?.topicRefused(topic, code: code) }
+    }
 }

@@ -53,8 +53,11 @@ final class NotificationService: UNNotificationServiceExtension {
                 tokenProvider: SampleBackendTokenProvider(
                     backendUrl: signIn.backendUrl, user: signIn.user, deviceId: SampleSettings.deviceId)
             )
+            // handlePush has recorded and acked by the time it returns (or given up
+            // within its deadline, well inside the extension's ~30 s): shutting down
+            // right after loses nothing.
             defer { client.shutdown() }
-            let fresh = try client.handlePush(payloadJson: json)
+            let fresh = try client.handlePush(payloadJson: json).messages
             guard let last = fresh.last else {
                 return
             }
@@ -88,4 +91,5 @@ private final class SilentListener: HeraldListener {
     func onMessage(message: HeraldMessage) {}
     func onError(event: ErrorEvent) {}
     func onSubscriptionChanged(topic: String, subscribed: Bool) {}
+    func onSubscriptionFailed(topic: String, subscribe: Bool, code: String, message: String) {}
 }

@@ -73,7 +73,13 @@ class SampleApplication : Application() {
 
     fun signOut() {
         settings.signIn = null
-        controller?.close()
+        controller?.let { old ->
+            // unregister() is HTTP: off the main thread; close() waits at most 0.5 s.
+            background.execute {
+                old.signOut()
+                old.close()
+            }
+        }
         controller = null
         signedInUser.value = null
         inbox.value = InboxState()

@@ -49,6 +49,10 @@ class HeraldController(
         }
 
         override fun onSubscriptionChanged(topic: String, subscribed: Boolean) {}
+
+        override fun onSubscriptionFailed(topic: String, subscribe: Boolean, code: String, message: String) {
+            update { it.copy(lastError = "topic $topic refused: $code") }
+        }
     }
 
     private val heraldClient: HeraldClient = HeraldClient(config, listener, tokenProvider)
@@ -91,7 +95,8 @@ class HeraldController(
      */
     fun handlePush(data: Map<String, String>): List<ReceivedMessage> {
         val fetched = try {
-            heraldClient.handlePush(jsonObjectOf(data))
+            // Recorded and acked (or given up, within the SDK's deadline) on return.
+            heraldClient.handlePush(jsonObjectOf(data)).messages
         } catch (e: HeraldException.NotHeraldPush) {
             return emptyList()
         }
@@ -99,6 +104,20 @@ class HeraldController(
     }
 
     fun connectionState(): ConnectionState = heraldClient.state()
+
+    /**
+     * Logout: the gateway forgets the push token (no more pushes for this user) and the
+     * SDK its local state (cursor, topics). Blocking (HTTP): call from a background
+     * thread, then [close].
+     */
+    fun signOut() {
+        try {
+            heraldClient.unregister()
+        } catch (e: HeraldException) {
+            update { it.copy(lastError = "push token not removed: ${e.message}") }
+        }
+        heraldClient.reset()
+    }
 
     /** Disconnects, stops the SDK threads and frees the native client. */
     override fun close() {
