@@ -258,7 +258,7 @@ impl Store {
         cursor: i64,
     ) -> Result<(), Error> {
         *writes += 1;
-        if *writes % PRUNE_EVERY != 0 {
+        if !(*writes).is_multiple_of(PRUNE_EVERY) {
             return Ok(());
         }
         tx.execute(
