@@ -108,9 +108,28 @@ struct WireEntry {
     push_attempts: u32,
     id: String,
     target: Target,
+    #[serde(with = "payload_text")]
     payload: MessagePayload,
     created_at: i64,
     expires_at: i64,
+}
+
+/// The payload crosses the bus as JSON text inside the frame: serde buffers internally
+/// tagged enums like `BusFrame` into its own value type, which cannot hold `data`'s
+/// verbatim JSON (it would fail to deserialize, or round big numbers).
+mod payload_text {
+    use serde::{de::Error as _, ser::Error as _, Deserialize, Deserializer, Serializer};
+
+    use crate::store::MessagePayload;
+
+    pub fn serialize<S: Serializer>(p: &MessagePayload, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&serde_json::to_string(p).map_err(S::Error::custom)?)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<MessagePayload, D::Error> {
+        let text = String::deserialize(d)?;
+        serde_json::from_str(&text).map_err(D::Error::custom)
+    }
 }
 
 impl From<&InboxEntry> for WireEntry {
@@ -136,13 +155,13 @@ impl From<WireEntry> for InboxEntry {
             seq: w.seq,
             push_pending: w.push_pending,
             push_attempts: w.push_attempts,
-            message: Arc::new(StoredMessage {
-                id: w.id,
-                target: w.target,
-                payload: w.payload,
-                created_at: w.created_at,
-                expires_at: w.expires_at,
-            }),
+            message: Arc::new(StoredMessage::new(
+                w.id,
+                w.target,
+                w.payload,
+                w.created_at,
+                w.expires_at,
+            )),
         }
     }
 }

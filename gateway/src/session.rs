@@ -404,8 +404,8 @@ where
     }
 
     async fn send_entry(&mut self, entry: InboxEntry) -> SessionResult {
-        let frame = ServerFrame::Msg(entry.to_wire());
-        self.send_frame(&frame).await?;
+        self.send(Message::Text(Utf8Bytes::from(entry.msg_frame())))
+            .await?;
         self.router
             .sent
             .record(&self.device_id, self.last_sent + 1, entry.seq);

@@ -343,7 +343,12 @@ async fn push_policies_decide_who_gets_pushed() {
         .apns
         .sent()
         .iter()
-        .map(|p| (p.token.clone(), p.data["p"].as_str().unwrap().to_owned()))
+        .map(|p| {
+            (
+                p.token.clone(),
+                p.data.to_value()["p"].as_str().unwrap().to_owned(),
+            )
+        })
         .collect();
     got.sort();
     assert_eq!(pushes.len(), 3);
@@ -684,4 +689,87 @@ async fn device_info_has_every_documented_field() {
         "{d}"
     );
     assert_eq!(d["push_token"], "none");
+
+/// Next text frame exactly as the server wrote it.
+async fn raw_text_frame(dev: &mut Device) -> String {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        match tokio::time::timeout(WAIT, dev.ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => return t.as_str().to_owned(),
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+async fn raw_http(
+    tg: &TestGateway,
+    method: &str,
+    path: &str,
+    bearer: &str,
+    body: Option<&str>,
+) -> (u16, String) {
+    herald_gateway::testing::http_request(method, &format!("{}{path}", tg.base_url), bearer, body)
+        .await
+}
+
+#[tokio::test]
+async fn data_arrives_as_the_exact_json_text_the_backend_sent() {
+    let tg = TestGateway::start().await;
+    // Beyond f64 and i64/u64, with spacing, a trailing zero and keys out of order: any
+    // parse and re-serialise would change some of it.
+    let data = r#"{"big": 123456789012345678901234567890, "f":1.50, "z":{"k" : [1, 2]}, "a":-0.0}"#;
+    let mut phone = connect(&tg, "ada", "ada-phone", None).await;
+    let mut tablet = connect(&tg, "ada", "ada-tablet", None).await;
+    for dev in [&mut phone, &mut tablet] {
+        dev.send(&ClientFrame::Ping).await;
+        assert_eq!(dev.frame().await, Some(ServerFrame::Pong));
+    }
+    let body =
+        format!(r#"{{"to": {{"user": "ada"}}, "data": {data}, "notification": {{"title": "t"}}}}"#);
+    let (s, resp) = raw_http(&tg, "POST", "/v1/messages", &tg.api_key, Some(&body)).await;
+    assert_eq!(s, 202, "{resp}");
+    let resp: serde_json::Value = serde_json::from_str(&resp).unwrap();
+    assert_eq!(resp["recipients"], 2);
+    let id = resp["message_id"].as_str().unwrap().to_owned();
+
+    let expected_data = format!(r#""data":{data},"#);
+    // Live over the WebSocket, to each device of the fan-out.
+    for dev in [&mut phone, &mut tablet] {
+        let text = raw_text_frame(dev).await;
+        assert!(text.contains(&expected_data), "{text}");
+        assert!(text.starts_with(r#"{"type":"msg","seq":1,"#), "{text}");
+        // Still the frame every client parses.
+        let frame: ServerFrame = serde_json::from_str(&text).unwrap();
+        let ServerFrame::Msg(m) = frame else {
+            panic!("{text}")
+        };
+        assert_eq!((m.seq, m.id.as_str()), (1, id.as_str()));
+        assert_eq!(m.notification.unwrap().title.as_deref(), Some("t"));
+    }
+    // Replayed on a new connection (read back from the store).
+    drop(phone);
+    let mut again = connect(&tg, "ada", "ada-phone", Some(0)).await;
+    let text = raw_text_frame(&mut again).await;
+    assert!(text.contains(&expected_data), "{text}");
+    // Over HTTP sync, and in the message status.
+    let token = tg.mint_token("ada", Duration::from_secs(60));
+    let (s, page) = raw_http(
+        &tg,
+        "GET",
+        "/v1/me/sync?device_id=ada-tablet&after=0",
+        &token,
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{page}");
+    assert!(page.contains(&expected_data), "{page}");
+    let page: serde_json::Value = serde_json::from_str(&page).unwrap();
+    assert_eq!(page["messages"][0]["seq"], 1);
+    assert_eq!(page["has_more"], false);
+    assert_eq!(page["last_seq"], 1);
+    let (s, status) = raw_http(&tg, "GET", &format!("/v1/messages/{id}"), &tg.api_key, None).await;
+    assert_eq!(s, 200, "{status}");
+    assert!(status.contains(&format!(r#""data":{data}"#)), "{status}");
 }

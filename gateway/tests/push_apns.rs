@@ -24,7 +24,7 @@ fn request() -> PushRequest {
         provider: PushProviderKind::Apns,
         token: "a1b2c3".into(),
         apns_environment: None,
-        data: json!({"order": 17}),
+        data: json!({"order": 17}).into(),
         notification: None,
         priority: Priority::Normal,
         collapse_key: None,
@@ -186,7 +186,7 @@ fn requested_hint_never_carries_content() {
 #[test]
 fn oversized_data_keeps_the_alert_as_a_hint() {
     let req = PushRequest {
-        data: json!({"blob": "x".repeat(5000)}),
+        data: json!({"blob": "x".repeat(5000)}).into(),
         notification: Some(notification()),
         priority: Priority::High,
         ..request()
@@ -215,7 +215,7 @@ fn oversized_alert_or_data_only_becomes_a_background_hint() {
         ..request()
     };
     let huge_data = PushRequest {
-        data: json!("y".repeat(5000)),
+        data: json!("y".repeat(5000)).into(),
         ..request()
     };
     for req in [huge_alert, huge_data] {
@@ -232,7 +232,7 @@ fn payload_just_under_the_limit_stays_full() {
     let mut n = 3800;
     loop {
         let req = PushRequest {
-            data: json!("z".repeat(n + 1)),
+            data: json!("z".repeat(n + 1)).into(),
             ..request()
         };
         if build_apns_message(&req, TOPIC).hint {
@@ -242,7 +242,7 @@ fn payload_just_under_the_limit_stays_full() {
         assert!(n < 4096, "never became a hint");
     }
     let req = PushRequest {
-        data: json!("z".repeat(n)),
+        data: json!("z".repeat(n)).into(),
         ..request()
     };
     let msg = build_apns_message(&req, TOPIC);

@@ -31,7 +31,7 @@ fn request(token: &str) -> PushRequest {
         provider: PushProviderKind::Fcm,
         token: token.into(),
         apns_environment: None,
-        data: json!({"order": 17}),
+        data: json!({"order": 17}).into(),
         notification: None,
         priority: Priority::Normal,
         collapse_key: None,
@@ -122,7 +122,7 @@ async fn oversized_and_hint_pushes_carry_only_herald_keys() {
     let mock = MockFcm::start(3600).await;
     let fcm = mock.provider();
     let big = PushRequest {
-        data: json!({"blob": "x".repeat(5000)}),
+        data: json!({"blob": "x".repeat(5000)}).into(),
         ..request("fcm-token-c")
     };
     assert_eq!(fcm.send(&big).await, PushOutcome::Delivered);

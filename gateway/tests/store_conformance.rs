@@ -129,7 +129,7 @@ conformance!(
 
 fn payload(push: PushPolicy) -> MessagePayload {
     MessagePayload {
-        data: json!({"text": "hello", "n": 1}),
+        data: json!({"text": "hello", "n": 1}).into(),
         notification: None,
         push,
         push_content: PushContent::Full,
@@ -521,7 +521,7 @@ async fn fetch_after_orders_limits_and_hides_expired(store: Arc<dyn Store>) {
         if i == 1 || i == 3 {
             m.expires_at = T0 + 1000;
         }
-        m.payload.data = json!({"i": i});
+        m.payload.data = json!({"i": i}).into();
         ids.push(m.id.clone());
         publish_ok(&store, m).await;
     }
@@ -531,9 +531,13 @@ async fn fetch_after_orders_limits_and_hides_expired(store: Arc<dyn Store>) {
         [1, 2, 3, 4, 5, 6]
     );
     assert_eq!(all[2].message.id, ids[2]);
-    assert_eq!(all[2].message.payload.data, json!({"i": 2}));
-    let wire = all[0].to_wire();
+    assert_eq!(all[2].message.payload.data, json!({"i": 2}).into());
+    let wire: herald_protocol::ServerFrame = serde_json::from_str(&all[0].msg_frame()).unwrap();
+    let herald_protocol::ServerFrame::Msg(wire) = wire else {
+        panic!("{wire:?}")
+    };
     assert_eq!((wire.seq, wire.id.as_str()), (1, ids[0].as_str()));
+    assert_eq!(wire.data, json!({"i": 0}));
 
     let page = store.fetch_after("d1", 2, 2, T0 + 10).await.unwrap();
     assert_eq!(page.iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 4]);

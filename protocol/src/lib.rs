@@ -4,7 +4,10 @@
 //! gateway and the SDK cannot drift apart. `docs/protocol.md` is the prose reference
 //! for these types; a change here must be reflected there.
 
-use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 /// WebSocket subprotocol spoken on `GET /v1/connect`.
@@ -37,6 +40,72 @@ pub fn validate_id(value: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// JSON text kept byte for byte as the backend sent it: `data` is delivered as-is, so
+/// a number like `123456789012345678901234567890` must never pass through an `f64`.
+/// Cloning shares the text.
+///
+/// serde cannot hand raw JSON through internally tagged or untagged enums (it buffers
+/// them into its own value type first), so this type only appears in plain structs.
+#[derive(Clone)]
+pub struct RawJson(Arc<RawValue>);
+
+impl RawJson {
+    /// The JSON text, exactly as received.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+    /// Parses `text`, keeping it verbatim.
+    pub fn from_text(text: impl Into<String>) -> serde_json::Result<RawJson> {
+        RawValue::from_string(text.into()).map(|r| RawJson(Arc::from(r)))
+    }
+    pub fn is_object(&self) -> bool {
+        // RawValue holds one valid JSON value without surrounding whitespace.
+        self.get().starts_with('{')
+    }
+    /// The text parsed into a `Value` (numbers beyond `f64` lose precision there).
+    pub fn to_value(&self) -> Value {
+        serde_json::from_str(self.get()).expect("RawJson holds valid JSON")
+    }
+}
+
+impl From<Value> for RawJson {
+    fn from(v: Value) -> RawJson {
+        RawJson(Arc::from(
+            serde_json::value::to_raw_value(&v).expect("a Value serializes"),
+        ))
+    }
+}
+
+impl PartialEq for RawJson {
+    fn eq(&self, other: &RawJson) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl std::fmt::Debug for RawJson {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.get())
+    }
+}
+
+impl std::fmt::Display for RawJson {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.get())
+    }
+}
+
+impl Serialize for RawJson {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for RawJson {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<RawJson, D::Error> {
+        Box::<RawValue>::deserialize(d).map(|r| RawJson(Arc::from(r)))
+    }
 }
 
 /// Where a message goes. Exactly one of the three.
@@ -125,7 +194,7 @@ pub enum Priority {
 pub struct PublishRequest {
     pub to: Target,
     #[serde(default = "empty_object")]
-    pub data: Value,
+    pub data: RawJson,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notification: Option<Notification>,
     #[serde(default)]
@@ -142,8 +211,8 @@ pub struct PublishRequest {
     pub idempotency_key: Option<String>,
 }
 
-fn empty_object() -> Value {
-    Value::Object(Default::default())
+fn empty_object() -> RawJson {
+    RawJson::from_text("{}").expect("valid JSON")
 }
 
 impl PublishRequest {
@@ -151,7 +220,7 @@ impl PublishRequest {
     pub fn new(to: Target, data: Value) -> Self {
         PublishRequest {
             to,
-            data,
+            data: data.into(),
             notification: None,
             push: PushPolicy::default(),
             push_content: PushContent::default(),
@@ -237,7 +306,7 @@ pub struct DeliveryRecord {
 pub struct MessageStatus {
     pub message_id: String,
     pub to: Target,
-    pub data: Value,
+    pub data: RawJson,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notification: Option<Notification>,
     pub push: PushPolicy,
@@ -420,7 +489,9 @@ pub struct TokenResponse {
     pub expires_at: String,
 }
 
-/// One inbox entry as delivered to a device (WebSocket `msg` frame, sync item).
+/// One inbox entry as delivered to a device (WebSocket `msg` frame, sync item), as a
+/// client parses it. The gateway does not build this type: it writes `data` verbatim
+/// into pre-rendered frames (a `Value` here would round numbers through `f64`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InboxMessage {
     pub seq: i64,
@@ -553,6 +624,27 @@ mod tests {
             assert!(validate_id(bad).is_err(), "{bad:?}");
         }
         assert!(validate_id(&"x".repeat(MAX_ID_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn data_keeps_the_exact_text() {
+        let body = r#"{"to":{"user":"u1"},"data":{"n": 123456789012345678901234567890, "f":1.50}}"#;
+        let req: PublishRequest = serde_json::from_str(body).unwrap();
+        assert_eq!(
+            req.data.get(),
+            r#"{"n": 123456789012345678901234567890, "f":1.50}"#
+        );
+        assert!(req.data.is_object());
+        let again = serde_json::to_string(&req).unwrap();
+        assert!(
+            again.contains(r#""data":{"n": 123456789012345678901234567890, "f":1.50}"#),
+            "{again}"
+        );
+        let defaulted: PublishRequest = serde_json::from_str(r#"{"to":{"user":"u1"}}"#).unwrap();
+        assert_eq!(defaulted.data.get(), "{}");
+        let list: PublishRequest =
+            serde_json::from_str(r#"{"to":{"user":"u1"},"data":[1]}"#).unwrap();
+        assert!(!list.data.is_object());
     }
 
     #[test]

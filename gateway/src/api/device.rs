@@ -4,12 +4,10 @@ use std::net::SocketAddr;
 
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, State};
-use axum::http::StatusCode;
-use axum::response::Response;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
-use herald_protocol::{
-    AckRequest, AckResponse, DeviceInfo, RegisterDeviceRequest, SyncResponse, SUBPROTOCOL,
-};
+use herald_protocol::{AckRequest, AckResponse, DeviceInfo, RegisterDeviceRequest, SUBPROTOCOL};
 use serde::Deserialize;
 
 use super::{require_id, ApiJson, ApiPath, ApiQuery, AppState, DeviceAuth};
@@ -306,7 +304,7 @@ pub async fn sync(
     State(state): State<AppState>,
     DeviceAuth(claims): DeviceAuth,
     ApiQuery(params): ApiQuery<SyncParams>,
-) -> Result<Json<SyncResponse>, AppError> {
+) -> Result<impl IntoResponse, AppError> {
     let device = owned_device(&state, &claims, &params.device_id).await?;
     let max = state.config.delivery.replay_batch;
     let limit = params.limit.unwrap_or(100);
@@ -341,15 +339,19 @@ pub async fn sync(
         entries = hold_for_entries(&state, &device.id, params.after, limit + 1, wait).await?;
     }
     let has_more = entries.len() > limit as usize;
-    Ok(Json(SyncResponse {
-        messages: entries
-            .iter()
-            .take(limit as usize)
-            .map(|e| e.to_wire())
-            .collect(),
-        has_more,
-        last_seq: device.last_seq.max(entries.last().map_or(0, |e| e.seq)),
-    }))
+    // `SyncResponse`, written by hand so each message's `data` goes out verbatim.
+    let mut body = String::from(r#"{"messages":["#);
+    for (i, e) in entries.iter().take(limit as usize).enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&e.sync_item());
+    }
+    body.push_str(&format!(
+        r#"],"has_more":{has_more},"last_seq":{}}}"#,
+        device.last_seq.max(entries.last().map_or(0, |e| e.seq))
+    ));
+    Ok(([(header::CONTENT_TYPE, "application/json")], body))
 }
 
 /// A long-poll: while held, the request is the device's live session (it replaces a

@@ -269,27 +269,30 @@ where
                     AppError::Malformed(rejection.body_text())
                 }
             })?;
+        let malformed = |e: serde_json::Error| AppError::Malformed(format!("malformed JSON: {e}"));
         // serde_json keeps the last of duplicate keys; a proxy may read the first and
-        // see another target. Refuse them rather than guess.
-        serde_json::from_slice::<NoDuplicateKeys>(&bytes)
-            .map_err(|e| AppError::Malformed(format!("malformed JSON: {e}")))?;
-        let value: serde_json::Value = serde_json::from_slice(&bytes)
-            .map_err(|e| AppError::Malformed(format!("malformed JSON: {e}")))?;
+        // see another target. Refuse them rather than guess. This pass also checks the
+        // syntax, so below only the shape can be wrong: 400 here, 422 there.
+        serde_json::from_slice::<NoDuplicateKeys>(&bytes).map_err(malformed)?;
         // Every body is an object; serde would otherwise read a struct from an array.
-        if !value.is_object() {
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
             return Err(AppError::invalid("body", "must be a JSON object"));
         }
-        serde_path_to_error::deserialize::<_, T>(value)
-            .map(ApiJson)
-            .map_err(|e| {
+        // Straight from the bytes (no `Value` in between), so raw JSON fields such as
+        // `data` keep their exact text.
+        let mut de = serde_json::Deserializer::from_slice(&bytes);
+        match serde_path_to_error::deserialize::<_, T>(&mut de) {
+            Ok(v) => de.end().map(|()| ApiJson(v)).map_err(malformed),
+            Err(e) => {
                 let path = e.path().to_string();
                 let field = if path.is_empty() || path == "." {
                     "body".to_owned()
                 } else {
                     path
                 };
-                AppError::invalid(field, e.into_inner().to_string())
-            })
+                Err(AppError::invalid(field, e.into_inner().to_string()))
+            }
+        }
     }
 }
 

@@ -610,7 +610,7 @@ mod tests {
             provider: PushProviderKind::Fcm,
             token: "fcm-token-1".into(),
             apns_environment: None,
-            data: json!({"order": 17}),
+            data: json!({"order": 17}).into(),
             notification: None,
             priority: Priority::Normal,
             collapse_key: None,
@@ -682,7 +682,7 @@ mod tests {
         assert!(m["message"].get("notification").is_none());
         // Oversized data: hint, notification kept.
         let r = PushRequest {
-            data: json!({"blob": "x".repeat(5000)}),
+            data: json!({"blob": "x".repeat(5000)}).into(),
             notification: Some(n),
             ..req()
         };
@@ -702,7 +702,7 @@ mod tests {
         assert!(m["message"].get("notification").is_none());
         // Just under the limit stays full.
         let r = PushRequest {
-            data: json!("z".repeat(3900)),
+            data: json!("z".repeat(3900)).into(),
             ..req()
         };
         assert!(build_fcm_message(&r, 0)["message"]["data"]

@@ -14,8 +14,9 @@ pub mod stub;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use herald_protocol::{ApnsEnvironment, Notification, Priority, PushContent, PushProviderKind};
-use serde_json::Value;
+use herald_protocol::{
+    ApnsEnvironment, Notification, Priority, PushContent, PushProviderKind, RawJson,
+};
 
 /// One push to one device for one inbox entry.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,7 +27,8 @@ pub struct PushRequest {
     pub provider: PushProviderKind,
     pub token: String,
     pub apns_environment: Option<ApnsEnvironment>,
-    pub data: Value,
+    /// Verbatim: a full push carries it as the `herald_data` string.
+    pub data: RawJson,
     pub notification: Option<Notification>,
     pub priority: Priority,
     pub collapse_key: Option<String>,

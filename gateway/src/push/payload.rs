@@ -104,7 +104,7 @@ mod tests {
             provider: PushProviderKind::Fcm,
             token: "t".into(),
             apns_environment: None,
-            data: json!({"a": 1}),
+            data: json!({"a": 1}).into(),
             notification: None,
             priority: Priority::Normal,
             collapse_key: None,

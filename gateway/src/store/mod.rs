@@ -11,12 +11,13 @@ pub mod sqlite;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use std::sync::OnceLock;
+
 use herald_protocol::{
-    ApnsEnvironment, DeliveryRecord, DeliveryState, InboxMessage, Notification, Platform, Priority,
-    PushContent, PushPolicy, PushProviderKind, PushTokenState, RegisterDeviceRequest, Target,
+    ApnsEnvironment, DeliveryRecord, DeliveryState, Notification, Platform, Priority, PushContent,
+    PushPolicy, PushProviderKind, PushTokenState, RawJson, RegisterDeviceRequest, Target,
 };
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::clock::rfc3339;
 
@@ -41,7 +42,8 @@ pub type StoreResult<T> = Result<T, StoreError>;
 /// The body of a message as stored once and shared by all its inbox entries.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MessagePayload {
-    pub data: Value,
+    /// Verbatim as the backend sent it.
+    pub data: RawJson,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notification: Option<Notification>,
     pub push: PushPolicy,
@@ -59,6 +61,54 @@ pub struct StoredMessage {
     /// Unix milliseconds.
     pub created_at: i64,
     pub expires_at: i64,
+    /// Everything of the wire form after `seq`, rendered once and shared by every
+    /// device the message fans out to (see [`StoredMessage::wire_tail`]).
+    pub wire_tail: OnceLock<Box<str>>,
+}
+
+impl StoredMessage {
+    pub fn new(
+        id: String,
+        target: Target,
+        payload: MessagePayload,
+        created_at: i64,
+        expires_at: i64,
+    ) -> StoredMessage {
+        StoredMessage {
+            id,
+            target,
+            payload,
+            created_at,
+            expires_at,
+            wire_tail: OnceLock::new(),
+        }
+    }
+
+    /// `,"id":…,"data":…,"notification":…,"sent_at":…}`: the fields of a delivered
+    /// message (`InboxMessage` in herald-protocol, same order) after its per-device
+    /// `seq`. `data` is copied verbatim, never re-encoded.
+    pub fn wire_tail(&self) -> &str {
+        self.wire_tail.get_or_init(|| {
+            let mut out = String::with_capacity(self.payload.data.get().len() + 96);
+            out.push_str(",\"id\":");
+            out.push_str(&json(&self.id));
+            out.push_str(",\"data\":");
+            out.push_str(self.payload.data.get());
+            if let Some(n) = &self.payload.notification {
+                out.push_str(",\"notification\":");
+                out.push_str(&json(n));
+            }
+            out.push_str(",\"sent_at\":");
+            out.push_str(&json(&rfc3339(self.created_at)));
+            out.push('}');
+            out.into_boxed_str()
+        })
+    }
+}
+
+/// Strings and notifications always serialize.
+fn json<T: Serialize + ?Sized>(v: &T) -> String {
+    serde_json::to_string(v).expect("wire fields serialize")
 }
 
 /// When an entry's push is due if nothing settles it first (unix ms): the one place
@@ -109,14 +159,23 @@ pub struct InboxEntry {
 }
 
 impl InboxEntry {
-    pub fn to_wire(&self) -> InboxMessage {
-        InboxMessage {
-            seq: self.seq,
-            id: self.message.id.clone(),
-            data: self.message.payload.data.clone(),
-            notification: self.message.payload.notification.clone(),
-            sent_at: rfc3339(self.message.created_at),
-        }
+    /// The WebSocket `msg` frame: `{"type":"msg","seq":…}` + the message's shared tail.
+    pub fn msg_frame(&self) -> String {
+        self.render(r#"{"type":"msg","seq":"#)
+    }
+
+    /// One item of `GET /v1/me/sync`'s `messages`.
+    pub fn sync_item(&self) -> String {
+        self.render(r#"{"seq":"#)
+    }
+
+    fn render(&self, head: &str) -> String {
+        let tail = self.message.wire_tail();
+        let mut out = String::with_capacity(head.len() + 20 + tail.len());
+        out.push_str(head);
+        out.push_str(&self.seq.to_string());
+        out.push_str(tail);
+        out
     }
 }
 

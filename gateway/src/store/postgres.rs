@@ -206,13 +206,13 @@ async fn publish_in(conn: &mut PgConnection, msg: &NewMessage) -> StoreResult<At
         return Ok(Attempt::KeyTaken);
     }
 
-    let stored = Arc::new(StoredMessage {
-        id: msg.id.clone(),
-        target: msg.target.clone(),
-        payload: msg.payload.clone(),
-        created_at: msg.created_at,
-        expires_at: msg.expires_at,
-    });
+    let stored = Arc::new(StoredMessage::new(
+        msg.id.clone(),
+        msg.target.clone(),
+        msg.payload.clone(),
+        msg.created_at,
+        msg.expires_at,
+    ));
     if devices.is_empty() {
         return Ok(Attempt::Done(PublishOutcome::Created {
             entries: Vec::new(),
@@ -291,13 +291,13 @@ fn message_from_row(row: &PgRow) -> StoreResult<StoredMessage> {
     };
     let payload: MessagePayload = serde_json::from_str(row.get::<&str, _>("payload"))
         .map_err(|e| StoreError::Other(anyhow::anyhow!("message {id} payload: {e}")))?;
-    Ok(StoredMessage {
+    Ok(StoredMessage::new(
         id,
         target,
         payload,
-        created_at: row.get("created_at"),
-        expires_at: row.get("expires_at"),
-    })
+        row.get("created_at"),
+        row.get("expires_at"),
+    ))
 }
 
 fn key_from_row(row: &PgRow) -> ApiKeyRecord {

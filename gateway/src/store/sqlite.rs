@@ -315,13 +315,13 @@ async fn publish_one(conn: &mut SqliteConnection, msg: &NewMessage) -> StoreResu
     .execute(&mut *conn)
     .await?;
 
-    let stored = Arc::new(StoredMessage {
-        id: msg.id.clone(),
-        target: msg.target.clone(),
-        payload: msg.payload.clone(),
-        created_at: msg.created_at,
-        expires_at: msg.expires_at,
-    });
+    let stored = Arc::new(StoredMessage::new(
+        msg.id.clone(),
+        msg.target.clone(),
+        msg.payload.clone(),
+        msg.created_at,
+        msg.expires_at,
+    ));
     let mut entries = Vec::with_capacity(devices.len());
     for device_id in devices {
         let seq: i64 = sqlx::query_scalar(
@@ -391,13 +391,9 @@ fn message_from_parts(
     };
     let payload: MessagePayload = serde_json::from_str(payload)
         .map_err(|e| StoreError::Other(anyhow::anyhow!("message {id} payload: {e}")))?;
-    Ok(StoredMessage {
-        id,
-        target,
-        payload,
-        created_at,
-        expires_at,
-    })
+    Ok(StoredMessage::new(
+        id, target, payload, created_at, expires_at,
+    ))
 }
 
 fn key_from_row(row: &sqlx::sqlite::SqliteRow) -> ApiKeyRecord {
