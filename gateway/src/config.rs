@@ -142,8 +142,10 @@ pub struct DeliveryConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
-    /// Largest `POST /v1/messages` body (413 past it).
+    /// Largest `POST /v1/messages` body (413 past it), and largest item of a batch.
     pub max_message_bytes: usize,
+    /// Largest `POST /v1/messages/batch` body (413 past it).
+    pub max_batch_bytes: usize,
     /// Largest WebSocket frame/message a client may send.
     pub max_ws_frame_bytes: usize,
     /// Read buffer of each WebSocket. tokio-tungstenite's default (128 KiB) would be
@@ -309,6 +311,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_message_bytes: 64 * 1024,
+            max_batch_bytes: 4 * 1024 * 1024,
             max_ws_frame_bytes: 16 * 1024,
             ws_read_buffer_bytes: 2 * 1024,
             ws_write_buffer_bytes: 0,

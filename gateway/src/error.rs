@@ -55,6 +55,16 @@ impl AppError {
         }
     }
 
+    /// `{"error": {"code", "message"}}`.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: ErrorDetail {
+                code: self.code().to_string(),
+                message: self.to_string(),
+            },
+        }
+    }
+
     pub fn code(&self) -> &'static str {
         match self {
             AppError::Malformed(_) => "malformed",
@@ -97,13 +107,7 @@ impl IntoResponse for AppError {
             tracing::error!(error = ?e, "request failed");
         }
         let status = self.status();
-        let body = ErrorBody {
-            error: ErrorDetail {
-                code: self.code().to_string(),
-                message: self.to_string(),
-            },
-        };
-        let mut resp = (status, Json(body)).into_response();
+        let mut resp = (status, Json(self.body())).into_response();
         match &self {
             AppError::RateLimited { retry_after_s } => {
                 resp.headers_mut()

@@ -239,6 +239,111 @@ async fn kill_9_during_a_publish_burst_loses_nothing_answered_202() {
 }
 
 #[tokio::test]
+async fn kill_9_during_a_batch_publish_burst_loses_nothing_answered_202() {
+    let tmp = TempDir::new("herald-crash-batch");
+    let mut gw = spawn(&tmp.0);
+    let api_key = gw.api_key.clone().unwrap();
+    let (_, token, _) = cli(&tmp.0, &["token", "mint", "--user", "crash"]);
+    register(&gw.base, &token, "victim").await;
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<String>>();
+    let mut publishers = Vec::new();
+    for w in 0..4 {
+        let (base, key, tx) = (gw.base.clone(), api_key.clone(), tx.clone());
+        publishers.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            for b in 0..1_000 {
+                let messages: Vec<_> = (0..50)
+                    .map(|i| json!({"to": {"device": "victim"}, "data": {"w": w, "b": b, "i": i}, "push": "never"}))
+                    .collect();
+                let r = http
+                    .post(format!("{base}/v1/messages/batch"))
+                    .bearer_auth(&key)
+                    .json(&json!({ "messages": messages }))
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status().as_u16() == 202 => {
+                        let v: serde_json::Value = r.json().await.unwrap();
+                        let ids = v["results"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .map(|r| r["message_id"].as_str().expect("accepted item").to_owned())
+                            .collect();
+                        let _ = tx.send(ids);
+                    }
+                    // The gateway died mid-request: not acknowledged, no promise.
+                    _ => break,
+                }
+            }
+        }));
+    }
+    drop(tx);
+    // Let the burst run, then kill without warning.
+    let mut accepted = Vec::new();
+    while accepted.len() < 1_000 {
+        accepted.extend(
+            tokio::time::timeout(WAIT, rx.recv())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    gw.child.kill().unwrap();
+    gw.child.wait().unwrap();
+    for p in publishers {
+        p.await.unwrap();
+    }
+    while let Some(ids) = rx.recv().await {
+        accepted.extend(ids);
+    }
+
+    let gw = spawn(&tmp.0);
+    let http = reqwest::Client::new();
+    let mut received = std::collections::HashSet::new();
+    let mut after = 0;
+    loop {
+        let page: serde_json::Value = http
+            .get(format!(
+                "{}/v1/me/sync?device_id=victim&after={after}&limit=500",
+                gw.base
+            ))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        for m in page["messages"].as_array().unwrap() {
+            let seq = m["seq"].as_i64().unwrap();
+            assert_eq!(seq, after + 1, "the inbox has no gaps");
+            after = seq;
+            received.insert(m["id"].as_str().unwrap().to_owned());
+        }
+        if page["has_more"] != true {
+            break;
+        }
+    }
+    // A batch is all or nothing: every item of a batch is stored, or none.
+    assert_eq!(received.len() % 50, 0, "{} stored", received.len());
+    let lost: Vec<_> = accepted
+        .iter()
+        .filter(|id| !received.contains(*id))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} accepted messages lost: {:?}",
+        lost.len(),
+        accepted.len(),
+        &lost[..lost.len().min(5)]
+    );
+    let mut gw = gw;
+    gw.child.kill().unwrap();
+}
+
+#[tokio::test]
 async fn bad_config_fails_with_a_message_naming_the_problem() {
     let tmp = TempDir::new("herald-badcfg");
     let file = tmp.0.join("herald.toml");

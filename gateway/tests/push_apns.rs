@@ -469,20 +469,20 @@ fn every_push_of_an_entry_carries_its_collapse_id() {
     let entry = |collapse_key: Option<&str>, attempts: u32| InboxEntry {
         device_id: "dev-1".into(),
         seq: 12,
-        message: Arc::new(StoredMessage {
-            id: "msg_0192a".into(),
-            target: Target::Device("dev-1".into()),
-            payload: MessagePayload {
-                data: json!({"order": 17}),
+        message: Arc::new(StoredMessage::new(
+            "msg_0192a".into(),
+            Target::Device("dev-1".into()),
+            MessagePayload {
+                data: json!({"order": 17}).into(),
                 notification: Some(notification()),
                 push: PushPolicy::Fallback,
                 push_content: PushContent::Full,
                 priority: Priority::High,
                 collapse_key: collapse_key.map(str::to_owned),
             },
-            created_at: 1_800_000_000_000,
-            expires_at: 1_900_000_000_000,
-        }),
+            1_800_000_000_000,
+            1_900_000_000_000,
+        )),
         push_pending: true,
         push_attempts: attempts,
     };

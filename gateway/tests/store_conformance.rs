@@ -108,6 +108,7 @@ conformance!(
     idempotency_key_expires_after_window,
     too_many_recipients_writes_nothing,
     unknown_device_is_not_found_and_writes_nothing,
+    batch_publish_answers_each_item_in_order,
     publish_schedules_push_by_policy,
     claim_push_only_once,
     concurrent_claims_push_once,
@@ -706,6 +707,68 @@ async fn unknown_device_is_not_found_and_writes_nothing(store: Arc<dyn Store>) {
     let mut m = new_msg(to_device("d1"), T0);
     m.idempotency_key = Some("k".into());
     assert_eq!(publish_ok(&store, m).await[0].seq, 1);
+}
+
+async fn batch_publish_answers_each_item_in_order(store: Arc<dyn Store>) {
+    for d in ["d1", "d2"] {
+        device(&store, d, "alice").await;
+    }
+    let ok1 = new_msg(to_device("d1"), T0);
+    let ghost = new_msg(to_device("ghost"), T0);
+    let mut keyed = new_msg(Target::User("alice".into()), T0);
+    keyed.idempotency_key = Some("k".into());
+    let mut too_many = new_msg(Target::User("alice".into()), T0);
+    too_many.max_recipients = 1;
+    let mut same_key = new_msg(to_device("d1"), T0);
+    same_key.idempotency_key = Some("k".into());
+    let ok2 = new_msg(to_device("d1"), T0);
+    let ids: Vec<String> = [&ok1, &ghost, &keyed, &too_many, &same_key, &ok2]
+        .iter()
+        .map(|m| m.id.clone())
+        .collect();
+    let results = store
+        .publish_batch(vec![ok1, ghost, keyed, too_many, same_key, ok2])
+        .await
+        .expect("batch commits");
+    assert_eq!(results.len(), 6);
+    let mut results = results.into_iter();
+    let seqs = |r: Option<Result<PublishOutcome, StoreError>>| {
+        created(r.unwrap().unwrap())
+            .iter()
+            .map(|e| (e.device_id.clone(), e.seq))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(seqs(results.next()), [("d1".to_string(), 1)]);
+    let err = results.next().unwrap().unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+    assert_eq!(
+        seqs(results.next()),
+        [("d1".to_string(), 2), ("d2".to_string(), 1)]
+    );
+    let err = results.next().unwrap().unwrap_err();
+    assert!(matches!(err, StoreError::TooManyRecipients(2)), "{err:?}");
+    // The key was taken by an earlier item of the same batch.
+    match results.next().unwrap().unwrap() {
+        PublishOutcome::Duplicate {
+            message_id,
+            recipients,
+        } => assert_eq!((message_id.as_str(), recipients), (ids[2].as_str(), 2)),
+        other => panic!("expected Duplicate, got {other:?}"),
+    }
+    assert_eq!(seqs(results.next()), [("d1".to_string(), 3)]);
+    // Refused items wrote nothing.
+    for i in [1, 3, 4] {
+        assert!(store.message(&ids[i]).await.unwrap().is_none(), "item {i}");
+    }
+    let inbox = store.fetch_after("d1", 0, 100, T0).await.unwrap();
+    assert_eq!(
+        inbox
+            .iter()
+            .map(|e| e.message.id.as_str())
+            .collect::<Vec<_>>(),
+        [ids[0].as_str(), ids[2].as_str(), ids[5].as_str()]
+    );
+    assert_eq!(store.device("d2").await.unwrap().unwrap().last_seq, 1);
 }
 
 async fn publish_schedules_push_by_policy(store: Arc<dyn Store>) {

@@ -245,6 +245,30 @@ pub struct PublishResponse {
     pub hint: Option<String>,
 }
 
+/// Most messages one `POST /v1/messages/batch` may carry.
+pub const MAX_BATCH_ITEMS: usize = 500;
+
+/// `POST /v1/messages/batch`: each item is exactly a `POST /v1/messages` body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishBatchRequest {
+    pub messages: Vec<PublishRequest>,
+}
+
+/// `202` answer of `POST /v1/messages/batch`: one result per item, in request order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishBatchResponse {
+    pub results: Vec<BatchItemResult>,
+}
+
+/// What happened to one item of a batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum BatchItemResult {
+    Ok(PublishResponse),
+    Err(ErrorBody),
+}
+
 /// Per-device delivery state of a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

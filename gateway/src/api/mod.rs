@@ -61,6 +61,9 @@ pub fn app(state: AppState) -> Router {
     let publish = Router::new()
         .route("/v1/messages", post(service::publish))
         .layer(DefaultBodyLimit::max(limits.max_message_bytes));
+    let batch = Router::new()
+        .route("/v1/messages/batch", post(service::publish_batch))
+        .layer(DefaultBodyLimit::max(limits.max_batch_bytes));
     let api = Router::new()
         .route("/v1/messages/{id}", get(service::message_status))
         .route(
@@ -86,6 +89,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/me/ack", post(device::ack))
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
         .merge(publish)
+        .merge(batch)
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             Duration::from_millis(limits.request_timeout_ms),
@@ -263,7 +267,7 @@ where
             .map_err(|rejection| {
                 if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                     AppError::TooLarge(
-                        "request body is larger than the configured limit (limits.max_message_bytes for messages)".into(),
+                        "request body is larger than the configured limit (limits.max_message_bytes for a message, limits.max_batch_bytes for a batch)".into(),
                     )
                 } else {
                     AppError::Malformed(rejection.body_text())
@@ -438,6 +442,12 @@ impl RateLimiter {
 
     /// Ok, or how many whole seconds to wait.
     pub fn check(&self, key: &str) -> Result<(), u64> {
+        self.check_n(key, 1)
+    }
+
+    /// Takes `n` tokens at once (a batch of `n` messages). More than the burst passes
+    /// when the bucket is full and leaves it in debt, so the rate still holds.
+    pub fn check_n(&self, key: &str, n: u32) -> Result<(), u64> {
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap();
         if buckets.len() > MAX_BUCKETS {
@@ -449,11 +459,12 @@ impl RateLimiter {
         let (tokens, at) = buckets.entry(key.to_owned()).or_insert((self.burst, now));
         *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(self.burst);
         *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
+        let need = (n as f64).min(self.burst);
+        if *tokens >= need {
+            *tokens -= n as f64;
             Ok(())
         } else {
-            Err(((1.0 - *tokens) / self.rate).ceil().max(1.0) as u64)
+            Err(((need - *tokens) / self.rate).ceil().max(1.0) as u64)
         }
     }
 

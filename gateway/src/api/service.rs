@@ -7,9 +7,11 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
 use herald_protocol::{
-    DeviceInfo, DeviceList, MessageStatus, PublishRequest, PublishResponse, Target, TokenRequest,
-    TokenResponse, TopicList,
+    BatchItemResult, DeviceInfo, DeviceList, MessageStatus, PublishBatchResponse, PublishRequest,
+    PublishResponse, Target, TokenRequest, TokenResponse, TopicList, MAX_BATCH_ITEMS,
 };
+use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use super::{require_id, ApiJson, ApiPath, AppState, ServiceAuth};
 use crate::auth::{Grant, Scope};
@@ -36,6 +38,124 @@ pub async fn publish(
         return Err(AppError::Unavailable);
     }
     let idempotency_key = idempotency_key(&headers, &req)?;
+    let msg = new_message(&state, &key.id, req, idempotency_key, now_ms())?;
+    let (message_id, to) = (msg.id.clone(), msg.target.clone());
+    let outcome = state.store.publish(msg).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(settle(&state, message_id, &to, outcome, Instant::now())),
+    ))
+}
+
+/// `POST /v1/messages/batch`: the items are parsed one by one, so one bad item gets
+/// its own error instead of failing the envelope.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchEnvelope {
+    messages: Vec<Box<RawValue>>,
+}
+
+pub async fn publish_batch(
+    State(state): State<AppState>,
+    auth: ServiceAuth,
+    headers: HeaderMap,
+    ApiJson(batch): ApiJson<BatchEnvelope>,
+) -> Result<impl IntoResponse, AppError> {
+    auth.require(Scope::Publish)?;
+    let key = auth.0;
+    let n = batch.messages.len();
+    if n == 0 || n > MAX_BATCH_ITEMS {
+        return Err(AppError::invalid(
+            "messages",
+            format!("must hold 1 to {MAX_BATCH_ITEMS} messages, got {n}"),
+        ));
+    }
+    if headers.contains_key("idempotency-key") {
+        return Err(AppError::invalid(
+            "Idempotency-Key",
+            "a batch has no key of its own; give each message its idempotency_key",
+        ));
+    }
+    state
+        .publish_limiter
+        .check_n(&key.id, n as u32)
+        .map_err(|retry_after_s| AppError::RateLimited { retry_after_s })?;
+    if state.shutdown.is_cancelled() {
+        return Err(AppError::Unavailable);
+    }
+    let now = now_ms();
+    let max_bytes = state.config.limits.max_message_bytes;
+    // Per item: the message to store, or the error that item answers with.
+    let prepared: Vec<Result<NewMessage, AppError>> = batch
+        .messages
+        .iter()
+        .map(|raw| {
+            if raw.get().len() > max_bytes {
+                return Err(AppError::TooLarge(format!(
+                    "message is larger than limits.max_message_bytes ({max_bytes} bytes)"
+                )));
+            }
+            let req = parse_item(raw.get())?;
+            let key_ = idempotency_key(&HeaderMap::new(), &req)?;
+            new_message(&state, &key.id, req, key_, now)
+        })
+        .collect();
+    let msgs: Vec<NewMessage> = prepared
+        .iter()
+        .filter_map(|p| p.as_ref().ok().cloned())
+        .collect();
+    let ids: Vec<(String, Target)> = msgs
+        .iter()
+        .map(|m| (m.id.clone(), m.target.clone()))
+        .collect();
+    let mut stored = if msgs.is_empty() {
+        Vec::new()
+    } else {
+        state.store.publish_batch(msgs).await?
+    }
+    .into_iter()
+    .zip(ids);
+    let committed_at = Instant::now();
+    let results = prepared
+        .into_iter()
+        .map(|p| {
+            let outcome = p.and_then(|_| {
+                let (outcome, (id, to)) = stored.next().expect("one outcome per stored item");
+                outcome
+                    .map(|o| settle(&state, id, &to, o, committed_at))
+                    .map_err(AppError::from)
+            });
+            match outcome {
+                Ok(r) => BatchItemResult::Ok(r),
+                Err(e) => BatchItemResult::Err(e.body()),
+            }
+        })
+        .collect();
+    Ok((StatusCode::ACCEPTED, Json(PublishBatchResponse { results })))
+}
+
+/// One batch item, with the errors `POST /v1/messages` gives for the same body.
+fn parse_item(text: &str) -> Result<PublishRequest, AppError> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize::<_, PublishRequest>(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path.is_empty() || path == "." {
+            "body".to_owned()
+        } else {
+            path
+        };
+        AppError::invalid(field, e.into_inner().to_string())
+    })
+}
+
+/// Validates a publish body into the message to store.
+fn new_message(
+    state: &AppState,
+    api_key_id: &str,
+    req: PublishRequest,
+    idempotency_key: Option<String>,
+    now: i64,
+) -> Result<NewMessage, AppError> {
     require_id(&format!("to.{}", req.to.kind()), req.to.value())?;
     if !req.data.is_object() {
         return Err(AppError::invalid("data", "must be a JSON object"));
@@ -63,12 +183,10 @@ pub async fn publish(
             }
         }
     }
-
-    let now = now_ms();
-    let msg = NewMessage {
+    Ok(NewMessage {
         id: format!("msg_{}", uuid::Uuid::now_v7().simple()),
-        api_key_id: key.id.clone(),
-        target: req.to.clone(),
+        api_key_id: api_key_id.to_owned(),
+        target: req.to,
         payload: MessagePayload {
             data: req.data,
             notification: req.notification,
@@ -83,17 +201,26 @@ pub async fn publish(
         idempotency_since: now - IDEMPOTENCY_WINDOW_MS,
         max_recipients: state.config.limits.max_recipients,
         push_due_at: push_due_at(req.push, now, delivery.ack_timeout_ms as i64),
-    };
-    let message_id = msg.id.clone();
-    let response = match state.store.publish(msg).await? {
+    })
+}
+
+/// Hands a committed publish to delivery and says what the backend is told.
+fn settle(
+    state: &AppState,
+    message_id: String,
+    to: &Target,
+    outcome: PublishOutcome,
+    committed_at: Instant,
+) -> PublishResponse {
+    match outcome {
         PublishOutcome::Created { entries } => {
             let recipients = entries.len() as u64;
             state.metrics.published.inc();
             state.metrics.inbox_entries.inc_by(recipients);
-            state.router.route(entries, Instant::now());
+            state.router.route(entries, committed_at);
             PublishResponse {
                 message_id,
-                hint: no_recipients_hint(&req.to, recipients),
+                hint: no_recipients_hint(to, recipients),
                 recipients,
                 duplicate: false,
             }
@@ -103,12 +230,11 @@ pub async fn publish(
             recipients,
         } => PublishResponse {
             message_id,
-            hint: no_recipients_hint(&req.to, recipients),
+            hint: no_recipients_hint(to, recipients),
             recipients,
             duplicate: true,
         },
-    };
-    Ok((StatusCode::ACCEPTED, Json(response)))
+    }
 }
 
 /// A 202 with `recipients: 0` looks like success; say that nothing was kept, and why,

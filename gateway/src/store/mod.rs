@@ -7,6 +7,7 @@
 
 pub mod postgres;
 pub mod sqlite;
+mod sqlite_hot;
 
 use std::sync::Arc;
 
@@ -372,6 +373,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Appends the message to every target inbox in one durable transaction.
     async fn publish(&self, msg: NewMessage) -> StoreResult<PublishOutcome>;
+    /// `publish` for each message, all in one durable transaction; a message that is
+    /// refused (unknown device, too many recipients) gets its own error and writes
+    /// nothing. `Err` means nothing of the batch was stored.
+    async fn publish_batch(
+        &self,
+        msgs: Vec<NewMessage>,
+    ) -> StoreResult<Vec<StoreResult<PublishOutcome>>>;
     /// Unexpired entries with seq > `after`, ascending, at most `limit`.
     async fn fetch_after(
         &self,

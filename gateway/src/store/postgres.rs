@@ -598,6 +598,40 @@ impl Store for PostgresStore {
         )))
     }
 
+    async fn publish_batch(
+        &self,
+        msgs: Vec<NewMessage>,
+    ) -> StoreResult<Vec<StoreResult<PublishOutcome>>> {
+        'attempt: for _ in 0..PUBLISH_ATTEMPTS {
+            let mut tx = self.pool.begin().await?;
+            let mut results = Vec::with_capacity(msgs.len());
+            for msg in &msgs {
+                match publish_in(&mut tx, msg).await {
+                    Ok(Attempt::Done(outcome)) => results.push(Ok(outcome)),
+                    // A concurrent transaction took an idempotency key or the lock order
+                    // of two batches crossed: nothing is committed, run the batch again.
+                    Ok(Attempt::KeyTaken) => {
+                        tx.rollback().await?;
+                        continue 'attempt;
+                    }
+                    Err(StoreError::Db(e)) if is_retryable(&e) => {
+                        tracing::debug!(error = %e, "batch publish transaction retried");
+                        drop(tx);
+                        continue 'attempt;
+                    }
+                    Err(StoreError::Db(e)) => return Err(StoreError::Db(e)),
+                    // Refused before it wrote anything of its own; the others go on.
+                    Err(e) => results.push(Err(e)),
+                }
+            }
+            tx.commit().await?;
+            return Ok(results);
+        }
+        Err(StoreError::Conflict(
+            "batch publish kept conflicting with concurrent publishes; retry".into(),
+        ))
+    }
+
     async fn fetch_after(
         &self,
         device_id: &str,

@@ -1,9 +1,11 @@
 //! The embedded store: SQLite in WAL mode.
 //!
-//! SQLite has one writer at a time, so writes go through a pool of one connection and
-//! publishes are *group-committed*: a writer task takes every publish waiting in its
-//! queue and commits them in one transaction, so one fsync covers many 202s. Reads use a
-//! separate pool and never wait for the writer (WAL readers see the last commit).
+//! The hot path (publishes, acks, sent marks, device presence, inbox and device reads)
+//! runs on rusqlite in `sqlite_hot`: one writer thread *group-commits* everything waiting
+//! in its queue in one transaction, so one fsync covers many 202s. Cold paths (API keys,
+//! settings, registration, subscriptions, push bookkeeping, message status) stay on
+//! sqlx, which also runs the migrations. Reads never wait for the writer (WAL readers
+//! see the last commit).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -13,73 +15,25 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use herald_protocol::{
-    ApnsEnvironment, Platform, PushProviderKind, PushTokenState, RegisterDeviceRequest, Target,
+    ApnsEnvironment, Platform, PushProviderKind, PushTokenState, RegisterDeviceRequest,
 };
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqliteConnection, SqlitePool};
-use tokio::sync::{mpsc, oneshot};
+use sqlx::{Row, SqlitePool};
 
+use rusqlite::params;
+
+use super::sqlite_hot::{message_from_parts, Hot, Write};
 use super::{
-    ApiKeyRecord, DeliveryRow, Device, InboxEntry, MessagePayload, NewMessage, PublishOutcome,
-    PushAction, PushMark, PushResult, Store, StoreError, StoreResult, StoredMessage,
+    ApiKeyRecord, DeliveryRow, Device, InboxEntry, NewMessage, PublishOutcome, PushAction,
+    PushMark, PushResult, Store, StoreError, StoreResult, StoredMessage,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
 
-/// Writes (publishes and acks) committed in one transaction at most.
-const MAX_GROUP: usize = 256;
-
-/// A write that waits for its group's commit: every fsync is shared by up to
-/// `MAX_GROUP` publishes and acks, which is what lets one SQLite writer keep up with
-/// many devices acking at once.
-enum GroupWrite {
-    Publish(
-        Box<NewMessage>,
-        oneshot::Sender<StoreResult<PublishOutcome>>,
-    ),
-    Ack {
-        device_id: String,
-        seq: i64,
-        now: i64,
-        reply: oneshot::Sender<StoreResult<i64>>,
-    },
-}
-
-enum GroupOutcome {
-    Publish(StoreResult<PublishOutcome>),
-    Ack(StoreResult<i64>),
-}
-
-impl GroupWrite {
-    fn answer(self, outcome: GroupOutcome) {
-        match (self, outcome) {
-            (GroupWrite::Publish(_, reply), GroupOutcome::Publish(r)) => {
-                let _ = reply.send(r);
-            }
-            (GroupWrite::Ack { reply, .. }, GroupOutcome::Ack(r)) => {
-                let _ = reply.send(r);
-            }
-            _ => unreachable!("outcomes are produced in the order and kind of their writes"),
-        }
-    }
-
-    fn fail(self, msg: &str) {
-        let err = || StoreError::Other(anyhow::anyhow!("commit failed: {msg}"));
-        match self {
-            GroupWrite::Publish(_, reply) => {
-                let _ = reply.send(Err(err()));
-            }
-            GroupWrite::Ack { reply, .. } => {
-                let _ = reply.send(Err(err()));
-            }
-        }
-    }
-}
-
 pub struct SqliteStore {
     read: SqlitePool,
     write: SqlitePool,
-    writes: mpsc::Sender<GroupWrite>,
+    hot: Hot,
 }
 
 /// The database file inside the data directory.
@@ -122,235 +76,9 @@ impl SqliteStore {
             .max_connections(4)
             .connect_with(opts.read_only(true))
             .await?;
-        let (writes, rx) = mpsc::channel(4096);
-        tokio::spawn(group_commit_loop(write.clone(), rx));
-        Ok(SqliteStore {
-            read,
-            write,
-            writes,
-        })
+        let hot = Hot::start(&path)?;
+        Ok(SqliteStore { read, write, hot })
     }
-}
-
-impl SqliteStore {
-    /// Hands a write to the group-commit writer and waits for its group's commit.
-    async fn group_write<T>(
-        &self,
-        write: GroupWrite,
-        rx: oneshot::Receiver<StoreResult<T>>,
-    ) -> StoreResult<T> {
-        let stopped = || StoreError::Other(anyhow::anyhow!("store writer stopped"));
-        self.writes.send(write).await.map_err(|_| stopped())?;
-        rx.await.map_err(|_| stopped())?
-    }
-}
-
-async fn group_commit_loop(pool: SqlitePool, mut rx: mpsc::Receiver<GroupWrite>) {
-    let mut batch = Vec::with_capacity(MAX_GROUP);
-    while rx.recv_many(&mut batch, MAX_GROUP).await > 0 {
-        match commit_group(&pool, &batch).await {
-            Ok(outcomes) => {
-                for (write, outcome) in batch.drain(..).zip(outcomes) {
-                    write.answer(outcome);
-                }
-            }
-            Err(e) => {
-                // The transaction rolled back: nothing of this group was stored, so
-                // every caller is told it failed (no publish got a 202).
-                tracing::error!(error = %e, "write group failed to commit");
-                let msg = e.to_string();
-                for write in batch.drain(..) {
-                    write.fail(&msg);
-                }
-            }
-        }
-    }
-}
-
-async fn commit_group(
-    pool: &SqlitePool,
-    batch: &[GroupWrite],
-) -> Result<Vec<GroupOutcome>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let mut outcomes = Vec::with_capacity(batch.len());
-    for write in batch {
-        let outcome = match write {
-            GroupWrite::Publish(msg, _) => match publish_one(&mut tx, msg).await {
-                Err(StoreError::Db(e)) => return Err(e),
-                r => GroupOutcome::Publish(r),
-            },
-            GroupWrite::Ack {
-                device_id,
-                seq,
-                now,
-                ..
-            } => match ack_one(&mut tx, device_id, *seq, *now).await {
-                Err(StoreError::Db(e)) => return Err(e),
-                r => GroupOutcome::Ack(r),
-            },
-        };
-        outcomes.push(outcome);
-    }
-    tx.commit().await?;
-    Ok(outcomes)
-}
-
-/// Cumulative ack inside a group's transaction; returns the acked seq afterwards.
-async fn ack_one(
-    conn: &mut SqliteConnection,
-    device_id: &str,
-    seq: i64,
-    now: i64,
-) -> StoreResult<i64> {
-    let row = sqlx::query("SELECT acked_seq, last_seq FROM devices WHERE id = ?")
-        .bind(device_id)
-        .fetch_optional(&mut *conn)
-        .await?
-        .ok_or_else(|| StoreError::NotFound(format!("device {device_id} is not registered")))?;
-    let acked: i64 = row.get("acked_seq");
-    let last: i64 = row.get("last_seq");
-    // An ack beyond what was assigned cannot be honest; clamp rather than let a
-    // buggy client skip messages that do not exist yet.
-    let target = seq.min(last);
-    if target > acked {
-        // The ack cancels the entries' scheduled pushes (and keeps them out of the
-        // push-due index); pushes already being sent or settled keep their record.
-        sqlx::query(
-            "UPDATE deliveries SET acked_at = ?,
-                    push_state = CASE WHEN push_state = 'pending' THEN NULL ELSE push_state END,
-                    push_due_at = CASE WHEN push_state = 'pending' THEN NULL ELSE push_due_at END
-             WHERE device_id = ? AND seq > ? AND seq <= ? AND acked_at IS NULL",
-        )
-        .bind(now)
-        .bind(device_id)
-        .bind(acked)
-        .bind(target)
-        .execute(&mut *conn)
-        .await?;
-        sqlx::query("UPDATE devices SET acked_seq = ?, last_seen = ? WHERE id = ?")
-            .bind(target)
-            .bind(now)
-            .bind(device_id)
-            .execute(&mut *conn)
-            .await?;
-    }
-    Ok(target.max(acked))
-}
-
-/// Validation happens before any write, so a rejected message leaves no trace in the
-/// shared transaction.
-async fn publish_one(conn: &mut SqliteConnection, msg: &NewMessage) -> StoreResult<PublishOutcome> {
-    if let Some(key) = &msg.idempotency_key {
-        let row = sqlx::query(
-            "SELECT id, recipients, created_at FROM messages WHERE api_key_id = ? AND idempotency_key = ?",
-        )
-        .bind(&msg.api_key_id)
-        .bind(key)
-        .fetch_optional(&mut *conn)
-        .await?;
-        if let Some(row) = row {
-            let created_at: i64 = row.get("created_at");
-            if created_at >= msg.idempotency_since {
-                return Ok(PublishOutcome::Duplicate {
-                    message_id: row.get("id"),
-                    recipients: row.get::<i64, _>("recipients") as u64,
-                });
-            }
-            // Older than the idempotency window: the key is free again.
-            sqlx::query("UPDATE messages SET idempotency_key = NULL WHERE id = ?")
-                .bind(row.get::<String, _>("id"))
-                .execute(&mut *conn)
-                .await?;
-        }
-    }
-
-    let devices: Vec<String> = match &msg.target {
-        Target::Device(d) => {
-            let found = sqlx::query_scalar::<_, String>("SELECT id FROM devices WHERE id = ?")
-                .bind(d)
-                .fetch_optional(&mut *conn)
-                .await?;
-            match found {
-                Some(id) => vec![id],
-                None => {
-                    return Err(StoreError::NotFound(format!(
-                        "device {d} is not registered"
-                    )))
-                }
-            }
-        }
-        Target::User(u) => {
-            sqlx::query_scalar("SELECT id FROM devices WHERE user_id = ? ORDER BY id")
-                .bind(u)
-                .fetch_all(&mut *conn)
-                .await?
-        }
-        Target::Topic(t) => {
-            sqlx::query_scalar(
-                "SELECT device_id FROM subscriptions WHERE topic = ? ORDER BY device_id",
-            )
-            .bind(t)
-            .fetch_all(&mut *conn)
-            .await?
-        }
-    };
-    if devices.len() > msg.max_recipients {
-        return Err(StoreError::TooManyRecipients(devices.len()));
-    }
-
-    let payload = serde_json::to_string(&msg.payload).map_err(anyhow::Error::new)?;
-    sqlx::query(
-        "INSERT INTO messages (id, api_key_id, target_kind, target, payload, recipients, created_at, expires_at, idempotency_key)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(&msg.id)
-    .bind(&msg.api_key_id)
-    .bind(msg.target.kind())
-    .bind(msg.target.value())
-    .bind(&payload)
-    .bind(devices.len() as i64)
-    .bind(msg.created_at)
-    .bind(msg.expires_at)
-    .bind(&msg.idempotency_key)
-    .execute(&mut *conn)
-    .await?;
-
-    let stored = Arc::new(StoredMessage::new(
-        msg.id.clone(),
-        msg.target.clone(),
-        msg.payload.clone(),
-        msg.created_at,
-        msg.expires_at,
-    ));
-    let mut entries = Vec::with_capacity(devices.len());
-    for device_id in devices {
-        let seq: i64 = sqlx::query_scalar(
-            "UPDATE devices SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq",
-        )
-        .bind(&device_id)
-        .fetch_one(&mut *conn)
-        .await?;
-        sqlx::query(
-            "INSERT INTO deliveries (device_id, seq, message_id, expires_at, push_state, push_due_at)
-             VALUES (?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&device_id)
-        .bind(seq)
-        .bind(&msg.id)
-        .bind(msg.expires_at)
-        .bind(msg.push_due_at.map(|_| "pending"))
-        .bind(msg.push_due_at)
-        .execute(&mut *conn)
-        .await?;
-        entries.push(InboxEntry {
-            device_id,
-            seq,
-            message: stored.clone(),
-            push_pending: msg.push_due_at.is_some(),
-            push_attempts: 0,
-        });
-    }
-    Ok(PublishOutcome::Created { entries })
 }
 
 fn device_from_row(row: &sqlx::sqlite::SqliteRow) -> Device {
@@ -374,26 +102,6 @@ fn device_from_row(row: &sqlx::sqlite::SqliteRow) -> Device {
         acked_seq: row.get("acked_seq"),
         last_seen: row.get("last_seen"),
     }
-}
-
-fn message_from_parts(
-    id: String,
-    kind: &str,
-    target: String,
-    payload: &str,
-    created_at: i64,
-    expires_at: i64,
-) -> StoreResult<StoredMessage> {
-    let target = match kind {
-        "user" => Target::User(target),
-        "device" => Target::Device(target),
-        _ => Target::Topic(target),
-    };
-    let payload: MessagePayload = serde_json::from_str(payload)
-        .map_err(|e| StoreError::Other(anyhow::anyhow!("message {id} payload: {e}")))?;
-    Ok(StoredMessage::new(
-        id, target, payload, created_at, expires_at,
-    ))
 }
 
 fn key_from_row(row: &sqlx::sqlite::SqliteRow) -> ApiKeyRecord {
@@ -479,33 +187,23 @@ impl Store for SqliteStore {
     }
 
     async fn claim_device(&self, device_id: &str, user: &str, now: i64) -> StoreResult<Device> {
-        if let Some(d) = self.device(device_id).await? {
+        // Connects of known devices only read; a new device is created in the next
+        // write group instead of a transaction of its own.
+        if let Some(d) = self.hot.device(device_id).await? {
             return if d.user_id == user {
                 Ok(d)
             } else {
                 Err(StoreError::DeviceOwnedByOtherUser(device_id.into()))
             };
         }
-        sqlx::query(
-            "INSERT INTO devices (id, user_id, created_at, last_seen) VALUES (?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(device_id)
-        .bind(user)
-        .bind(now)
-        .bind(now)
-        .execute(&self.write)
-        .await?;
-        let row = sqlx::query(&format!(
-            "SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?"
-        ))
-        .bind(device_id)
-        .fetch_one(&self.write)
-        .await?;
-        let d = device_from_row(&row);
-        if d.user_id != user {
-            return Err(StoreError::DeviceOwnedByOtherUser(device_id.into()));
-        }
-        Ok(d)
+        self.hot
+            .write(|reply| Write::Claim {
+                device_id: device_id.to_owned(),
+                user: user.to_owned(),
+                now,
+                reply,
+            })
+            .await
     }
 
     async fn register_device(
@@ -546,13 +244,7 @@ impl Store for SqliteStore {
     }
 
     async fn device(&self, device_id: &str) -> StoreResult<Option<Device>> {
-        let row = sqlx::query(&format!(
-            "SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?"
-        ))
-        .bind(device_id)
-        .fetch_optional(&self.read)
-        .await?;
-        Ok(row.as_ref().map(device_from_row))
+        self.hot.device(device_id).await
     }
 
     async fn user_devices(&self, user: &str) -> StoreResult<Vec<Device>> {
@@ -584,12 +276,13 @@ impl Store for SqliteStore {
     }
 
     async fn touch_device(&self, device_id: &str, now: i64) -> StoreResult<()> {
-        sqlx::query("UPDATE devices SET last_seen = ? WHERE id = ?")
-            .bind(now)
-            .bind(device_id)
-            .execute(&self.write)
-            .await?;
-        Ok(())
+        self.hot
+            .write(|reply| Write::Touch {
+                device_id: device_id.to_owned(),
+                now,
+                reply,
+            })
+            .await
     }
 
     async fn invalidate_push_token(
@@ -670,8 +363,17 @@ impl Store for SqliteStore {
     }
 
     async fn publish(&self, msg: NewMessage) -> StoreResult<PublishOutcome> {
-        let (tx, rx) = oneshot::channel();
-        self.group_write(GroupWrite::Publish(Box::new(msg), tx), rx)
+        self.hot
+            .write(|reply| Write::Publish(Box::new(msg), reply))
+            .await
+    }
+
+    async fn publish_batch(
+        &self,
+        msgs: Vec<NewMessage>,
+    ) -> StoreResult<Vec<StoreResult<PublishOutcome>>> {
+        self.hot
+            .write(|reply| Write::PublishMany(msgs, reply))
             .await
     }
 
@@ -682,75 +384,28 @@ impl Store for SqliteStore {
         limit: u32,
         now: i64,
     ) -> StoreResult<Vec<InboxEntry>> {
-        let rows = sqlx::query(
-            "SELECT d.seq, m.id, m.target_kind, m.target, m.payload, m.created_at, m.expires_at
-             FROM deliveries d JOIN messages m ON m.id = d.message_id
-             WHERE d.device_id = ? AND d.seq > ? AND d.expires_at > ?
-             ORDER BY d.seq LIMIT ?",
-        )
-        .bind(device_id)
-        .bind(after)
-        .bind(now)
-        .bind(limit as i64)
-        .fetch_all(&self.read)
-        .await?;
-        // A fan-out message appears in many inboxes; parse its body once per page.
-        let mut cache: HashMap<String, Arc<StoredMessage>> = HashMap::new();
-        let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
-            let id: String = row.get("id");
-            let message = match cache.get(&id) {
-                Some(m) => m.clone(),
-                None => {
-                    let m = Arc::new(message_from_parts(
-                        id.clone(),
-                        row.get("target_kind"),
-                        row.get("target"),
-                        row.get("payload"),
-                        row.get("created_at"),
-                        row.get("expires_at"),
-                    )?);
-                    cache.insert(id, m.clone());
-                    m
-                }
-            };
-            out.push(InboxEntry {
-                device_id: device_id.to_owned(),
-                seq: row.get("seq"),
-                message,
-                push_pending: false,
-                push_attempts: 0,
-            });
-        }
-        Ok(out)
+        self.hot.fetch_after(device_id, after, limit, now).await
     }
 
     async fn ack(&self, device_id: &str, seq: i64, now: i64) -> StoreResult<i64> {
-        let (reply, rx) = oneshot::channel();
-        let write = GroupWrite::Ack {
-            device_id: device_id.to_owned(),
-            seq,
-            now,
-            reply,
-        };
-        self.group_write(write, rx).await
+        self.hot
+            .write(|reply| Write::Ack {
+                device_id: device_id.to_owned(),
+                seq,
+                now,
+                reply,
+            })
+            .await
     }
 
     async fn mark_sent(&self, ranges: &[(String, i64, i64)], now: i64) -> StoreResult<()> {
-        let mut tx = self.write.begin().await?;
-        for (device_id, from, to) in ranges {
-            sqlx::query(
-                "UPDATE deliveries SET sent_at = ? WHERE device_id = ? AND seq >= ? AND seq <= ? AND sent_at IS NULL",
-            )
-            .bind(now)
-            .bind(device_id)
-            .bind(from)
-            .bind(to)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        self.hot
+            .write(|reply| Write::MarkSent {
+                ranges: ranges.to_vec(),
+                now,
+                reply,
+            })
+            .await
     }
 
     async fn claim_push(&self, device_id: &str, seq: i64, now: i64) -> StoreResult<bool> {
@@ -838,16 +493,17 @@ impl Store for SqliteStore {
     }
 
     async fn fail_orphaned_pushes(&self, stale_before: i64, now: i64) -> StoreResult<u64> {
-        let res = sqlx::query(
-            "UPDATE deliveries SET push_state = 'failed', push_at = ?, reason = ?
-             WHERE push_state = 'sending' AND push_at < ?",
-        )
-        .bind(now)
-        .bind(super::ORPHANED_PUSH_REASON)
-        .bind(stale_before)
-        .execute(&self.write)
-        .await?;
-        Ok(res.rows_affected())
+        self.hot
+            .run(move |conn| {
+                let n = conn
+                    .prepare_cached(
+                        "UPDATE deliveries SET push_state = 'failed', push_at = ?1, reason = ?2
+                         WHERE push_state = 'sending' AND push_at < ?3",
+                    )?
+                    .execute(params![now, super::ORPHANED_PUSH_REASON, stale_before])?;
+                Ok(Ok(n as u64))
+            })
+            .await
     }
 
     async fn finish_push(
@@ -871,68 +527,56 @@ impl Store for SqliteStore {
         self.record_push_results(&[result], now).await
     }
     async fn claim_pushes(&self, items: &[(String, i64)], now: i64) -> StoreResult<Vec<bool>> {
-        let mut tx = self.write.begin().await?;
-        let mut out = Vec::with_capacity(items.len());
-        for (device_id, seq) in items {
-            let res = sqlx::query(
-                "UPDATE deliveries SET push_state = 'sending', push_at = ?
-                 WHERE device_id = ? AND seq = ? AND acked_at IS NULL AND expires_at > ?
-                   AND push_state = 'pending'",
-            )
-            .bind(now)
-            .bind(device_id)
-            .bind(seq)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            out.push(res.rows_affected() == 1);
-        }
-        tx.commit().await?;
-        Ok(out)
+        let items = items.to_vec();
+        self.hot
+            .run(move |conn| {
+                let mut stmt = conn.prepare_cached(
+                    "UPDATE deliveries SET push_state = 'sending', push_at = ?1
+                     WHERE device_id = ?2 AND seq = ?3 AND acked_at IS NULL AND expires_at > ?1
+                       AND push_state = 'pending'",
+                )?;
+                let mut out = Vec::with_capacity(items.len());
+                for (device_id, seq) in &items {
+                    out.push(stmt.execute(params![now, device_id, seq])? == 1);
+                }
+                Ok(Ok(out))
+            })
+            .await
     }
 
     async fn record_push_results(&self, results: &[PushResult], now: i64) -> StoreResult<()> {
-        let mut tx = self.write.begin().await?;
-        for r in results {
-            match &r.action {
-                PushAction::Finish {
-                    mark,
-                    provider,
-                    reason,
-                } => {
-                    let state = match mark {
-                        PushMark::Pushed => "pushed",
-                        PushMark::Failed => "failed",
-                    };
-                    sqlx::query(
-                        "UPDATE deliveries SET push_state = ?, push_at = ?, push_provider = ?, reason = ?
-                         WHERE device_id = ? AND seq = ?",
-                    )
-                    .bind(state)
-                    .bind(now)
-                    .bind(provider)
-                    .bind(reason)
-                    .bind(&r.device_id)
-                    .bind(r.seq)
-                    .execute(&mut *tx)
-                    .await?;
+        let results = results.to_vec();
+        self.hot
+            .run(move |conn| {
+                for r in &results {
+                    match &r.action {
+                        PushAction::Finish {
+                            mark,
+                            provider,
+                            reason,
+                        } => {
+                            let state = match mark {
+                                PushMark::Pushed => "pushed",
+                                PushMark::Failed => "failed",
+                            };
+                            conn.prepare_cached(
+                                "UPDATE deliveries SET push_state = ?1, push_at = ?2, push_provider = ?3, reason = ?4
+                                 WHERE device_id = ?5 AND seq = ?6",
+                            )?
+                            .execute(params![state, now, provider, reason, r.device_id, r.seq])?;
+                        }
+                        PushAction::Retry { due_at, reason } => {
+                            conn.prepare_cached(
+                                "UPDATE deliveries SET push_state = 'pending', push_due_at = ?1, push_attempts = push_attempts + 1, reason = ?2
+                                 WHERE device_id = ?3 AND seq = ?4 AND push_state = 'sending'",
+                            )?
+                            .execute(params![due_at, reason, r.device_id, r.seq])?;
+                        }
+                    }
                 }
-                PushAction::Retry { due_at, reason } => {
-                    sqlx::query(
-                        "UPDATE deliveries SET push_state = 'pending', push_due_at = ?, push_attempts = push_attempts + 1, reason = ?
-                         WHERE device_id = ? AND seq = ? AND push_state = 'sending'",
-                    )
-                    .bind(due_at)
-                    .bind(reason)
-                    .bind(&r.device_id)
-                    .bind(r.seq)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-            }
-        }
-        tx.commit().await?;
-        Ok(())
+                Ok(Ok(()))
+            })
+            .await
     }
 
     async fn message(&self, id: &str) -> StoreResult<Option<(StoredMessage, Vec<DeliveryRow>)>> {

@@ -1,0 +1,639 @@
+//! The SQLite hot path: one writer thread owning a rusqlite connection, and a few
+//! reader connections used from tokio's blocking pool.
+//!
+//! Why not sqlx here: sqlx-sqlite runs each statement on a worker thread and hands
+//! every row and result back through a channel, so a publish (several statements) is
+//! several thread round trips, and their futex wakeups topped the profile. This writer
+//! thread runs a whole group (up to `MAX_GROUP` publishes, acks, sent marks and device
+//! presence updates) in one transaction with cached prepared statements and no thread
+//! hop between statements: one hop in, one commit (fsync), one hop out per caller.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use herald_protocol::{ApnsEnvironment, Platform, PushProviderKind, PushTokenState, Target};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    Device, InboxEntry, MessagePayload, NewMessage, PublishOutcome, StoreError, StoreResult,
+    StoredMessage,
+};
+
+/// Writes committed in one transaction at most.
+const MAX_GROUP: usize = 256;
+
+/// Outer error: the database failed and the whole group rolls back. Inner: this one
+/// write was refused (unknown device, too many recipients) and the group goes on.
+pub(super) type WriteResult<T> = Result<StoreResult<T>, rusqlite::Error>;
+
+type Reply<T> = oneshot::Sender<StoreResult<T>>;
+
+/// A write that waits for its group's commit.
+pub(super) enum Write {
+    Publish(Box<NewMessage>, Reply<PublishOutcome>),
+    /// Several publishes that must share one commit (one batch request).
+    PublishMany(Vec<NewMessage>, Reply<Vec<StoreResult<PublishOutcome>>>),
+    Ack {
+        device_id: String,
+        seq: i64,
+        now: i64,
+        reply: Reply<i64>,
+    },
+    MarkSent {
+        ranges: Vec<(String, i64, i64)>,
+        now: i64,
+        reply: Reply<()>,
+    },
+    Touch {
+        device_id: String,
+        now: i64,
+        reply: Reply<()>,
+    },
+    Claim {
+        device_id: String,
+        user: String,
+        now: i64,
+        reply: Reply<Device>,
+    },
+    /// Any other write (push bookkeeping): a closure run in the group's transaction.
+    Run(Box<dyn RunWrite>),
+}
+
+/// A closure write with its reply, type-erased so one queue carries them all.
+pub(super) trait RunWrite: Send {
+    fn exec(&mut self, conn: &Connection) -> rusqlite::Result<()>;
+    fn answer(self: Box<Self>);
+    fn fail(self: Box<Self>, msg: &str);
+}
+
+type RunFn<T> = Box<dyn FnOnce(&Connection) -> WriteResult<T> + Send>;
+
+struct Closure<T> {
+    f: Option<RunFn<T>>,
+    out: Option<StoreResult<T>>,
+    reply: Reply<T>,
+}
+
+impl<T: Send> RunWrite for Closure<T> {
+    fn exec(&mut self, conn: &Connection) -> rusqlite::Result<()> {
+        let f = self.f.take().expect("a write runs once");
+        self.out = Some(f(conn)?);
+        Ok(())
+    }
+    fn answer(self: Box<Self>) {
+        let out = self.out.expect("answered after it ran");
+        let _ = self.reply.send(out);
+    }
+    fn fail(self: Box<Self>, msg: &str) {
+        let _ = self.reply.send(Err(commit_failed(msg)));
+    }
+}
+
+fn commit_failed(msg: &str) -> StoreError {
+    StoreError::Other(anyhow::anyhow!("commit failed: {msg}"))
+}
+
+/// What a write produced, held until the group committed: nobody hears "done" for a
+/// write whose transaction could still roll back.
+enum Outcome {
+    Publish(StoreResult<PublishOutcome>),
+    PublishMany(Vec<StoreResult<PublishOutcome>>),
+    Ack(StoreResult<i64>),
+    Unit(StoreResult<()>),
+    Device(StoreResult<Device>),
+    /// Kept inside the `Run` write itself.
+    Ran,
+}
+
+impl Write {
+    fn answer(self, outcome: Outcome) {
+        match (self, outcome) {
+            (Write::Publish(_, reply), Outcome::Publish(r)) => {
+                let _ = reply.send(r);
+            }
+            (Write::PublishMany(_, reply), Outcome::PublishMany(r)) => {
+                let _ = reply.send(Ok(r));
+            }
+            (Write::Ack { reply, .. }, Outcome::Ack(r)) => {
+                let _ = reply.send(r);
+            }
+            (Write::MarkSent { reply, .. } | Write::Touch { reply, .. }, Outcome::Unit(r)) => {
+                let _ = reply.send(r);
+            }
+            (Write::Claim { reply, .. }, Outcome::Device(r)) => {
+                let _ = reply.send(r);
+            }
+            (Write::Run(w), Outcome::Ran) => w.answer(),
+            _ => unreachable!("outcomes are produced in the order and kind of their writes"),
+        }
+    }
+
+    fn fail(self, msg: &str) {
+        let err = commit_failed;
+        match self {
+            Write::Publish(_, reply) => {
+                let _ = reply.send(Err(err(msg)));
+            }
+            Write::PublishMany(_, reply) => {
+                let _ = reply.send(Err(err(msg)));
+            }
+            Write::Ack { reply, .. } => {
+                let _ = reply.send(Err(err(msg)));
+            }
+            Write::MarkSent { reply, .. } | Write::Touch { reply, .. } => {
+                let _ = reply.send(Err(err(msg)));
+            }
+            Write::Claim { reply, .. } => {
+                let _ = reply.send(Err(err(msg)));
+            }
+            Write::Run(w) => w.fail(msg),
+        }
+    }
+}
+
+fn open(path: &Path, flags: OpenFlags) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(path, flags | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    // FULL: a 202 means the commit reached the disk, not just the OS cache.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", true)?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+fn db_err(e: rusqlite::Error) -> StoreError {
+    StoreError::Other(anyhow::Error::new(e))
+}
+
+/// The writer thread's handle plus the reader connections.
+pub(super) struct Hot {
+    writes: mpsc::Sender<Write>,
+    readers: Arc<Readers>,
+}
+
+impl Hot {
+    /// Starts the writer thread on `path` (already migrated, in WAL mode).
+    pub(super) fn start(path: &Path) -> StoreResult<Hot> {
+        let conn = open(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
+        )
+        .map_err(db_err)?;
+        let (writes, rx) = mpsc::channel(4096);
+        std::thread::Builder::new()
+            .name("herald-sqlite-writer".into())
+            .spawn(move || writer_loop(conn, rx))
+            .map_err(|e| StoreError::Other(anyhow::anyhow!("cannot start the writer: {e}")))?;
+        Ok(Hot {
+            writes,
+            readers: Arc::new(Readers {
+                path: path.to_owned(),
+                idle: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// Hands a write to the writer thread and waits for its group's commit.
+    pub(super) async fn write<T>(&self, make: impl FnOnce(Reply<T>) -> Write) -> StoreResult<T> {
+        let stopped = || StoreError::Other(anyhow::anyhow!("store writer stopped"));
+        let (reply, rx) = oneshot::channel();
+        self.writes.send(make(reply)).await.map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// Runs `f` in the next write group's transaction; its result is returned once the
+    /// group committed. An outer `Err` from `f` fails the whole group.
+    pub(super) async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> WriteResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        self.write(|reply| {
+            Write::Run(Box::new(Closure {
+                f: Some(Box::new(f)),
+                out: None,
+                reply,
+            }))
+        })
+        .await
+    }
+
+    /// Runs `f` on a reader connection in the blocking pool: one thread hop for the
+    /// whole read instead of one per statement.
+    pub(super) async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        let readers = self.readers.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = readers.take()?;
+            let out = f(&conn);
+            readers.put(conn);
+            out
+        })
+        .await
+        .map_err(|e| StoreError::Other(anyhow::anyhow!("store reader failed: {e}")))?
+    }
+
+    pub(super) async fn device(&self, device_id: &str) -> StoreResult<Option<Device>> {
+        let id = device_id.to_owned();
+        self.read(move |conn| device_by_id(conn, &id).map_err(db_err))
+            .await
+    }
+
+    pub(super) async fn fetch_after(
+        &self,
+        device_id: &str,
+        after: i64,
+        limit: u32,
+        now: i64,
+    ) -> StoreResult<Vec<InboxEntry>> {
+        let id = device_id.to_owned();
+        self.read(move |conn| fetch_after(conn, &id, after, limit, now))
+            .await
+    }
+}
+
+/// Reader connections, opened on demand and kept for reuse. At most as many exist as
+/// reads ever ran at once (bounded by tokio's blocking pool).
+struct Readers {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl Readers {
+    fn take(&self) -> StoreResult<Connection> {
+        if let Some(c) = self.idle.lock().expect("reader pool").pop() {
+            return Ok(c);
+        }
+        open(&self.path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(db_err)
+    }
+
+    fn put(&self, conn: Connection) {
+        self.idle.lock().expect("reader pool").push(conn);
+    }
+}
+
+fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Write>) {
+    let mut batch: Vec<Write> = Vec::with_capacity(MAX_GROUP);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(w) => batch.push(w),
+                Err(_) => break,
+            }
+        }
+        match commit_group(&mut conn, &mut batch) {
+            Ok(outcomes) => {
+                for (write, outcome) in batch.drain(..).zip(outcomes) {
+                    write.answer(outcome);
+                }
+            }
+            Err(e) => {
+                // The transaction rolled back: nothing of this group was stored, so
+                // every caller is told it failed (no publish got a 202).
+                tracing::error!(error = %e, "write group failed to commit");
+                let msg = e.to_string();
+                for write in batch.drain(..) {
+                    write.fail(&msg);
+                }
+            }
+        }
+    }
+}
+
+fn commit_group(conn: &mut Connection, batch: &mut [Write]) -> rusqlite::Result<Vec<Outcome>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for write in batch.iter_mut() {
+        if let Write::Run(w) = write {
+            w.exec(&tx)?;
+            outcomes.push(Outcome::Ran);
+            continue;
+        }
+        outcomes.push(match &*write {
+            Write::Publish(msg, _) => Outcome::Publish(publish_one(&tx, msg)?),
+            Write::PublishMany(msgs, _) => {
+                let mut results = Vec::with_capacity(msgs.len());
+                for msg in msgs {
+                    results.push(publish_one(&tx, msg)?);
+                }
+                Outcome::PublishMany(results)
+            }
+            Write::Ack {
+                device_id,
+                seq,
+                now,
+                ..
+            } => Outcome::Ack(ack_one(&tx, device_id, *seq, *now)?),
+            Write::MarkSent { ranges, now, .. } => {
+                let mut stmt = tx.prepare_cached(
+                    "UPDATE deliveries SET sent_at = ?1 WHERE device_id = ?2 AND seq >= ?3 AND seq <= ?4 AND sent_at IS NULL",
+                )?;
+                for (device_id, from, to) in ranges {
+                    stmt.execute(params![now, device_id, from, to])?;
+                }
+                Outcome::Unit(Ok(()))
+            }
+            Write::Touch { device_id, now, .. } => {
+                tx.prepare_cached("UPDATE devices SET last_seen = ?1 WHERE id = ?2")?
+                    .execute(params![now, device_id])?;
+                Outcome::Unit(Ok(()))
+            }
+            Write::Claim {
+                device_id,
+                user,
+                now,
+                ..
+            } => Outcome::Device(claim_one(&tx, device_id, user, *now)?),
+            Write::Run(_) => unreachable!("ran above"),
+        });
+    }
+    tx.commit()?;
+    Ok(outcomes)
+}
+
+fn claim_one(conn: &Connection, device_id: &str, user: &str, now: i64) -> WriteResult<Device> {
+    conn.prepare_cached(
+        "INSERT INTO devices (id, user_id, created_at, last_seen) VALUES (?1, ?2, ?3, ?3) ON CONFLICT (id) DO NOTHING",
+    )?
+    .execute(params![device_id, user, now])?;
+    let d = device_by_id(conn, device_id)?.expect("inserted or present in this transaction");
+    if d.user_id != user {
+        return Ok(Err(StoreError::DeviceOwnedByOtherUser(device_id.into())));
+    }
+    Ok(Ok(d))
+}
+
+/// Cumulative ack; returns the acked seq afterwards.
+fn ack_one(conn: &Connection, device_id: &str, seq: i64, now: i64) -> WriteResult<i64> {
+    let row = conn
+        .prepare_cached("SELECT acked_seq, last_seq FROM devices WHERE id = ?1")?
+        .query_row(params![device_id], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+        })
+        .optional()?;
+    let Some((acked, last)) = row else {
+        return Ok(Err(StoreError::NotFound(format!(
+            "device {device_id} is not registered"
+        ))));
+    };
+    // An ack beyond what was assigned cannot be honest; clamp rather than let a
+    // buggy client skip messages that do not exist yet.
+    let target = seq.min(last);
+    if target > acked {
+        // The ack cancels the entries' scheduled pushes (and keeps them out of the
+        // push-due index); pushes already being sent or settled keep their record.
+        conn.prepare_cached(
+            "UPDATE deliveries SET acked_at = ?1,
+                    push_state = CASE WHEN push_state = 'pending' THEN NULL ELSE push_state END,
+                    push_due_at = CASE WHEN push_state = 'pending' THEN NULL ELSE push_due_at END
+             WHERE device_id = ?2 AND seq > ?3 AND seq <= ?4 AND acked_at IS NULL",
+        )?
+        .execute(params![now, device_id, acked, target])?;
+        conn.prepare_cached("UPDATE devices SET acked_seq = ?1, last_seen = ?2 WHERE id = ?3")?
+            .execute(params![target, now, device_id])?;
+    }
+    Ok(Ok(target.max(acked)))
+}
+
+/// Validation happens before any write, so a refused message leaves no trace in the
+/// shared transaction.
+fn publish_one(conn: &Connection, msg: &NewMessage) -> WriteResult<PublishOutcome> {
+    if let Some(key) = &msg.idempotency_key {
+        let row = conn
+            .prepare_cached(
+                "SELECT id, recipients, created_at FROM messages WHERE api_key_id = ?1 AND idempotency_key = ?2",
+            )?
+            .query_row(params![msg.api_key_id, key], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })
+            .optional()?;
+        if let Some((id, recipients, created_at)) = row {
+            if created_at >= msg.idempotency_since {
+                return Ok(Ok(PublishOutcome::Duplicate {
+                    message_id: id,
+                    recipients: recipients as u64,
+                }));
+            }
+            // Older than the idempotency window: the key is free again.
+            conn.prepare_cached("UPDATE messages SET idempotency_key = NULL WHERE id = ?1")?
+                .execute(params![id])?;
+        }
+    }
+
+    let devices: Vec<String> = match &msg.target {
+        Target::Device(d) => {
+            let found = conn
+                .prepare_cached("SELECT id FROM devices WHERE id = ?1")?
+                .query_row(params![d], |r| r.get::<_, String>(0))
+                .optional()?;
+            match found {
+                Some(id) => vec![id],
+                None => {
+                    return Ok(Err(StoreError::NotFound(format!(
+                        "device {d} is not registered"
+                    ))))
+                }
+            }
+        }
+        Target::User(u) => conn
+            .prepare_cached("SELECT id FROM devices WHERE user_id = ?1 ORDER BY id")?
+            .query_map(params![u], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?,
+        Target::Topic(t) => conn
+            .prepare_cached(
+                "SELECT device_id FROM subscriptions WHERE topic = ?1 ORDER BY device_id",
+            )?
+            .query_map(params![t], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?,
+    };
+    if devices.len() > msg.max_recipients {
+        return Ok(Err(StoreError::TooManyRecipients(devices.len())));
+    }
+
+    let payload = serde_json::to_string(&msg.payload)
+        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+    conn.prepare_cached(
+        "INSERT INTO messages (id, api_key_id, target_kind, target, payload, recipients, created_at, expires_at, idempotency_key)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?
+    .execute(params![
+        msg.id,
+        msg.api_key_id,
+        msg.target.kind(),
+        msg.target.value(),
+        payload,
+        devices.len() as i64,
+        msg.created_at,
+        msg.expires_at,
+        msg.idempotency_key,
+    ])?;
+
+    let stored = Arc::new(StoredMessage::new(
+        msg.id.clone(),
+        msg.target.clone(),
+        msg.payload.clone(),
+        msg.created_at,
+        msg.expires_at,
+    ));
+    let mut next_seq = conn.prepare_cached(
+        "UPDATE devices SET last_seq = last_seq + 1 WHERE id = ?1 RETURNING last_seq",
+    )?;
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO deliveries (device_id, seq, message_id, expires_at, push_state, push_due_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    let mut entries = Vec::with_capacity(devices.len());
+    for device_id in devices {
+        let seq: i64 = next_seq.query_row(params![device_id], |r| r.get(0))?;
+        let (push_state, push_due_at) = push_at_publish(msg);
+        insert.execute(params![
+            device_id,
+            seq,
+            msg.id,
+            msg.expires_at,
+            push_state,
+            push_due_at
+        ])?;
+        entries.push(InboxEntry {
+            device_id,
+            seq,
+            message: stored.clone(),
+            push_pending: push_state.is_some(),
+            push_attempts: 0,
+        });
+    }
+    Ok(Ok(PublishOutcome::Created { entries }))
+}
+
+/// The push columns (`push_state`, `push_due_at`) a new inbox entry starts with.
+fn push_at_publish(msg: &NewMessage) -> (Option<&'static str>, Option<i64>) {
+    (msg.push_due_at.map(|_| "pending"), msg.push_due_at)
+}
+
+const DEVICE_COLUMNS: &str = "id, user_id, platform, push_provider, push_token, apns_environment, token_state, token_error, last_seq, acked_seq, last_seen";
+
+fn device_by_id(conn: &Connection, device_id: &str) -> rusqlite::Result<Option<Device>> {
+    conn.prepare_cached(&format!(
+        "SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?1"
+    ))?
+    .query_row(params![device_id], |r| {
+        Ok(Device {
+            id: r.get(0)?,
+            user_id: r.get(1)?,
+            platform: r
+                .get::<_, Option<String>>(2)?
+                .and_then(|s| Platform::parse(&s)),
+            push_provider: r
+                .get::<_, Option<String>>(3)?
+                .and_then(|s| PushProviderKind::parse(&s)),
+            push_token: r.get(4)?,
+            apns_environment: r
+                .get::<_, Option<String>>(5)?
+                .and_then(|s| ApnsEnvironment::parse(&s)),
+            token_state: PushTokenState::parse(&r.get::<_, String>(6)?)
+                .unwrap_or(PushTokenState::None),
+            token_error: r.get(7)?,
+            last_seq: r.get(8)?,
+            acked_seq: r.get(9)?,
+            last_seen: r.get(10)?,
+        })
+    })
+    .optional()
+}
+
+fn fetch_after(
+    conn: &Connection,
+    device_id: &str,
+    after: i64,
+    limit: u32,
+    now: i64,
+) -> StoreResult<Vec<InboxEntry>> {
+    struct Row {
+        seq: i64,
+        id: String,
+        kind: String,
+        target: String,
+        payload: String,
+        created_at: i64,
+        expires_at: i64,
+    }
+    let rows: Vec<Row> = conn
+        .prepare_cached(
+            "SELECT d.seq, m.id, m.target_kind, m.target, m.payload, m.created_at, m.expires_at
+             FROM deliveries d JOIN messages m ON m.id = d.message_id
+             WHERE d.device_id = ?1 AND d.seq > ?2 AND d.expires_at > ?3
+             ORDER BY d.seq LIMIT ?4",
+        )
+        .and_then(|mut stmt| {
+            stmt.query_map(params![device_id, after, now, limit as i64], |r| {
+                Ok(Row {
+                    seq: r.get(0)?,
+                    id: r.get(1)?,
+                    kind: r.get(2)?,
+                    target: r.get(3)?,
+                    payload: r.get(4)?,
+                    created_at: r.get(5)?,
+                    expires_at: r.get(6)?,
+                })
+            })?
+            .collect()
+        })
+        .map_err(db_err)?;
+    // A fan-out message appears in many inboxes; parse its body once per page.
+    let mut cache: HashMap<String, Arc<StoredMessage>> = HashMap::new();
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let message = match cache.get(&row.id) {
+            Some(m) => m.clone(),
+            None => {
+                let m = Arc::new(message_from_parts(
+                    row.id.clone(),
+                    &row.kind,
+                    row.target,
+                    &row.payload,
+                    row.created_at,
+                    row.expires_at,
+                )?);
+                cache.insert(row.id, m.clone());
+                m
+            }
+        };
+        out.push(InboxEntry {
+            device_id: device_id.to_owned(),
+            seq: row.seq,
+            message,
+            push_pending: false,
+            push_attempts: 0,
+        });
+    }
+    Ok(out)
+}
+
+pub(super) fn message_from_parts(
+    id: String,
+    kind: &str,
+    target: String,
+    payload: &str,
+    created_at: i64,
+    expires_at: i64,
+) -> StoreResult<StoredMessage> {
+    let target = match kind {
+        "user" => Target::User(target),
+        "device" => Target::Device(target),
+        _ => Target::Topic(target),
+    };
+    let payload: MessagePayload = serde_json::from_str(payload)
+        .map_err(|e| StoreError::Other(anyhow::anyhow!("message {id} payload: {e}")))?;
+    Ok(StoredMessage::new(
+        id, target, payload, created_at, expires_at,
+    ))
+}
