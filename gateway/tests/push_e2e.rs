@@ -258,6 +258,21 @@ async fn a_slow_provider_blocks_neither_publishing_nor_live_delivery() {
     );
 }
 
+/// A counter from `/metrics`.
+async fn counter(tg: &TestGateway, name: &str) -> u64 {
+    let text = http()
+        .get(format!("{}/metrics", tg.base_url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 #[tokio::test]
 async fn a_socket_that_stops_draining_still_gets_its_fallback_pushes() {
     let mock = MockFcm::start(3600).await;
@@ -291,16 +306,26 @@ async fn a_socket_that_stops_draining_still_gets_its_fallback_pushes() {
     })
     .await;
 
-    // Far more than the socket buffers hold: the session task ends up stuck in a write.
+    // Publish until the socket's buffers (several MB on loopback) are full and the
+    // session task is stuck in a write: entries wait behind it and nothing moves.
     let big = "x".repeat(100 * 1024);
     let mut ids = Vec::new();
-    for n in 0..16 {
+    loop {
+        assert!(ids.len() < 300, "the socket never stopped draining");
+        let n = ids.len();
         let r = publish(
             &tg,
             json!({"to": {"device": "droid"}, "data": {"n": n, "pad": big}}),
         )
         .await;
         ids.push(r["message_id"].as_str().unwrap().to_owned());
+        let written = counter(&tg, "herald_delivered_live_total").await;
+        if written + 2 <= ids.len() as u64 {
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            if counter(&tg, "herald_delivered_live_total").await == written {
+                break;
+            }
+        }
     }
     // Every one is pushed once its ack is overdue: the first ones the session wrote,
     // the one it is stuck on and the ones still queued behind it alike.
