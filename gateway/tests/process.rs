@@ -243,7 +243,10 @@ async fn kill_9_during_a_batch_publish_burst_loses_nothing_answered_202() {
     let tmp = TempDir::new("herald-crash-batch");
     let mut gw = spawn(&tmp.0);
     let api_key = gw.api_key.clone().unwrap();
-    let (_, token, _) = cli(&tmp.0, &["token", "mint", "--user", "crash"]);
+    let (_, token, _) = cli(
+        &tmp.0,
+        &["token", "mint", "--user", "crash", "--device-id", "victim"],
+    );
     register(&gw.base, &token, "victim").await;
 
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<String>>();
