@@ -281,9 +281,14 @@ impl Target {
         })
     }
 
-    fn device_token(&self, user: &str) -> anyhow::Result<String> {
+    /// A token for the device named like its user, as a backend would mint it: bound
+    /// to the device (`did`) and allowed the bench topics.
+    fn device_token(&self, device: &str) -> anyhow::Result<String> {
         let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-        let claims = json!({"sub": user, "iat": now, "exp": now + 3600, "iss": "herald", "aud": "herald-device"});
+        let claims = json!({
+            "sub": device, "did": device, "topics": ["bench-*"],
+            "iat": now, "exp": now + 3600, "iss": "herald", "aud": "herald-device",
+        });
         let key = self.jwt.as_ref().context("no JWT secret")?;
         Ok(jsonwebtoken::encode(
             &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
