@@ -44,7 +44,7 @@ fun controller(device: String, ui: Ui, user: String = "alice") = HeraldControlle
         backoffMinMs = 50uL,
         backoffMaxMs = 500uL,
     ),
-    SampleBackendTokenProvider(backendUrl, user, device),
+    SampleBackendTokenProvider(backendUrl, user),
 ) { ui.states.add(it) }
 
 fun main() {
@@ -69,10 +69,10 @@ fun main() {
     test("sample backend: mints tokens for a user, refuses a request without one") {
         val (bad, badBody) = httpRequest("POST", "$backendUrl/device-token", "{}", null)
         check(bad == 400) { "no user answered $bad: $badBody" }
-        val token = SampleBackendTokenProvider(backendUrl, "alice", "and-token").fetchToken()
+        val token = SampleBackendTokenProvider(backendUrl, "alice").fetchToken("and-token")
         check(token.count { it == '.' } == 2) { "not a JWT: $token" }
         try {
-            SampleBackendTokenProvider("http://127.0.0.1:1", "alice", "and-token").fetchToken()
+            SampleBackendTokenProvider("http://127.0.0.1:1", "alice").fetchToken("and-token")
             throw CheckFailed("no exception for an unreachable backend")
         } catch (e: HeraldException.TokenProvider) {
             check(e.detail.contains("unreachable")) { e.detail }
@@ -152,7 +152,7 @@ fun main() {
         val ui = Ui()
         val b = HeraldController(
             ClientConfig(baseUrl = gatewayUrl, deviceId = "and-owned", dataDir = File(testDir, "and-owned-b").path),
-            SampleBackendTokenProvider(backendUrl, "mallory", "and-owned"),
+            SampleBackendTokenProvider(backendUrl, "mallory"),
         ) { ui.states.add(it) }
         b.start()
         waitFor("error shown") { ui.last().lastError != null }

@@ -319,7 +319,11 @@ pub trait HeraldListener: Send + Sync {
 /// block; throw a `HeraldError` (e.g. `TokenProvider`) when no token can be had.
 #[uniffi::export(callback_interface)]
 pub trait TokenProvider: Send + Sync {
-    fn fetch_token(&self) -> Result<String, HeraldError>;
+    /// A token for `device_id`: the client's effective device id (the configured
+    /// one, or the generated one when `ClientConfig.deviceId` was null). The
+    /// gateway requires it as the token's `did` claim, so have your backend mint
+    /// the token for exactly this id.
+    fn fetch_token(&self, device_id: String) -> Result<String, HeraldError>;
 }
 
 struct ListenerAdapter(Box<dyn HeraldListener>);
@@ -355,8 +359,10 @@ impl sdk::Listener for ListenerAdapter {
 struct TokenAdapter(Box<dyn TokenProvider>);
 
 impl sdk::TokenProvider for TokenAdapter {
-    fn fetch_token(&self) -> Result<String, String> {
-        self.0.fetch_token().map_err(|e| e.to_string())
+    fn fetch_token(&self, device_id: &str) -> Result<String, String> {
+        self.0
+            .fetch_token(device_id.to_string())
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -580,7 +586,7 @@ mod tests {
     }
     struct NoToken;
     impl TokenProvider for NoToken {
-        fn fetch_token(&self) -> Result<String, HeraldError> {
+        fn fetch_token(&self, _: String) -> Result<String, HeraldError> {
             Err(HeraldError::TokenProvider {
                 detail: "none".into(),
             })

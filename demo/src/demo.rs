@@ -716,7 +716,8 @@ impl Device {
         let client = HeraldClient::new(
             config,
             Arc::new(Forwarder(tx)),
-            Arc::new(move || Ok::<_, String>(token.clone())),
+            // The demo's token is minted for DEVICE already (its `did`).
+            Arc::new(move |_: &str| Ok::<_, String>(token.clone())),
         )
         .context("step 2: start the SDK client")?;
         Ok(Device {

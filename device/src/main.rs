@@ -28,7 +28,8 @@ struct Args {
     /// This device's id (default: one the SDK generates once and keeps in the data dir).
     #[arg(long)]
     device: Option<String>,
-    /// Device JWT (mint one with `herald token mint --user U` or POST /v1/tokens).
+    /// Device JWT bound to this device (mint one with `herald token mint --user U
+    /// --device-id D`, D being --device, or POST /v1/tokens with `device_id`).
     #[arg(long, env = "HERALD_TOKEN", hide_env_values = true)]
     token: String,
     /// Where the SDK keeps its cursor and seen ids (default: ./herald-device-data/<device>,
@@ -196,7 +197,7 @@ fn run(args: Args) -> Result<(), String> {
     let client = HeraldClient::new(
         config,
         Arc::new(Printer(tx, Duration::from_millis(args.slow_ms))),
-        Arc::new(move || Ok::<_, String>(token.clone())),
+        Arc::new(move |_: &str| Ok::<_, String>(token.clone())),
     )
     .map_err(|e| format!("{e}; check --url and --device"))?;
     println!("[device] {}", client.device_id());

@@ -83,8 +83,7 @@ final class HeraldController: ObservableObject {
             let created = try HeraldClient(
                 config: config,
                 listener: ListenerBridge(self),
-                tokenProvider: SampleBackendTokenProvider(
-                    backendUrl: signIn.backendUrl, user: signIn.user, deviceId: SampleSettings.deviceId)
+                tokenProvider: SampleBackendTokenProvider(backendUrl: signIn.backendUrl, user: signIn.user)
             )
             heraldClient = created
             user = signIn.user
@@ -241,7 +240,7 @@ private final class ListenerBridge: HeraldListener, @unchecked Sendable {
 
     func onSubscriptionChanged(topic: String, subscribed: Bool) {}
 
-    func onSubscriptionFailed(topic: String, subscribe: Bool, code: String, message: String) {
+    func onSubscriptionFailed(topic: String, subscribe: Bool, code: String, message detail: String) {
         DispatchQueue.main.async { self.controller?.topicRefused(topic, code: code) }
     }
 }

@@ -50,8 +50,7 @@ final class NotificationService: UNNotificationServiceExtension {
             let client = try HeraldClient(
                 config: config,
                 listener: SilentListener(),
-                tokenProvider: SampleBackendTokenProvider(
-                    backendUrl: signIn.backendUrl, user: signIn.user, deviceId: SampleSettings.deviceId)
+                tokenProvider: SampleBackendTokenProvider(backendUrl: signIn.backendUrl, user: signIn.user)
             )
             // handlePush has recorded and acked by the time it returns (or given up
             // within its deadline, well inside the extension's ~30 s): shutting down
@@ -91,5 +90,5 @@ private final class SilentListener: HeraldListener {
     func onMessage(message: HeraldMessage) {}
     func onError(event: ErrorEvent) {}
     func onSubscriptionChanged(topic: String, subscribed: Bool) {}
-    func onSubscriptionFailed(topic: String, subscribe: Bool, code: String, message: String) {}
+    func onSubscriptionFailed(topic: String, subscribe: Bool, code: String, message detail: String) {}
 }

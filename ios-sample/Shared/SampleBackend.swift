@@ -3,20 +3,19 @@ import Herald
 
 /// Gets device JWTs from the sample backend (`sample-backend/token-server.py`,
 /// `POST /device-token {"user": ..., "device_id": ...}`), the way a real app asks its own
-/// backend. The token is bound to this device (the gateway refuses others). The app
-/// holds no API key. The SDK calls `fetchToken` on a background thread, so it may block.
+/// backend. The token is bound to the device id the SDK passes (the configured one, or
+/// the one it generated), which the gateway requires as the token's `did`. The app holds
+/// no API key. The SDK calls `fetchToken` on a background thread, so it may block.
 final class SampleBackendTokenProvider: TokenProvider {
     private let backendUrl: String
     private let user: String
-    private let deviceId: String
 
-    init(backendUrl: String, user: String, deviceId: String) {
+    init(backendUrl: String, user: String) {
         self.backendUrl = backendUrl
         self.user = user
-        self.deviceId = deviceId
     }
 
-    func fetchToken() throws -> String {
+    func fetchToken(deviceId: String) throws -> String {
         let endpoint = backendUrl.hasSuffix("/") ? backendUrl + "device-token" : backendUrl + "/device-token"
         guard let url = URL(string: endpoint) else {
             throw HeraldError.TokenProvider(detail: "bad sample backend URL '\(backendUrl)'")

@@ -201,7 +201,7 @@ impl HeraldClient {
             config.device_id
         );
         let store: SharedStore = Arc::new(Mutex::new(Store::open(&config.data_dir, &scope)?));
-        let tokens = Arc::new(Tokens::new(token_provider));
+        let tokens = Arc::new(Tokens::new(token_provider, &config.device_id));
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .thread_name("herald-sdk-io")

@@ -174,7 +174,7 @@ fn start_with(provider: Arc<dyn TokenProvider>, store: Store) -> Harness {
 fn start_full(provider: Arc<dyn TokenProvider>, store: Store, settings: Settings) -> Harness {
     let fake = Arc::new(Fake::default());
     let s = Arc::new(settings);
-    let tokens = Arc::new(Tokens::new(provider));
+    let tokens = Arc::new(Tokens::new(provider, &s.device_id));
     let api = Arc::new(
         Api::new(
             s.base.clone(),
@@ -215,9 +215,9 @@ fn start_full(provider: Arc<dyn TokenProvider>, store: Store, settings: Settings
 fn start() -> Harness {
     let calls = Arc::new(AtomicU32::new(0));
     let c = calls.clone();
-    let provider = move || {
+    let provider = move |device: &str| {
         let n = c.fetch_add(1, Ordering::SeqCst);
-        Ok::<_, String>(format!("token-{n}"))
+        Ok::<_, String>(format!("token-{device}-{n}"))
     };
     let mut h = start_with(Arc::new(provider), Store::open_in_memory("t").unwrap());
     h.token_calls = calls;
@@ -457,8 +457,8 @@ async fn unauthorized_refetches_once_then_gives_up() {
     h.run_for(Duration::from_secs(300)).await;
     let attempts = h.fake.attempts();
     assert_eq!(attempts.len(), 2);
-    assert_eq!(attempts[0].2, "token-0");
-    assert_eq!(attempts[1].2, "token-1", "a fresh token after the 401");
+    assert_eq!(attempts[0].2, "token-d1-0", "the token of the device id");
+    assert_eq!(attempts[1].2, "token-d1-1", "a fresh token after the 401");
     assert_eq!(attempts[1].0, attempts[0].0, "retried at once");
     assert_eq!(h.token_calls.load(Ordering::SeqCst), 2);
     assert!(matches!(h.errors()[..], [(Error::Unauthorized(_), true)]));
@@ -470,7 +470,7 @@ async fn unauthorized_refetches_once_then_gives_up() {
 async fn failing_token_provider_is_terminal_after_three_tries() {
     let calls = Arc::new(AtomicU32::new(0));
     let c = calls.clone();
-    let provider = move || {
+    let provider = move |_: &str| {
         c.fetch_add(1, Ordering::SeqCst);
         Err::<String, _>("backend down".to_string())
     };
@@ -540,7 +540,7 @@ async fn handled_cursor_survives_restart() {
     let _ = std::fs::remove_dir_all(&dir);
     {
         let mut h = start_with(
-            Arc::new(|| Ok::<_, String>("t".into())),
+            Arc::new(|_: &str| Ok::<_, String>("t".into())),
             Store::open(&dir, "s").unwrap(),
         );
         let (o, peer) = accept();
@@ -557,7 +557,7 @@ async fn handled_cursor_survives_restart() {
         h.close().await;
     }
     let mut h = start_with(
-        Arc::new(|| Ok::<_, String>("t".into())),
+        Arc::new(|_: &str| Ok::<_, String>("t".into())),
         Store::open(&dir, "s").unwrap(),
     );
     let (o, peer) = accept();
@@ -608,7 +608,7 @@ fn fg_settings() -> Settings {
 
 fn start_fg() -> Harness {
     start_full(
-        Arc::new(|| Ok::<_, String>("t".into())),
+        Arc::new(|_: &str| Ok::<_, String>("t".into())),
         Store::open_in_memory("t").unwrap(),
         fg_settings(),
     )
@@ -685,7 +685,7 @@ async fn foreground_ping_answered_keeps_the_connection_and_measures_rtt() {
 #[tokio::test(start_paused = true)]
 async fn topics_are_saved_re_sent_and_refusals_reported() {
     let dir = std::env::temp_dir().join(format!("herald-topics-{}", uuid::Uuid::new_v4()));
-    let token = || Arc::new(|| Ok::<_, String>("t".into()));
+    let token = || Arc::new(|_: &str| Ok::<_, String>("t".into()));
     {
         // Offline: subscribe two, unsubscribe one confirmed earlier; then the app dies.
         let h = start_with(token(), Store::open(&dir, "s").unwrap());

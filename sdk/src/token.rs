@@ -12,6 +12,11 @@ use crate::Error;
 /// Supplies device JWTs. The app fetches one from its backend (which mints them, or
 /// asks the gateway's `POST /v1/tokens`).
 ///
+/// `device_id` is the client's effective device id: the configured one, or the one
+/// the SDK generated (and persisted) when the config gave none. The gateway requires
+/// device tokens to carry it as their `did` claim, so the backend must mint the token
+/// for exactly this id.
+///
 /// Called on a background thread of the SDK (never the listener thread), at most once
 /// at a time, when the SDK holds no token, when the held one is expired (or expires
 /// within 30 s), or once after the gateway rejected it with 401. It may block (network
@@ -19,15 +24,15 @@ use crate::Error;
 /// be had: the SDK retries with backoff and gives up (terminal error) after 3
 /// consecutive failures.
 pub trait TokenProvider: Send + Sync {
-    fn fetch_token(&self) -> Result<String, String>;
+    fn fetch_token(&self, device_id: &str) -> Result<String, String>;
 }
 
 impl<F> TokenProvider for F
 where
-    F: Fn() -> Result<String, String> + Send + Sync,
+    F: Fn(&str) -> Result<String, String> + Send + Sync,
 {
-    fn fetch_token(&self) -> Result<String, String> {
-        self()
+    fn fetch_token(&self, device_id: &str) -> Result<String, String> {
+        self(device_id)
     }
 }
 
@@ -73,13 +78,16 @@ pub(crate) struct Token {
 
 pub(crate) struct Tokens {
     provider: Arc<dyn TokenProvider>,
+    /// The effective device id, passed to every `fetch_token`.
+    device_id: Arc<str>,
     held: tokio::sync::Mutex<Held>,
 }
 
 impl Tokens {
-    pub fn new(provider: Arc<dyn TokenProvider>) -> Self {
+    pub fn new(provider: Arc<dyn TokenProvider>, device_id: &str) -> Self {
         Tokens {
             provider,
+            device_id: device_id.into(),
             held: tokio::sync::Mutex::new(Held::default()),
         }
     }
@@ -100,9 +108,10 @@ impl Tokens {
         }
         held.token = None;
         let provider = self.provider.clone();
+        let device_id = self.device_id.clone();
         let fetched = tokio::time::timeout(
             FETCH_TIMEOUT,
-            tokio::task::spawn_blocking(move || provider.fetch_token()),
+            tokio::task::spawn_blocking(move || provider.fetch_token(&device_id)),
         )
         .await;
         let result = match fetched {
@@ -175,13 +184,14 @@ mod tests {
     async fn fetches_when_none_expired_or_invalidated() {
         let calls = Arc::new(AtomicU32::new(0));
         let c = calls.clone();
-        let provider = move || {
+        let provider = move |device: &str| {
+            assert_eq!(device, "dev-1");
             let n = c.fetch_add(1, Ordering::SeqCst);
             // The first token is already expired, later ones are good for an hour.
             let exp = if n == 0 { now_s() - 10 } else { now_s() + 3600 };
             Ok(jwt(serde_json::json!({"sub":"u","exp":exp,"n":n})))
         };
-        let tokens = Tokens::new(Arc::new(provider));
+        let tokens = Tokens::new(Arc::new(provider), "dev-1");
         let t1 = tokens.get().await.unwrap();
         assert!(t1.fresh);
         // Expired: fetched again.
@@ -200,12 +210,15 @@ mod tests {
 
     #[tokio::test]
     async fn provider_failures_are_counted() {
-        let tokens = Tokens::new(Arc::new(|| Err::<String, _>("offline".to_string())));
+        let tokens = Tokens::new(
+            Arc::new(|_: &str| Err::<String, _>("offline".to_string())),
+            "d",
+        );
         for i in 1..=3 {
             assert!(matches!(tokens.get().await, Err(Error::TokenProvider(_))));
             assert_eq!(tokens.consecutive_failures().await, i);
         }
-        let empty = Tokens::new(Arc::new(|| Ok::<_, String>("  ".to_string())));
+        let empty = Tokens::new(Arc::new(|_: &str| Ok::<_, String>("  ".to_string())), "d");
         assert!(empty.get().await.is_err());
     }
 }

@@ -58,16 +58,19 @@ impl Recorder {
     }
 }
 
-/// Mints tokens for `user` through the test gateway, counting calls.
+/// Mints tokens for `user` through the test gateway, bound to the device id the SDK
+/// asks for (`did`) and allowed every topic, counting calls.
 struct Minter {
-    tg_tokens: Arc<dyn Fn() -> String + Send + Sync>,
+    tg_tokens: Arc<dyn Fn(&str) -> String + Send + Sync>,
     calls: AtomicU32,
+    devices: Mutex<Vec<String>>,
 }
 
 impl TokenProvider for Minter {
-    fn fetch_token(&self) -> Result<String, String> {
+    fn fetch_token(&self, device_id: &str) -> Result<String, String> {
         self.calls.fetch_add(1, Ordering::SeqCst);
-        Ok((self.tg_tokens)())
+        self.devices.lock().unwrap().push(device_id.to_string());
+        Ok((self.tg_tokens)(device_id))
     }
 }
 
@@ -75,8 +78,15 @@ fn minter(tg: &TestGateway, user: &str) -> Arc<Minter> {
     let secret_tokens = tg.state.tokens.clone();
     let user = user.to_string();
     Arc::new(Minter {
-        tg_tokens: Arc::new(move || secret_tokens.mint(&user, 3600).unwrap().0),
+        tg_tokens: Arc::new(move |device| {
+            let grant = herald_gateway::auth::Grant {
+                device_id: Some(device.to_string()),
+                topics: Some(vec!["*".to_string()]),
+            };
+            secret_tokens.mint_grant(&user, &grant, 3600).unwrap().0
+        }),
         calls: AtomicU32::new(0),
+        devices: Mutex::new(Vec::new()),
     })
 }
 
@@ -303,7 +313,7 @@ async fn rejected_and_expired_tokens_are_refreshed() {
     let mint = tg.state.tokens.clone();
     // 1st: garbage (401 → fetch again); 2nd: valid but expiring within the margin;
     // later: valid for an hour.
-    let provider = move || {
+    let provider = move |_: &str| {
         let n = c.fetch_add(1, Ordering::SeqCst);
         Ok::<_, String>(match n {
             0 => "not-a-jwt".to_string(),
@@ -424,8 +434,12 @@ async fn unreachable_gateway_backs_off_and_network_events_are_honoured() {
     let mut c = Config::new(format!("http://127.0.0.1:{port}"), "off-1", dir.0.clone());
     c.backoff_min = Duration::from_millis(100);
     c.backoff_max = Duration::from_millis(400);
-    let client =
-        HeraldClient::new(c, rec.clone(), Arc::new(|| Ok::<_, String>("t".into()))).unwrap();
+    let client = HeraldClient::new(
+        c,
+        rec.clone(),
+        Arc::new(|_: &str| Ok::<_, String>("t".into())),
+    )
+    .unwrap();
     client.connect();
     wait_until("retrying", T, || {
         rec.states
@@ -551,6 +565,36 @@ async fn silent_network_drop_is_detected_and_nothing_is_lost() {
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(rec.ns(), (1..=10).collect::<Vec<_>>());
+    client.close();
+    tg.stop().await;
+}
+
+/// Under the product's security defaults (`did` required), a client whose device id
+/// the SDK generated still gets a token it can use: the provider is told the id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_device_id_is_given_to_the_token_provider() {
+    let tg = TestGateway::start_secure_with(|_| {}).await;
+    let dir = TempDir::new("sdk-did");
+    let rec = Arc::new(Recorder::default());
+    let tokens = minter(&tg, "alice");
+    let client = HeraldClient::new(config(&tg, "", &dir), rec.clone(), tokens.clone()).unwrap();
+    let device = client.device_id().to_string();
+    assert!(!device.is_empty());
+    client.connect();
+    wait_until("connected", T, || {
+        rec.state() == Some(ConnectionState::Connected)
+    })
+    .await;
+    publish_n(&tg, &device, 1..=1).await;
+    wait_until("message", T, || rec.ns() == vec![1]).await;
+    let registered = tokio::task::block_in_place(|| {
+        client.register_push_token(PushProviderKind::Fcm, "fcm-did", None)
+    })
+    .unwrap();
+    assert_eq!(registered.device_id, device);
+    let asked = tokens.devices.lock().unwrap().clone();
+    assert!(!asked.is_empty());
+    assert!(asked.iter().all(|d| *d == device), "asked for {asked:?}");
     client.close();
     tg.stop().await;
 }

@@ -31,9 +31,12 @@ fun publish(device: String, n: Int, extra: String = ""): String {
     return jsonField(body, "message_id")
 }
 
-/** A token of `user`; bound to `device` (its `did`) when given, as device routes require. */
+/**
+ * A token of `user`; bound to `device` (its `did`) when given, as device routes require,
+ * and allowed to subscribe to every topic (the gateway's `auth.topic_policy = "claims"`).
+ */
 fun mintToken(user: String, ttlSeconds: Int, device: String? = null): String {
-    val did = if (device != null) ""","device_id":"$device"""" else ""
+    val did = if (device != null) ""","device_id":"$device","topics":["*"]""" else ""
     val (code, body) = http("POST", "/v1/tokens", """{"user":"$user","ttl_seconds":$ttlSeconds$did}""", apiKey)
     check(code == 200 || code == 201) { "token mint answered $code: $body" }
     return jsonField(body, "token")
@@ -75,11 +78,14 @@ class Recorder : HeraldListener {
     fun ns(): List<Int> = messages.map { Regex("\"n\":(\\d+)").find(it.dataJson)!!.groupValues[1].toInt() }
 }
 
-class Tokens(val user: String, val device: String, val ttlSeconds: Int = 3600) : TokenProvider {
+/** Mints tokens of `user` bound to the device id the SDK asks for (configured or generated). */
+class Tokens(val user: String, val ttlSeconds: Int = 3600) : TokenProvider {
     val calls = AtomicInteger(0)
-    override fun fetchToken(): String {
+    val devices = CopyOnWriteArrayList<String>()
+    override fun fetchToken(deviceId: String): String {
         calls.incrementAndGet()
-        return mintToken(user, ttlSeconds, device)
+        devices.add(deviceId)
+        return mintToken(user, ttlSeconds, deviceId)
     }
 }
 
@@ -150,7 +156,7 @@ fun main(args: Array<String>) {
 
     test("typed error on a bad URL") {
         try {
-            HeraldClient(config("bad").copy(baseUrl = "not a url"), Recorder(), Tokens("u", "bad"))
+            HeraldClient(config("bad").copy(baseUrl = "not a url"), Recorder(), Tokens("u"))
             throw CheckFailed("no exception")
         } catch (e: HeraldException.InvalidConfig) {
             check(e.detail.contains("base_url")) { e.detail }
@@ -168,7 +174,7 @@ fun main(args: Array<String>) {
 
     test("connect, states, live message, backlog, de-dup across reconnect and restart") {
         val rec = Recorder()
-        val tokens = Tokens("alice", "kt-1")
+        val tokens = Tokens("alice")
         var client = HeraldClient(config("kt-1"), rec, tokens)
         client.connect()
         waitFor("Connected") { rec.last() == ConnectionState.Connected }
@@ -205,7 +211,7 @@ fun main(args: Array<String>) {
         val rec = Recorder()
         // 2 s tokens: always within the SDK's 30 s expiry margin, so every new
         // connection needs a fresh one.
-        val tokens = Tokens("alice", "kt-exp", ttlSeconds = 2)
+        val tokens = Tokens("alice", ttlSeconds = 2)
         val client = HeraldClient(config("kt-exp"), rec, tokens)
         client.connect()
         waitFor("Connected") { rec.last() == ConnectionState.Connected }
@@ -219,7 +225,7 @@ fun main(args: Array<String>) {
 
     test("register push token and handle an FCM data payload") {
         val rec = Recorder()
-        val client = HeraldClient(config("kt-push"), rec, Tokens("alice", "kt-push"))
+        val client = HeraldClient(config("kt-push"), rec, Tokens("alice"))
         val reg = client.registerPushToken(PushProvider.FCM, "fcm-token-kotlin", null)
         check(reg.deviceId == "kt-push" && reg.user == "alice") { "$reg" }
         check(reg.pushTokenState == "active") { "$reg" }
@@ -246,12 +252,12 @@ fun main(args: Array<String>) {
 
     test("device of another user: terminal Forbidden, no retries") {
         val owner = Recorder()
-        val a = HeraldClient(config("kt-owned", "kt-owned-a"), owner, Tokens("alice", "kt-owned"))
+        val a = HeraldClient(config("kt-owned", "kt-owned-a"), owner, Tokens("alice"))
         a.connect()
         waitFor("owner connected") { owner.last() == ConnectionState.Connected }
         a.shutdown()
         val rec = Recorder()
-        val tokens = Tokens("mallory", "kt-owned")
+        val tokens = Tokens("mallory")
         val b = HeraldClient(config("kt-owned", "kt-owned-b"), rec, tokens)
         b.connect()
         waitFor("terminal error") { rec.errors.isNotEmpty() }
@@ -266,7 +272,7 @@ fun main(args: Array<String>) {
     test("token provider failure is a typed terminal error") {
         val rec = Recorder()
         val failing = object : TokenProvider {
-            override fun fetchToken(): String = throw HeraldException.TokenProvider("backend unreachable")
+            override fun fetchToken(deviceId: String): String = throw HeraldException.TokenProvider("backend unreachable")
         }
         val client = HeraldClient(config("kt-notoken"), rec, failing)
         client.connect()
@@ -377,7 +383,7 @@ fun main(args: Array<String>) {
         Thread { try { while (true) accepted.add(silent.accept()) } catch (e: Exception) {} }.apply { isDaemon = true }.start()
         val cfg = config("kt-blackhole").copy(baseUrl = "http://127.0.0.1:${silent.localPort}", requestTimeoutMs = 60_000uL)
         val client = HeraldClient(cfg, Recorder(), object : TokenProvider {
-            override fun fetchToken(): String = mintToken("alice", 600)
+            override fun fetchToken(deviceId: String): String = mintToken("alice", 600, deviceId)
         })
         val started = System.nanoTime()
         try {
@@ -394,8 +400,11 @@ fun main(args: Array<String>) {
     test("shutdown does not block while the listener is busy") {
         val device = "kt-busy"
         val entered = java.util.concurrent.CountDownLatch(1)
+        val connected = java.util.concurrent.CountDownLatch(1)
         val slow = object : HeraldListener {
-            override fun onStateChanged(state: ConnectionState) {}
+            override fun onStateChanged(state: ConnectionState) {
+                if (state == ConnectionState.Connected) connected.countDown()
+            }
             override fun onMessage(message: HeraldMessage) { entered.countDown(); Thread.sleep(3000) }
             override fun onError(event: ErrorEvent) {}
             override fun onSubscriptionChanged(topic: String, subscribed: Boolean) {}
@@ -403,6 +412,8 @@ fun main(args: Array<String>) {
         }
         val client = HeraldClient(config(device), slow, Tokens("alice"))
         client.connect()
+        // The device exists once connected (a publish to it before is 404).
+        check(connected.await(15, TimeUnit.SECONDS)) { "not connected" }
         publish(device, 1)
         check(entered.await(15, TimeUnit.SECONDS)) { "no message" }
         val started = System.nanoTime()
@@ -413,11 +424,14 @@ fun main(args: Array<String>) {
 
     test("unregister removes the push token; reset forgets the generated device id") {
         val rec = Recorder()
-        val client = HeraldClient(config(null, "kt-gen"), rec, Tokens("alice"))
+        val tokens = Tokens("alice")
+        val client = HeraldClient(config(null, "kt-gen"), rec, tokens)
         val id = client.deviceId()
         check(Regex("[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}").matches(id)) { id }
         client.registerPushToken(PushProvider.FCM, "logout-token", null)
         check(deviceField(id, "push_token") == "active") { "not registered" }
+        // The provider was asked for a token of the generated id (the gateway needs it as `did`).
+        check(tokens.devices.isNotEmpty() && tokens.devices.all { it == id }) { "asked for ${tokens.devices}" }
         client.shutdown()
         // Same data dir: same generated id.
         val again = HeraldClient(config(null, "kt-gen"), rec, Tokens("alice"))
@@ -462,8 +476,16 @@ fun main(args: Array<String>) {
         val stats = client.stats()
         check(stats.connections == 1uL && stats.messagesDelivered == 1uL) { "$stats" }
         client.shutdown()
+        // A refused connection is logged at DEBUG (a healthy run may log nothing), on
+        // the logger's own thread: wait for it.
+        val closed = java.net.ServerSocket(0, 1, java.net.InetAddress.getLoopbackAddress())
+        val port = closed.localPort
+        closed.close()
+        val offline = HeraldClient(config("kt-log").copy(baseUrl = "http://127.0.0.1:$port"), Recorder(), Tokens("alice"))
+        offline.connect()
+        waitFor("a DEBUG log line") { lines.any { it.startsWith("DEBUG") } }
+        offline.shutdown()
         setLogger(null, LogLevel.ERROR)
-        check(lines.any { it.startsWith("DEBUG") }) { "no log lines: $lines" }
     }
 
     finish()

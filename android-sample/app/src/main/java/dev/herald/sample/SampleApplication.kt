@@ -110,7 +110,7 @@ class SampleApplication : Application() {
             deviceId = settings.deviceId,
             dataDir = File(filesDir, "herald").path,
         )
-        val c = HeraldController(config, SampleBackendTokenProvider(signIn.backendUrl, signIn.user, config.deviceId)) { state ->
+        val c = HeraldController(config, SampleBackendTokenProvider(signIn.backendUrl, signIn.user)) { state ->
             main.post { inbox.value = state }
         }
         controller = c

@@ -10,15 +10,15 @@ import java.net.URI
 /**
  * Gets device JWTs from the sample backend (`sample-backend/token-server.py`,
  * `POST /device-token {"user": ..., "device_id": ...}`), the way a real app asks its own
- * backend. The token is bound to this device (the gateway refuses others). The app
- * holds no API key. The SDK calls this on a background thread, so blocking is fine.
+ * backend. The token is bound to the device id the SDK passes (the configured one, or
+ * the one it generated), which the gateway requires as the token's `did`. The app holds
+ * no API key. The SDK calls this on a background thread, so blocking is fine.
  */
 class SampleBackendTokenProvider(
     private val backendUrl: String,
     private val user: String,
-    private val deviceId: String,
 ) : TokenProvider {
-    override fun fetchToken(): String {
+    override fun fetchToken(deviceId: String): String {
         val url = backendUrl.trimEnd('/') + "/device-token"
         try {
             val c = URI(url).toURL().openConnection() as HttpURLConnection
