@@ -105,7 +105,7 @@ impl From<sdk::ConnectionState> for ConnectionState {
         match s {
             sdk::ConnectionState::Disconnected => ConnectionState::Disconnected,
             sdk::ConnectionState::Connecting => ConnectionState::Connecting,
-            sdk::ConnectionState::Connected => ConnectionState::Connected,
+            sdk::ConnectionState::Connected { .. } => ConnectionState::Connected,
             sdk::ConnectionState::WaitingToReconnect { delay_ms } => {
                 ConnectionState::WaitingToReconnect { delay_ms }
             }

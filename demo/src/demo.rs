@@ -752,7 +752,7 @@ impl Device {
             })?
             .ok_or_else(|| anyhow!("the SDK client stopped"))?;
         match &event {
-            DeviceEvent::State(ConnectionState::Connected) => {
+            DeviceEvent::State(ConnectionState::Connected { .. }) => {
                 println!("    {DEVICE}: connected (WebSocket open, welcome received)")
             }
             DeviceEvent::State(ConnectionState::WaitingToReconnect { delay_ms }) => {
@@ -771,7 +771,7 @@ impl Device {
         let deadline = Instant::now() + STEP_WAIT;
         loop {
             match self.next_event(deadline).await? {
-                DeviceEvent::State(ConnectionState::Connected) => return Ok(()),
+                DeviceEvent::State(ConnectionState::Connected { .. }) => return Ok(()),
                 DeviceEvent::Message(m) => bail!(
                     "{DEVICE} received {} seq {} before it reported connected",
                     m.id,

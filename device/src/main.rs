@@ -12,7 +12,7 @@ use std::time::Duration;
 use clap::Parser;
 use herald_sdk::{
     ApnsEnvironment, Config, ConnectionState, Error, HeraldClient, InboxMessage, Listener,
-    LogLevel, Logger, PushProviderKind,
+    LogLevel, Logger, PushProviderKind, TransportPreference,
 };
 
 #[derive(Debug, Parser)]
@@ -74,6 +74,14 @@ struct Args {
     /// Print the SDK's counters when exiting.
     #[arg(long)]
     stats: bool,
+    /// Transport: auto (WebSocket, falling back to Server-Sent Events then long-poll
+    /// where a proxy refuses WebSocket upgrades), ws, sse or poll.
+    #[arg(long, default_value = "auto", value_parser = parse_transport)]
+    transport: TransportPreference,
+}
+
+fn parse_transport(s: &str) -> Result<TransportPreference, String> {
+    s.parse()
 }
 
 enum Event {
@@ -191,6 +199,7 @@ fn run(args: Args) -> Result<(), String> {
     if let Some(ms) = args.foreground_ping_ms {
         config.foreground_ping = (ms > 0).then(|| Duration::from_millis(ms));
     }
+    config.transport = args.transport;
     if let Some(ms) = args.push_deadline_ms {
         config.push_deadline = Duration::from_millis(ms.max(1));
     }

@@ -20,12 +20,13 @@ use url::Url;
 
 use crate::engine::{lock, Command, Delivery, Engine, EngineParts, Event, Settings, SharedStore};
 use crate::http::Api;
+use crate::http_transport::HttpTransport;
 use crate::log::{log, Counters, Stats};
 use crate::push::PushOutcome;
 use crate::store::Store;
 use crate::token::{TokenProvider, Tokens};
-use crate::transport::WsTransport;
-use crate::{ConnectionState, Error};
+use crate::transport::{Transports, WsTransport};
+use crate::{ConnectionState, Error, TransportPreference};
 
 /// Client configuration. `Config::new` gives the defaults of the product brief.
 #[derive(Debug, Clone)]
@@ -67,6 +68,13 @@ pub struct Config {
     pub push_deadline: Duration,
     /// Consecutive token provider failures after which the client gives up.
     pub max_token_failures: u32,
+    /// Which transport to use: `Auto` (default) is WebSocket, falling back to
+    /// Server-Sent Events and then long-poll where the network refuses WebSocket
+    /// upgrades; the others force one transport.
+    pub transport: TransportPreference,
+    /// After a fallback, how often WebSocket is tried again (also on every
+    /// `network_changed(true)`).
+    pub websocket_retry: Duration,
 }
 
 impl Config {
@@ -90,6 +98,8 @@ impl Config {
             pong_timeout: Duration::from_secs(5),
             push_deadline: Duration::from_secs(20),
             max_token_failures: 3,
+            transport: TransportPreference::Auto,
+            websocket_retry: Duration::from_secs(300),
         }
     }
 }
@@ -229,14 +239,26 @@ impl HeraldClient {
             pong_timeout: config.pong_timeout.max(Duration::from_millis(100)),
             max_token_failures: config.max_token_failures.max(1),
             sync_max_pages: 20,
+            transport: config.transport,
+            websocket_retry: config.websocket_retry.max(Duration::from_secs(1)),
         });
+        let transport = {
+            let _guard = rt.enter();
+            // A long-poll is held for a heartbeat (the engine's liveness check
+            // expects an answer within two).
+            let poll_wait = config.heartbeat.unwrap_or(Duration::from_secs(25));
+            Transports {
+                ws: WsTransport,
+                http: HttpTransport::new(api.clone(), config.connect_timeout, poll_wait),
+            }
+        };
         let (cmd_tx, cmd_rx) = tokio::sync::mpsc::unbounded_channel();
         let (ev_tx, ev_rx) = mpsc::channel();
         let state = Arc::new(Mutex::new(ConnectionState::Disconnected));
         let counters = Arc::new(Counters::default());
         let engine = Engine::new(EngineParts {
             settings,
-            transport: Arc::new(WsTransport),
+            transport: Arc::new(transport),
             tokens,
             api: api.clone(),
             store: store.clone(),

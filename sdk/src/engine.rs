@@ -27,7 +27,7 @@ use crate::push::{PushInfo, PushOutcome};
 use crate::store::Store;
 use crate::token::Tokens;
 use crate::transport::{ConnectError, Connection, Incoming, Transport};
-use crate::{ConnectionState, Error};
+use crate::{ConnectionState, Error, TransportKind, TransportPreference};
 
 pub(crate) type Reply<T> = mpsc::SyncSender<Result<T, Error>>;
 /// One store for the engine and the listener thread (which commits the cursor).
@@ -121,6 +121,9 @@ pub(crate) struct Settings {
     pub pong_timeout: Duration,
     pub max_token_failures: u32,
     pub sync_max_pages: u32,
+    pub transport: TransportPreference,
+    /// In fallback (auto): how often WebSocket is tried again.
+    pub websocket_retry: Duration,
 }
 
 pub(crate) struct Engine<T: Transport> {
@@ -157,6 +160,14 @@ pub(crate) struct Engine<T: Transport> {
     tasks: JoinSet<()>,
     /// Frames to send once the session is up.
     outbox: Vec<ClientFrame>,
+    /// Auto mode: the transport WebSocket fell back to (`None`: WebSocket works).
+    fallback: Option<TransportKind>,
+    /// In fallback: when to try WebSocket again.
+    ws_retry_at: Instant,
+    /// This attempt is such a retry: any failure goes straight back to `fallback`.
+    retrying_ws: bool,
+    /// Connect attempts in a row that timed out (no answer, or no welcome).
+    handshake_timeouts: u32,
 }
 
 enum Phase {
@@ -185,6 +196,9 @@ enum AttemptError {
 const DEAD_GRACE: Duration = Duration::from_secs(2);
 /// How long a connection may stay silent after the network changed.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Handshake timeouts in a row after which auto mode checks whether plain HTTP gets
+/// through (and then falls back).
+const TIMEOUTS_BEFORE_FALLBACK: u32 = 2;
 /// Until the welcome tells the real value.
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(30);
 
@@ -248,6 +262,10 @@ impl<T: Transport> Engine<T> {
             sync_running: false,
             tasks: JoinSet::new(),
             outbox: Vec::new(),
+            fallback: None,
+            ws_retry_at: Instant::now(),
+            retrying_ws: false,
+            handshake_timeouts: 0,
         }
     }
 
@@ -343,8 +361,80 @@ impl<T: Transport> Engine<T> {
         }
     }
 
+    /// The transport of the next attempt.
+    fn pick_transport(&mut self) -> TransportKind {
+        self.retrying_ws = false;
+        match self.s.transport {
+            TransportPreference::WebSocket => TransportKind::WebSocket,
+            TransportPreference::Sse => TransportKind::Sse,
+            TransportPreference::LongPoll => TransportKind::LongPoll,
+            TransportPreference::Auto => match self.fallback {
+                None => TransportKind::WebSocket,
+                Some(_) if Instant::now() >= self.ws_retry_at => {
+                    self.retrying_ws = true;
+                    TransportKind::WebSocket
+                }
+                Some(k) => k,
+            },
+        }
+    }
+
+    /// `kind` does not get through here (auto mode): the next transport, at once.
+    fn fall_back(&mut self, kind: TransportKind, why: &str) -> Option<Phase> {
+        if self.s.transport != TransportPreference::Auto {
+            return None;
+        }
+        self.handshake_timeouts = 0;
+        self.ws_retry_at = Instant::now() + self.s.websocket_retry;
+        if self.retrying_ws {
+            // WebSocket still does not get through: back to what works.
+            log!(
+                Info,
+                "WebSocket still unavailable ({why}); staying on {:?}",
+                self.fallback
+            );
+            self.retrying_ws = false;
+            return Some(Phase::Connect);
+        }
+        let next = match kind {
+            TransportKind::WebSocket => TransportKind::Sse,
+            TransportKind::Sse => TransportKind::LongPoll,
+            TransportKind::LongPoll => return None,
+        };
+        log!(
+            Warn,
+            "{} unavailable ({why}); falling back to {}",
+            kind.name(),
+            next.name()
+        );
+        self.fallback = Some(next);
+        Some(Phase::Connect)
+    }
+
+    /// A connect attempt timed out (no answer, or no welcome in time). Twice in a row
+    /// while plain HTTP reaches the gateway (auto mode): fall back.
+    async fn on_handshake_timeout(&mut self, kind: TransportKind) -> Phase {
+        self.handshake_timeouts += 1;
+        let auto = self.s.transport == TransportPreference::Auto;
+        if auto && (self.retrying_ws || self.handshake_timeouts >= TIMEOUTS_BEFORE_FALLBACK) {
+            let reachable = tokio::time::timeout(
+                self.s.connect_timeout,
+                self.transport.http_reachable(&self.s.base),
+            )
+            .await
+            .unwrap_or(false);
+            if reachable {
+                if let Some(p) = self.fall_back(kind, "handshakes time out while HTTP works") {
+                    return p;
+                }
+            }
+        }
+        self.next_backoff()
+    }
+
     async fn connect(&mut self) -> Phase {
         self.set_state(ConnectionState::Connecting);
+        let kind = self.pick_transport();
         Counters::inc(&self.counters.connect_attempts);
         let transport = self.transport.clone();
         let tokens = self.tokens.clone();
@@ -358,7 +448,7 @@ impl<T: Transport> Engine<T> {
         };
         let attempt = async move {
             let token = tokens.get().await.map_err(AttemptError::Token)?;
-            let connect = transport.connect(&s.base, &s.device_id, after, &token.value);
+            let connect = transport.connect(kind, &s.base, &s.device_id, after, &token.value);
             match tokio::time::timeout(s.connect_timeout, connect).await {
                 Err(_) => Err(AttemptError::Timeout),
                 Ok(Err(e)) => Err(AttemptError::Connect(e, token.value)),
@@ -389,7 +479,7 @@ impl<T: Transport> Engine<T> {
             }
         };
         match outcome {
-            Ok(conn) => self.session(conn, after).await,
+            Ok(conn) => self.session(conn, after, kind).await,
             Err(AttemptError::Token(e)) => {
                 if self.tokens.consecutive_failures().await >= self.s.max_token_failures {
                     self.terminal(e)
@@ -399,11 +489,24 @@ impl<T: Transport> Engine<T> {
                 }
             }
             Err(AttemptError::Timeout) => {
-                log!(Debug, "connect attempt timed out");
-                self.next_backoff()
+                log!(Debug, "connect attempt ({}) timed out", kind.name());
+                self.on_handshake_timeout(kind).await
             }
             Err(AttemptError::Connect(ConnectError::Network(e), _)) => {
-                log!(Debug, "connect failed: {e}");
+                log!(Debug, "connect failed ({}): {e}", kind.name());
+                if self.retrying_ws {
+                    if let Some(p) = self.fall_back(kind, &e) {
+                        return p;
+                    }
+                }
+                self.next_backoff()
+            }
+            Err(AttemptError::Connect(ConnectError::NotHere(why), _)) => {
+                if let Some(p) = self.fall_back(kind, &why) {
+                    return p;
+                }
+                // Forced transport, or long-poll does not get through either.
+                self.report(Error::Network(why), false);
                 self.next_backoff()
             }
             Err(AttemptError::Connect(ConnectError::Rejected { status, error }, token)) => {
@@ -441,8 +544,13 @@ impl<T: Transport> Engine<T> {
         }
     }
 
-    async fn session(&mut self, mut conn: T::Conn, after: i64) -> Phase {
+    async fn session(&mut self, mut conn: T::Conn, after: i64, kind: TransportKind) -> Phase {
         let started = Instant::now();
+        let can_ping = conn.can_ping();
+        // In fallback: end the session (resuming at once) when WebSocket is due a retry.
+        let ws_retry = (self.s.transport == TransportPreference::Auto
+            && kind != TransportKind::WebSocket)
+            .then_some(self.ws_retry_at);
         // Highest seq this session has carried: acks never go beyond it (the gateway
         // refuses acks of seqs it has not sent on the session).
         let mut carried = after;
@@ -490,7 +598,14 @@ impl<T: Transport> Engine<T> {
                         conn.close().await;
                         return Phase::Idle;
                     }
-                    if (is_network_up || is_foreground) && welcomed {
+                    if is_network_up && welcomed && !can_ping {
+                        // A stream cannot be probed: it may be bound to the old
+                        // network. Resume on the new one (and try WebSocket again).
+                        conn.close().await;
+                        self.ws_retry_at = Instant::now();
+                        return Phase::Connect;
+                    }
+                    if (is_network_up || is_foreground) && welcomed && can_ping {
                         // The old socket may be bound to the old network, or have died
                         // while the app was in the background: probe it.
                         self.outbox.push(ClientFrame::Ping);
@@ -533,10 +648,14 @@ impl<T: Transport> Engine<T> {
                                 }
                                 welcomed = true;
                                 self.unauthorized = 0;
+                                self.handshake_timeouts = 0;
+                                if kind == TransportKind::WebSocket && self.fallback.take().is_some() {
+                                    log!(Info, "WebSocket gets through again");
+                                }
                                 Counters::inc(&self.counters.connections);
                                 heartbeat = self.s.heartbeat.unwrap_or(Duration::from_secs(heartbeat_s.max(1)));
                                 next_ping = Instant::now() + self.ping_interval(heartbeat);
-                                self.set_state(ConnectionState::Connected);
+                                self.set_state(ConnectionState::Connected { transport: kind });
                                 let mut frames: Vec<ClientFrame> = self
                                     .topics
                                     .iter()
@@ -578,7 +697,7 @@ impl<T: Transport> Engine<T> {
                     self.outbox.push(ClientFrame::Ping);
                     ping_sent = Some(Instant::now());
                     let interval = self.ping_interval(heartbeat);
-                    if interval < heartbeat && probe.is_none() {
+                    if interval < heartbeat && probe.is_none() && can_ping {
                         // Foreground liveness: a pong (or any traffic) must come soon.
                         probe = Some(Instant::now() + self.s.pong_timeout);
                     }
@@ -587,7 +706,15 @@ impl<T: Transport> Engine<T> {
                 _ = sleep_until(dead_at) => {
                     log!(Info, "connection silent, reconnecting");
                     conn.close().await;
+                    if !welcomed {
+                        return self.on_handshake_timeout(kind).await;
+                    }
                     return end(self, welcomed);
+                }
+                _ = sleep_until(ws_retry.unwrap_or(dead_at)), if welcomed && ws_retry.is_some() => {
+                    log!(Info, "trying WebSocket again");
+                    conn.close().await;
+                    return Phase::Connect;
                 }
             }
             if welcomed {
@@ -769,6 +896,8 @@ impl<T: Transport> Engine<T> {
             Command::Network(up) => {
                 self.network = up;
                 if up {
+                    // A new network may let WebSocket through.
+                    self.ws_retry_at = Instant::now();
                     return Flow::Now;
                 }
             }

@@ -1,7 +1,7 @@
 //! The state machine driven by a fake transport, on tokio's paused clock.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use crate::log::Counters;
 use crate::store::Store;
 use crate::token::{TokenProvider, Tokens};
 use crate::transport::{ConnectError, Connection, Incoming, Transport};
-use crate::{ConnectionState, Error};
+use crate::{ConnectionState, Error, TransportKind, TransportPreference};
 
 /// What the fake does on the next connect attempt.
 enum Outcome {
@@ -91,6 +91,10 @@ struct Fake {
     script: Mutex<VecDeque<Outcome>>,
     /// (when, after, token) of every attempt.
     attempts: Mutex<Vec<(Instant, i64, String)>>,
+    /// The transport of every attempt.
+    kinds: Mutex<Vec<TransportKind>>,
+    /// What `http_reachable` answers.
+    http_works: AtomicBool,
 }
 
 impl Fake {
@@ -100,11 +104,17 @@ impl Fake {
     fn attempts(&self) -> Vec<(Instant, i64, String)> {
         self.attempts.lock().unwrap().clone()
     }
+    fn kinds(&self) -> Vec<TransportKind> {
+        self.kinds.lock().unwrap().clone()
+    }
 }
 
-struct FakeConn(ServerSide);
+struct FakeConn(ServerSide, TransportKind);
 
 impl Connection for FakeConn {
+    fn can_ping(&self) -> bool {
+        self.1 == TransportKind::WebSocket
+    }
     async fn send(&mut self, frame: &ClientFrame) -> Result<(), String> {
         self.0
             .from_client
@@ -121,6 +131,7 @@ impl Transport for Fake {
     type Conn = FakeConn;
     async fn connect(
         &self,
+        kind: TransportKind,
         _: &Url,
         _: &str,
         after: i64,
@@ -130,13 +141,17 @@ impl Transport for Fake {
             .lock()
             .unwrap()
             .push((Instant::now(), after, token.to_string()));
+        self.kinds.lock().unwrap().push(kind);
         let next = self.script.lock().unwrap().pop_front();
         match next {
-            Some(Outcome::Accept(s)) => Ok(FakeConn(s)),
+            Some(Outcome::Accept(s)) => Ok(FakeConn(s, kind)),
             Some(Outcome::Fail(e)) => Err(e),
             Some(Outcome::Hang) => std::future::pending().await,
             None => Err(ConnectError::Network("refused".into())),
         }
+    }
+    async fn http_reachable(&self, _: &Url) -> bool {
+        self.http_works.load(Ordering::SeqCst)
     }
 }
 
@@ -164,6 +179,8 @@ fn settings() -> Settings {
         pong_timeout: Duration::from_secs(5),
         max_token_failures: 3,
         sync_max_pages: 2,
+        transport: TransportPreference::Auto,
+        websocket_retry: Duration::from_secs(300),
     }
 }
 
@@ -339,7 +356,12 @@ async fn healthy_session_resets_backoff_and_reconnect_frame_is_honoured() {
     h.wait_attempts(7).await;
     peer.welcome(30, 0);
     h.run_for(Duration::from_secs(20)).await;
-    assert_eq!(h.last_state(), Some(ConnectionState::Connected));
+    assert_eq!(
+        h.last_state(),
+        Some(ConnectionState::Connected {
+            transport: TransportKind::WebSocket
+        })
+    );
     // The server drains: reconnect after at least 3 s, at most 3 s + backoff_min.
     let drained_at = Instant::now();
     peer.frame(ServerFrame::Reconnect { after_ms: 3000 });
@@ -675,7 +697,12 @@ async fn foreground_ping_answered_keeps_the_connection_and_measures_rtt() {
     }
     h.run_for(Duration::from_millis(1)).await;
     assert_eq!(h.fake.attempts().len(), 1, "a live connection was dropped");
-    assert_eq!(h.last_state(), Some(ConnectionState::Connected));
+    assert_eq!(
+        h.last_state(),
+        Some(ConnectionState::Connected {
+            transport: TransportKind::WebSocket
+        })
+    );
     let stats = h.counters.snapshot();
     assert!((40..=50).contains(&stats.last_rtt_ms.unwrap()), "{stats:?}");
     assert_eq!((stats.connections, stats.reconnects), (1, 0));
@@ -778,4 +805,168 @@ async fn topics_are_saved_re_sent_and_refusals_reported() {
     );
     h.close().await;
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn not_here() -> Outcome {
+    Outcome::Fail(ConnectError::NotHere("proxy said 403".into()))
+}
+
+use TransportKind::{LongPoll, Sse, WebSocket};
+
+#[tokio::test(start_paused = true)]
+async fn refused_upgrades_fall_back_to_sse_then_poll_and_websocket_is_retried() {
+    let mut h = start();
+    // A proxy refuses the upgrade, then the event stream: long-poll, at once.
+    h.fake.push(not_here());
+    h.fake.push(not_here());
+    let (o, mut poll) = accept();
+    h.fake.push(o);
+    h.send(Command::Connect);
+    h.run_for(Duration::from_millis(1)).await;
+    assert_eq!(h.fake.kinds(), [WebSocket, Sse, LongPoll]);
+    let attempts = h.fake.attempts();
+    assert_eq!(
+        attempts[2].0, attempts[0].0,
+        "no backoff between the transports"
+    );
+    poll.welcome(25, 2);
+    poll.msg(1);
+    poll.msg(2);
+    h.run_for(Duration::from_millis(10)).await;
+    assert_eq!(
+        h.last_state(),
+        Some(ConnectionState::Connected {
+            transport: LongPoll
+        })
+    );
+    assert_eq!(h.messages(), [1, 2]);
+    h.send(Command::Handled { seq: 1 });
+    h.send(Command::Handled { seq: 2 });
+    h.run_for(Duration::from_millis(10)).await;
+    assert_eq!(poll.sent().last(), Some(&ClientFrame::Ack { seq: 2 }));
+    // Kept alive by held polls answering; nothing happens until the WebSocket retry
+    // (5 min after the fallback): then WebSocket once, and straight back to long-poll.
+    h.fake.push(not_here());
+    let (o, poll2) = accept();
+    h.fake.push(o);
+    for _ in 0..14 {
+        let _ = poll.tx.send(Some(Incoming::Activity));
+        h.run_for(Duration::from_secs(20)).await;
+    }
+    assert_eq!(
+        h.fake.attempts().len(),
+        3,
+        "no pings over long-poll, no probe"
+    );
+    let _ = poll.tx.send(Some(Incoming::Activity));
+    h.run_for(Duration::from_secs(21)).await;
+    assert_eq!(
+        h.fake.kinds(),
+        [WebSocket, Sse, LongPoll, WebSocket, LongPoll]
+    );
+    let attempts = h.fake.attempts();
+    let retried = attempts[3].0 - attempts[0].0;
+    assert!(
+        retried >= Duration::from_secs(300) && retried < Duration::from_secs(301),
+        "{retried:?}"
+    );
+    assert_eq!(attempts[4].0, attempts[3].0);
+    assert_eq!(attempts[4].1, 2, "resumes after what was handled");
+    poll2.welcome(25, 2);
+    h.run_for(Duration::from_millis(10)).await;
+    // A network change tries WebSocket at once; once it works, it is kept.
+    let (o, ws) = accept();
+    h.fake.push(o);
+    h.send(Command::Network(true));
+    h.run_for(Duration::from_millis(10)).await;
+    assert_eq!(h.fake.kinds().last(), Some(&WebSocket));
+    ws.welcome(30, 2);
+    h.run_for(Duration::from_millis(10)).await;
+    assert_eq!(
+        h.last_state(),
+        Some(ConnectionState::Connected {
+            transport: WebSocket
+        })
+    );
+    drop(ws);
+    h.run_for(Duration::from_secs(5)).await;
+    let kinds = h.fake.kinds();
+    assert!(kinds.len() > 7);
+    assert!(kinds[6..].iter().all(|k| *k == WebSocket), "{kinds:?}");
+    h.close().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn handshake_timeouts_fall_back_only_while_plain_http_works() {
+    let mut h = start();
+    // A dead network: handshakes time out and HTTP fails too — no fallback.
+    for _ in 0..3 {
+        h.fake.push(Outcome::Hang);
+    }
+    h.send(Command::Connect);
+    h.wait_attempts(3).await;
+    assert_eq!(h.fake.kinds(), [WebSocket, WebSocket, WebSocket]);
+    // A middlebox that swallows upgrades: HTTP answers, so the next timeout falls back.
+    h.fake.http_works.store(true, Ordering::SeqCst);
+    let (o, sse) = accept();
+    h.fake.push(o);
+    h.wait_attempts(4).await;
+    let attempts = h.fake.attempts();
+    assert_eq!(
+        attempts[3].0 - attempts[2].0,
+        Duration::from_secs(10),
+        "right after the third timeout"
+    );
+    assert_eq!(h.fake.kinds()[3], Sse);
+    sse.welcome(25, 0);
+    h.run_for(Duration::from_millis(10)).await;
+    assert_eq!(
+        h.last_state(),
+        Some(ConnectionState::Connected { transport: Sse })
+    );
+    h.close().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_event_stream_without_welcome_counts_as_a_handshake_timeout() {
+    let mut h = start();
+    h.fake.http_works.store(true, Ordering::SeqCst);
+    h.fake.push(not_here());
+    // A buffering proxy: the stream opens, nothing comes through.
+    let (o1, _sse1) = accept();
+    let (o2, _sse2) = accept();
+    h.fake.push(o1);
+    h.fake.push(o2);
+    h.send(Command::Connect);
+    h.wait_attempts(4).await;
+    assert_eq!(h.fake.kinds(), [WebSocket, Sse, Sse, LongPoll]);
+    h.close().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn gateway_refusals_and_forced_transports_do_not_fall_back() {
+    // The gateway's own 403 is final, whatever the transport.
+    let mut h = start();
+    h.fake
+        .push(rejected(403, Error::Forbidden("not yours".into())));
+    h.send(Command::Connect);
+    h.run_for(Duration::from_secs(60)).await;
+    assert_eq!(h.fake.kinds(), [WebSocket]);
+    h.close().await;
+    // A forced transport that does not get through: reported, retried with backoff.
+    let mut s = settings();
+    s.transport = TransportPreference::Sse;
+    let mut h = start_full(
+        Arc::new(|_: &str| Ok::<_, String>("t".into())),
+        Store::open_in_memory("t").unwrap(),
+        s,
+    );
+    h.fake.push(not_here());
+    h.fake.push(not_here());
+    h.send(Command::Connect);
+    h.wait_attempts(3).await;
+    assert_eq!(h.fake.kinds(), [Sse, Sse, Sse]);
+    assert!(h.fake.attempts()[1].0 > h.fake.attempts()[0].0, "backoff");
+    assert!(matches!(h.errors()[..], [(Error::Network(_), false), ..]));
+    h.close().await;
 }

@@ -18,6 +18,7 @@ pub(crate) struct Api {
     base: Url,
     device_id: String,
     tokens: Arc<Tokens>,
+    timeout: Duration,
 }
 
 /// Page size of `GET /v1/me/sync`.
@@ -48,6 +49,7 @@ impl Api {
             base,
             device_id,
             tokens,
+            timeout,
         })
     }
 
@@ -66,6 +68,17 @@ impl Api {
         url: Url,
         body: Option<&B>,
     ) -> Result<T, Error> {
+        self.call_timed(method, url, body, None).await
+    }
+
+    /// [`call`](Self::call) with this request's own time limit (a held long-poll).
+    async fn call_timed<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<&B>,
+        timeout: Option<Duration>,
+    ) -> Result<T, Error> {
         let mut rejected = false;
         loop {
             let token = self.tokens.get().await?;
@@ -75,6 +88,9 @@ impl Api {
                 .bearer_auth(&token.value);
             if let Some(b) = body {
                 req = req.json(b);
+            }
+            if let Some(t) = timeout {
+                req = req.timeout(t);
             }
             let resp = req.send().await.map_err(net_error)?;
             let status = resp.status();
@@ -119,6 +135,26 @@ impl Api {
             .append_pair("after", &after.to_string())
             .append_pair("limit", &limit.to_string());
         self.call::<(), _>(Method::GET, url, None).await
+    }
+
+    /// `GET /v1/me/sync?wait=S` (long-poll): answers at once when entries exist,
+    /// else when one arrives or `wait` passes. Its `after` acknowledges (when `wait` > 0).
+    pub async fn long_poll(&self, after: i64, wait: Duration) -> Result<SyncResponse, Error> {
+        let mut url = self.url(&["v1", "me", "sync"]);
+        url.query_pairs_mut()
+            .append_pair("device_id", &self.device_id)
+            .append_pair("after", &after.to_string())
+            .append_pair("limit", &SYNC_PAGE.to_string())
+            .append_pair("wait", &wait.as_secs().to_string());
+        let limit = wait + self.timeout;
+        self.call_timed::<(), _>(Method::GET, url, None, Some(limit))
+            .await
+    }
+
+    /// `GET /healthz` answered (any status): plain HTTP reaches the gateway.
+    pub async fn reachable(&self) -> bool {
+        let url = self.url(&["healthz"]);
+        self.http.get(url).send().await.is_ok()
     }
 
     /// Everything after `after`, following `has_more` up to `max_pages` pages.

@@ -19,6 +19,7 @@ mod client;
 mod engine;
 mod error;
 mod http;
+mod http_transport;
 mod log;
 pub mod push;
 pub mod store;
@@ -41,14 +42,68 @@ pub enum ConnectionState {
     Disconnected,
     /// A connect attempt is running (token, TCP/TLS, upgrade, welcome).
     Connecting,
-    /// Welcome received; messages flow.
-    Connected,
+    /// Welcome received; messages flow over `transport`.
+    Connected { transport: TransportKind },
     /// The connection failed or dropped; the next attempt starts after `delay_ms`.
     WaitingToReconnect { delay_ms: u64 },
     /// The app wants a connection but is in the background or offline.
     Suspended,
     /// `close()` was called; the client is finished.
     Closed,
+}
+
+/// The transport a session runs over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TransportKind {
+    /// `GET /v1/connect` upgraded to a WebSocket (the normal case).
+    WebSocket,
+    /// `GET /v1/connect/sse` (Server-Sent Events), acks over `POST /v1/me/ack`.
+    Sse,
+    /// `GET /v1/me/sync?wait=S` in a loop, acks over `POST /v1/me/ack`.
+    LongPoll,
+}
+
+impl TransportKind {
+    /// `ws`, `sse` or `poll`.
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportKind::WebSocket => "ws",
+            TransportKind::Sse => "sse",
+            TransportKind::LongPoll => "poll",
+        }
+    }
+}
+
+/// Which transport the client uses ([`Config::transport`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TransportPreference {
+    /// WebSocket; when the network refuses WebSocket upgrades, Server-Sent Events,
+    /// then long-poll, retrying WebSocket every [`Config::websocket_retry`] and on
+    /// every network change.
+    #[default]
+    Auto,
+    /// Only WebSocket.
+    WebSocket,
+    /// Only Server-Sent Events.
+    Sse,
+    /// Only long-poll.
+    LongPoll,
+}
+
+impl std::str::FromStr for TransportPreference {
+    type Err = String;
+    /// `auto`, `ws`, `sse` or `poll`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(TransportPreference::Auto),
+            "ws" | "websocket" => Ok(TransportPreference::WebSocket),
+            "sse" => Ok(TransportPreference::Sse),
+            "poll" | "long-poll" | "longpoll" => Ok(TransportPreference::LongPoll),
+            other => Err(format!(
+                "unknown transport {other:?} (auto, ws, sse or poll)"
+            )),
+        }
+    }
 }
 
 #[cfg(test)]

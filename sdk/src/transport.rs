@@ -1,5 +1,6 @@
-//! The WebSocket transport, behind a small trait so the connection state machine
-//! (`engine`) can be driven by a fake in tests.
+//! The transports (WebSocket here; Server-Sent Events and long-poll in
+//! `http_transport`), behind a small trait so the connection state machine (`engine`)
+//! can be driven by a fake in tests.
 
 use std::future::Future;
 use std::time::Duration;
@@ -9,7 +10,8 @@ use herald_protocol::{ClientFrame, ServerFrame, SUBPROTOCOL};
 use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest, http::HeaderValue, Message};
 use url::Url;
 
-use crate::Error;
+use crate::http_transport::{HttpTransport, PollConnection, SseConnection};
+use crate::{Error, TransportKind};
 
 /// What a connection yields.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,9 +30,30 @@ pub enum ConnectError {
         error: Error,
     },
     Network(String),
+    /// The answer did not come from the gateway and says this transport does not get
+    /// through here (a proxy refused or stripped the WebSocket upgrade, or did not
+    /// pass an event stream): the engine falls back to the next transport.
+    NotHere(String),
+}
+
+/// Whether an HTTP answer to a connect request says "this transport does not get
+/// through here" rather than "the gateway refused": any status but 101 (WebSocket) /
+/// 200 (SSE) whose body is not the gateway's JSON error, except 401 and 429 (an
+/// authenticating or rate-limiting proxy: retrying another transport would not help).
+/// The gateway's own refusals (401, 403, 404, 422, 429 …) always carry its error body.
+pub fn not_here(status: u16, body: &[u8]) -> bool {
+    if matches!(status, 401 | 429) {
+        return false;
+    }
+    serde_json::from_slice::<herald_protocol::ErrorBody>(body).is_err()
 }
 
 pub trait Connection: Send {
+    /// Whether a `ClientFrame::Ping` is answered (WebSocket). Over SSE and long-poll
+    /// it is not; liveness is the server's heartbeat comments / held polls answering.
+    fn can_ping(&self) -> bool {
+        true
+    }
     fn send(&mut self, frame: &ClientFrame) -> impl Future<Output = Result<(), String>> + Send;
     /// Next event; `None` when the connection is closed. Must be cancel-safe.
     fn recv(&mut self) -> impl Future<Output = Option<Result<Incoming, String>>> + Send;
@@ -41,11 +64,15 @@ pub trait Transport: Send + Sync + 'static {
     type Conn: Connection + 'static;
     fn connect(
         &self,
+        kind: TransportKind,
         base: &Url,
         device_id: &str,
         after: i64,
         token: &str,
     ) -> impl Future<Output = Result<Self::Conn, ConnectError>> + Send;
+    /// Whether plain HTTP(S) to the gateway works (`GET /healthz` answers): told apart
+    /// from a dead network when WebSocket handshakes keep timing out.
+    fn http_reachable(&self, base: &Url) -> impl Future<Output = bool> + Send;
 }
 
 /// `GET {base}/v1/connect?device_id=D&after=SEQ` as a WebSocket URL.
@@ -77,10 +104,8 @@ pub struct WsConnection {
     ws: WsStream,
 }
 
-impl Transport for WsTransport {
-    type Conn = WsConnection;
-
-    async fn connect(
+impl WsTransport {
+    pub async fn connect(
         &self,
         base: &Url,
         device_id: &str,
@@ -115,12 +140,92 @@ impl Transport for WsTransport {
                     .and_then(|v| v.trim().parse::<u64>().ok())
                     .map(Duration::from_secs);
                 let body = resp.body().as_deref().unwrap_or_default();
+                if not_here(status, body) {
+                    return Err(ConnectError::NotHere(format!(
+                        "the WebSocket upgrade was answered with HTTP {status} (not from the gateway)"
+                    )));
+                }
                 Err(ConnectError::Rejected {
                     status,
                     error: crate::error::from_status(status, body, retry_after),
                 })
             }
+            // A 101 without the upgrade's headers (a middlebox answered for the
+            // gateway), or a response that is not HTTP/1.1 at all.
+            Err(e @ (tungstenite::Error::Protocol(_) | tungstenite::Error::HttpFormat(_))) => Err(
+                ConnectError::NotHere(format!("WebSocket handshake broken: {e}")),
+            ),
             Err(e) => Err(ConnectError::Network(e.to_string())),
+        }
+    }
+}
+
+/// The real transports: WebSocket, SSE and long-poll, chosen per attempt.
+pub struct Transports {
+    pub(crate) ws: WsTransport,
+    pub(crate) http: HttpTransport,
+}
+
+/// A connection of any of [`Transports`].
+pub enum AnyConnection {
+    Ws(Box<WsConnection>),
+    Sse(SseConnection),
+    Poll(PollConnection),
+}
+
+impl Transport for Transports {
+    type Conn = AnyConnection;
+
+    async fn connect(
+        &self,
+        kind: TransportKind,
+        base: &Url,
+        device_id: &str,
+        after: i64,
+        token: &str,
+    ) -> Result<AnyConnection, ConnectError> {
+        Ok(match kind {
+            TransportKind::WebSocket => AnyConnection::Ws(Box::new(
+                self.ws.connect(base, device_id, after, token).await?,
+            )),
+            TransportKind::Sse => {
+                AnyConnection::Sse(self.http.connect_sse(base, device_id, after, token).await?)
+            }
+            TransportKind::LongPoll => AnyConnection::Poll(self.http.connect_poll(after).await?),
+        })
+    }
+
+    async fn http_reachable(&self, base: &Url) -> bool {
+        self.http.reachable(base).await
+    }
+}
+
+impl Connection for AnyConnection {
+    fn can_ping(&self) -> bool {
+        matches!(self, AnyConnection::Ws(_))
+    }
+
+    async fn send(&mut self, frame: &ClientFrame) -> Result<(), String> {
+        match self {
+            AnyConnection::Ws(c) => c.send(frame).await,
+            AnyConnection::Sse(c) => c.send(frame).await,
+            AnyConnection::Poll(c) => c.send(frame).await,
+        }
+    }
+
+    async fn recv(&mut self) -> Option<Result<Incoming, String>> {
+        match self {
+            AnyConnection::Ws(c) => c.recv().await,
+            AnyConnection::Sse(c) => c.recv().await,
+            AnyConnection::Poll(c) => c.recv().await,
+        }
+    }
+
+    async fn close(&mut self) {
+        match self {
+            AnyConnection::Ws(c) => c.close().await,
+            AnyConnection::Sse(c) => c.close().await,
+            AnyConnection::Poll(c) => c.close().await,
         }
     }
 }
@@ -166,5 +271,21 @@ mod tests {
         assert_eq!(u.as_str(), "ws://h:1/v1/connect?device_id=d+1&after=5");
         let u = connect_url(&Url::parse("https://h/base/").unwrap(), "d", 0);
         assert_eq!(u.as_str(), "wss://h/base/v1/connect?device_id=d&after=0");
+    }
+
+    #[test]
+    fn answers_not_from_the_gateway_mean_not_here() {
+        let herald = br#"{"error":{"code":"forbidden","message":"no"}}"#;
+        assert!(!not_here(403, herald));
+        assert!(!not_here(422, herald));
+        assert!(not_here(403, b"<html>Blocked by policy</html>"));
+        assert!(not_here(
+            400,
+            b"Connection header did not include 'upgrade'"
+        ));
+        assert!(not_here(200, b""));
+        assert!(not_here(502, b""));
+        assert!(!not_here(401, b""));
+        assert!(!not_here(429, b""));
     }
 }
