@@ -123,6 +123,7 @@ conformance!(
     delete_device_removes_inbox,
     sweep_deletes_old_entries,
     message_status_rows,
+    concurrent_writes_with_refused_items_commit_the_others,
 );
 
 // ---------------------------------------------------------------------------------
@@ -1283,4 +1284,339 @@ async fn message_status_rows(store: Arc<dyn Store>) {
     assert_eq!(rows[3].push_state.as_deref(), Some("pending"));
     assert_eq!(rows[3].to_wire(T0 + DAY).state, DeliveryState::Expired);
     assert!(store.message("missing").await.unwrap().is_none());
+}
+
+/// Many writes at once (so they share commit groups), some of them refused: the
+/// refused ones get their own error and write nothing, every other one is committed,
+/// and the seqs stay gap-free.
+async fn concurrent_writes_with_refused_items_commit_the_others(store: Arc<dyn Store>) {
+    for d in ["d1", "d2", "d3"] {
+        device(&store, d, "alice").await;
+    }
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut m = match i % 20 {
+                7 => new_msg(to_device("ghost"), T0),
+                13 => {
+                    let mut m = new_msg(Target::User("alice".into()), T0);
+                    m.max_recipients = 2;
+                    m
+                }
+                _ => new_msg(to_device(["d1", "d2", "d3"][i % 3]), T0),
+            };
+            if i % 20 == 7 {
+                m.idempotency_key = Some(format!("k{i}"));
+            }
+            let id = m.id.clone();
+            (i, id, store.publish(m).await)
+        }));
+    }
+    // Acks of an unknown device in the middle of it.
+    let ghost_ack = {
+        let store = store.clone();
+        tokio::spawn(async move { store.ack("ghost", 1, T0).await })
+    };
+    let mut per_device: std::collections::HashMap<String, Vec<i64>> = Default::default();
+    for t in tasks {
+        let (i, id, result) = t.await.unwrap();
+        match i % 20 {
+            7 => {
+                let err = result.unwrap_err();
+                assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+                assert!(store.message(&id).await.unwrap().is_none());
+            }
+            13 => {
+                let err = result.unwrap_err();
+                assert!(matches!(err, StoreError::TooManyRecipients(3)), "{err:?}");
+                assert!(store.message(&id).await.unwrap().is_none());
+            }
+            _ => {
+                for e in created(result.unwrap()) {
+                    per_device.entry(e.device_id).or_default().push(e.seq);
+                }
+                assert!(store.message(&id).await.unwrap().is_some());
+            }
+        }
+    }
+    let err = ghost_ack.await.unwrap().unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+    for (d, mut seqs) in per_device {
+        seqs.sort_unstable();
+        let n = seqs.len() as i64;
+        assert_eq!(seqs, (1..=n).collect::<Vec<_>>(), "{d}");
+        assert_eq!(store.device(&d).await.unwrap().unwrap().last_seq, n, "{d}");
+    }
+    // The refused idempotency keys were not consumed.
+    for i in [7, 27, 47] {
+        let mut m = new_msg(to_device("d1"), T0);
+        m.idempotency_key = Some(format!("k{i}"));
+        assert_eq!(publish_ok(&store, m).await.len(), 1);
+    }
+}
+
+/// Two gateway nodes on one PostgreSQL database: two stores, each with its own group
+/// commit, written to at once.
+mod two_nodes {
+    use super::*;
+
+    async fn with_two_stores<F, Fut>(test: F)
+    where
+        F: FnOnce(Arc<dyn Store>, Arc<dyn Store>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let db = common::pg::PgDb::create().await;
+        let opened = async {
+            let a = PostgresStore::open(&db.url).await?;
+            let b = PostgresStore::open(&db.url).await?;
+            Ok::<_, StoreError>((a, b))
+        }
+        .await;
+        let (a, b) = match opened {
+            Ok(s) => s,
+            Err(e) => {
+                db.drop_db().await;
+                panic!("open postgres stores: {e}");
+            }
+        };
+        let result = tokio::spawn(test(Arc::new(a), Arc::new(b))).await;
+        db.drop_db().await;
+        if let Err(e) = result {
+            if e.is_panic() {
+                std::panic::resume_unwind(e.into_panic());
+            }
+            panic!("test task: {e}");
+        }
+    }
+
+    const DEVICES: usize = 8;
+
+    /// Publishers on both nodes (single publishes, fan-outs and batches) and, at the
+    /// same time, each device's acks and sent marks alternating between the nodes.
+    /// Every device's seqs come out 1..=n without gaps or repeats, each seq is the
+    /// entry the publisher was told, every ack only moves forward and never beyond
+    /// what was assigned, and the final acks land on every entry.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_publishes_and_acks_on_two_nodes_are_gapless() {
+        with_two_stores(|a, b| async move {
+            let nodes = [a, b];
+            for d in 0..DEVICES {
+                let user = if d < DEVICES / 2 { "alice" } else { "bob" };
+                device(&nodes[d % 2], &format!("d{d}"), user).await;
+            }
+            let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let mut publishers = Vec::new();
+            for p in 0..24usize {
+                let store = nodes[p % 2].clone();
+                publishers.push(tokio::spawn(async move {
+                    let mut got: Vec<(String, i64, String)> = Vec::new();
+                    for k in 0..15usize {
+                        let msgs: Vec<NewMessage> = match (p + k) % 5 {
+                            0 => vec![new_msg(
+                                Target::User(if k % 2 == 0 { "alice" } else { "bob" }.into()),
+                                T0,
+                            )],
+                            1 => (0..3)
+                                .map(|j| {
+                                    new_msg(to_device(&format!("d{}", (p + k + j) % DEVICES)), T0)
+                                })
+                                .collect(),
+                            _ => vec![new_msg(
+                                to_device(&format!("d{}", (p * 3 + k) % DEVICES)),
+                                T0,
+                            )],
+                        };
+                        let ids: Vec<String> = msgs.iter().map(|m| m.id.clone()).collect();
+                        let outcomes = if msgs.len() == 1 {
+                            vec![store.publish(msgs.into_iter().next().unwrap()).await]
+                        } else {
+                            store.publish_batch(msgs).await.expect("batch commits")
+                        };
+                        for (id, outcome) in ids.into_iter().zip(outcomes) {
+                            for e in created(outcome.expect("publish")) {
+                                assert_eq!(e.message.id, id);
+                                got.push((e.device_id, e.seq, id.clone()));
+                            }
+                        }
+                    }
+                    got
+                }));
+            }
+            let mut ackers = Vec::new();
+            for d in 0..DEVICES {
+                let nodes = nodes.clone();
+                let done = done.clone();
+                ackers.push(tokio::spawn(async move {
+                    let id = format!("d{d}");
+                    let (mut acked, mut marked) = (0, 0);
+                    let mut turn = d;
+                    loop {
+                        let finished = done.load(std::sync::atomic::Ordering::SeqCst);
+                        let store = &nodes[turn % 2];
+                        turn += 1;
+                        let last = store.device(&id).await.unwrap().unwrap().last_seq;
+                        if last > marked {
+                            store
+                                .mark_sent(&[(id.clone(), marked + 1, last)], T0 + 1)
+                                .await
+                                .unwrap();
+                            marked = last;
+                        }
+                        // Sometimes beyond what exists: clamped, never past last_seq.
+                        let want = if turn % 3 == 0 { last + 5 } else { last };
+                        let now = store.ack(&id, want, T0 + 2).await.unwrap();
+                        assert!(now >= acked, "{id}: ack went back from {acked} to {now}");
+                        let after = store.device(&id).await.unwrap().unwrap();
+                        assert!(
+                            now <= after.last_seq,
+                            "{id}: acked {now} beyond last {}",
+                            after.last_seq
+                        );
+                        acked = now;
+                        if finished {
+                            return;
+                        }
+                        tokio::task::yield_now().await;
+                    }
+                }));
+            }
+            let mut entries: Vec<(String, i64, String)> = Vec::new();
+            for p in publishers {
+                entries.extend(p.await.unwrap());
+            }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            for a in ackers {
+                a.await.unwrap();
+            }
+
+            let mut per_device: std::collections::BTreeMap<String, Vec<(i64, String)>> =
+                Default::default();
+            for (d, seq, id) in &entries {
+                per_device
+                    .entry(d.clone())
+                    .or_default()
+                    .push((*seq, id.clone()));
+            }
+            assert_eq!(per_device.len(), DEVICES);
+            for (d, mut got) in per_device {
+                got.sort();
+                let n = got.len() as i64;
+                assert_eq!(
+                    got.iter().map(|g| g.0).collect::<Vec<_>>(),
+                    (1..=n).collect::<Vec<_>>(),
+                    "{d}: seqs"
+                );
+                for store in &nodes {
+                    let dev = store.device(&d).await.unwrap().unwrap();
+                    assert_eq!(
+                        (dev.last_seq, dev.acked_seq),
+                        (n, n),
+                        "{d}: every ack landed"
+                    );
+                    let inbox = store.fetch_after(&d, 0, 10_000, T0).await.unwrap();
+                    assert_eq!(
+                        inbox
+                            .iter()
+                            .map(|e| (e.seq, e.message.id.clone()))
+                            .collect::<Vec<_>>(),
+                        got,
+                        "{d}: the inbox holds what each publisher was told"
+                    );
+                }
+            }
+            // Every entry is acked and marked sent.
+            let ids: std::collections::BTreeSet<&String> = entries.iter().map(|e| &e.2).collect();
+            for id in ids {
+                let (_, rows) = nodes[0].message(id).await.unwrap().unwrap();
+                for r in rows {
+                    assert!(r.acked_at.is_some(), "{id} on {}: not acked", r.device_id);
+                    assert!(
+                        r.sent_at.is_some(),
+                        "{id} on {}: not marked sent",
+                        r.device_id
+                    );
+                }
+            }
+        })
+        .await
+    }
+
+    /// One idempotency key published from both nodes at once: one message, everyone
+    /// else is told it is a duplicate of that one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn one_idempotency_key_on_two_nodes_creates_once() {
+        with_two_stores(|a, b| async move {
+            device(&a, "d1", "alice").await;
+            let mut tasks = Vec::new();
+            for i in 0..30 {
+                let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+                tasks.push(tokio::spawn(async move {
+                    let mut m = new_msg(to_device("d1"), T0);
+                    m.idempotency_key = Some("same".into());
+                    let id = m.id.clone();
+                    (id, store.publish(m).await.unwrap())
+                }));
+            }
+            let (mut made, mut dups) = (Vec::new(), Vec::new());
+            for t in tasks {
+                match t.await.unwrap() {
+                    (id, PublishOutcome::Created { .. }) => made.push(id),
+                    (
+                        _,
+                        PublishOutcome::Duplicate {
+                            message_id,
+                            recipients,
+                        },
+                    ) => {
+                        assert_eq!(recipients, 1);
+                        dups.push(message_id)
+                    }
+                }
+            }
+            assert_eq!(made.len(), 1);
+            assert!(dups.iter().all(|d| *d == made[0]));
+            assert_eq!(a.device("d1").await.unwrap().unwrap().last_seq, 1);
+        })
+        .await
+    }
+
+    /// A write the server refuses (here a NUL byte, which PostgreSQL text cannot hold)
+    /// fails its own caller only; the writes grouped with it are committed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_write_the_database_refuses_fails_alone() {
+        with_two_stores(|a, _b| async move {
+            device(&a, "d1", "alice").await;
+            let mut tasks = Vec::new();
+            for i in 0..40 {
+                let store = a.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut m = new_msg(to_device("d1"), T0);
+                    if i == 17 {
+                        m.api_key_id = "bad\0key".into();
+                    }
+                    let id = m.id.clone();
+                    (i, id, store.publish(m).await)
+                }));
+            }
+            let mut seqs = Vec::new();
+            for t in tasks {
+                let (i, id, result) = t.await.unwrap();
+                if i == 17 {
+                    assert!(result.is_err(), "the refused write reports an error");
+                    assert!(a.message(&id).await.unwrap().is_none());
+                } else {
+                    seqs.extend(
+                        created(result.expect("grouped writes commit"))
+                            .iter()
+                            .map(|e| e.seq),
+                    );
+                    assert!(a.message(&id).await.unwrap().is_some());
+                }
+            }
+            seqs.sort_unstable();
+            assert_eq!(seqs, (1..=39).collect::<Vec<i64>>());
+        })
+        .await
+    }
 }

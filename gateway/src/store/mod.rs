@@ -6,6 +6,7 @@
 //! `postgres` (shared by several gateway nodes).
 
 pub mod postgres;
+mod postgres_group;
 pub mod sqlite;
 mod sqlite_hot;
 

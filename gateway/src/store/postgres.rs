@@ -2,15 +2,18 @@
 //!
 //! Behaviour is the same as `sqlite.rs` (that file is the reference); what differs is
 //! how it stays correct when several nodes write at once:
-//! - each publish is its own transaction (PostgreSQL commits concurrently, so there
-//!   is no single writer to group-commit behind);
-//! - seqs come from `UPDATE devices SET last_seq = last_seq + 1 ... RETURNING`; the
-//!   recipients' rows are locked first, in id order, and held until commit, so seqs of
-//!   one device are assigned in commit order on every node and fan-outs cannot
-//!   deadlock each other;
+//! - publishes (single and batch), acks, sent marks, device claims and presence go
+//!   through a group commit per node (`postgres_group.rs`): everything waiting runs in
+//!   one transaction of set-based statements, and every caller is answered after the
+//!   commit;
+//! - seqs are assigned while the recipients' device rows are locked (one
+//!   `SELECT … ORDER BY id FOR UPDATE` per group, held until commit), so seqs of one
+//!   device are assigned in commit order on every node and groups cannot deadlock
+//!   each other on devices;
 //! - the unique index on `(api_key_id, idempotency_key)` arbitrates concurrent
-//!   publishes with one key: the loser's insert does nothing, it rolls back and
-//!   retries, and then finds the winner's message (`Duplicate`);
+//!   publishes with one key on different nodes: the losing group's insert does
+//!   nothing, it rolls back and runs again, and then finds the winner's message
+//!   (`Duplicate`);
 //! - `claim_pushes` locks the candidate rows `FOR UPDATE SKIP LOCKED` and flips them
 //!   to `sending` in the same statement: rows another node is claiming right now are
 //!   skipped (that node sends them), and a row whose claim committed meanwhile no
@@ -30,6 +33,7 @@ use herald_protocol::{
 use sqlx::postgres::{PgPoolOptions, PgRow};
 use sqlx::{Connection, PgConnection, PgPool, Row};
 
+use super::postgres_group::{Group, Write};
 use super::{
     ApiKeyRecord, DeliveryRow, Device, InboxEntry, MessagePayload, NewMessage, PublishOutcome,
     PushAction, PushMark, PushResult, Store, StoreError, StoreResult, StoredMessage,
@@ -41,11 +45,10 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgre
 /// Connections per gateway node.
 const POOL_SIZE: u32 = 16;
 
-/// Times a publish is retried after losing an idempotency-key race or a deadlock.
-const PUBLISH_ATTEMPTS: usize = 5;
-
 pub struct PostgresStore {
     pool: PgPool,
+    /// Publishes, acks, sent marks, claims and presence: group commit.
+    group: Group,
 }
 
 impl PostgresStore {
@@ -75,7 +78,8 @@ impl PostgresStore {
             .run(&pool)
             .await
             .map_err(|e| StoreError::Other(anyhow::anyhow!("migrating {shown}: {e}")))?;
-        Ok(PostgresStore { pool })
+        let group = Group::start(pool.clone());
+        Ok(PostgresStore { pool, group })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -96,169 +100,12 @@ fn redact(url: &str) -> String {
     }
 }
 
-enum Attempt {
-    Done(PublishOutcome),
-    /// Another transaction committed the idempotency key meanwhile: roll back, retry.
-    KeyTaken,
-}
-
-fn is_retryable(e: &sqlx::Error) -> bool {
-    // 40001 serialization_failure, 40P01 deadlock_detected: nothing was committed.
+/// 40001 serialization_failure, 40P01 deadlock_detected: nothing was committed.
+pub(super) fn is_retryable(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("40001") | Some("40P01")))
 }
 
-/// One publish inside `conn`'s transaction. Errors before the message insert leave
-/// nothing behind; later ones roll the whole transaction back.
-async fn publish_in(conn: &mut PgConnection, msg: &NewMessage) -> StoreResult<Attempt> {
-    if let Some(key) = &msg.idempotency_key {
-        let row = sqlx::query(
-            "SELECT id, recipients, created_at FROM messages WHERE api_key_id = $1 AND idempotency_key = $2",
-        )
-        .bind(&msg.api_key_id)
-        .bind(key)
-        .fetch_optional(&mut *conn)
-        .await?;
-        if let Some(row) = row {
-            let created_at: i64 = row.get("created_at");
-            if created_at >= msg.idempotency_since {
-                return Ok(Attempt::Done(PublishOutcome::Duplicate {
-                    message_id: row.get("id"),
-                    recipients: row.get::<i64, _>("recipients") as u64,
-                }));
-            }
-            // Older than the idempotency window: the key is free again.
-            sqlx::query(
-                "UPDATE messages SET idempotency_key = NULL WHERE id = $1 AND created_at < $2",
-            )
-            .bind(row.get::<String, _>("id"))
-            .bind(msg.idempotency_since)
-            .execute(&mut *conn)
-            .await?;
-        }
-    }
-
-    let candidates: Vec<String> = match &msg.target {
-        Target::Device(d) => {
-            let found: Option<String> = sqlx::query_scalar("SELECT id FROM devices WHERE id = $1")
-                .bind(d)
-                .fetch_optional(&mut *conn)
-                .await?;
-            match found {
-                Some(id) => vec![id],
-                None => {
-                    return Err(StoreError::NotFound(format!(
-                        "device {d} is not registered"
-                    )))
-                }
-            }
-        }
-        Target::User(u) => {
-            sqlx::query_scalar("SELECT id FROM devices WHERE user_id = $1")
-                .bind(u)
-                .fetch_all(&mut *conn)
-                .await?
-        }
-        Target::Topic(t) => {
-            sqlx::query_scalar("SELECT device_id FROM subscriptions WHERE topic = $1")
-                .bind(t)
-                .fetch_all(&mut *conn)
-                .await?
-        }
-    };
-    if candidates.len() > msg.max_recipients {
-        return Err(StoreError::TooManyRecipients(candidates.len()));
-    }
-    // Lock the recipients in one global order (so concurrent fan-outs cannot deadlock)
-    // and keep only those still there; the locks serialise seq assignment per device.
-    let devices: Vec<String> = sqlx::query_scalar(
-        r#"SELECT id FROM devices WHERE id = ANY($1) ORDER BY id COLLATE "C" FOR UPDATE"#,
-    )
-    .bind(&candidates)
-    .fetch_all(&mut *conn)
-    .await?;
-    if let Target::Device(d) = &msg.target {
-        // Deleted between the lookup and the lock.
-        if devices.is_empty() {
-            return Err(StoreError::NotFound(format!(
-                "device {d} is not registered"
-            )));
-        }
-    }
-
-    let payload = serde_json::to_string(&msg.payload).map_err(anyhow::Error::new)?;
-    let inserted = sqlx::query(
-        "INSERT INTO messages (id, api_key_id, target_kind, target, payload, recipients, created_at, expires_at, idempotency_key)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-         ON CONFLICT (api_key_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
-    )
-    .bind(&msg.id)
-    .bind(&msg.api_key_id)
-    .bind(msg.target.kind())
-    .bind(msg.target.value())
-    .bind(&payload)
-    .bind(devices.len() as i64)
-    .bind(msg.created_at)
-    .bind(msg.expires_at)
-    .bind(&msg.idempotency_key)
-    .execute(&mut *conn)
-    .await?;
-    if inserted.rows_affected() == 0 {
-        return Ok(Attempt::KeyTaken);
-    }
-
-    let stored = Arc::new(StoredMessage::new(
-        msg.id.clone(),
-        msg.target.clone(),
-        msg.payload.clone(),
-        msg.created_at,
-        msg.expires_at,
-    ));
-    if devices.is_empty() {
-        return Ok(Attempt::Done(PublishOutcome::Created {
-            entries: Vec::new(),
-        }));
-    }
-    let rows = sqlx::query(
-        "UPDATE devices SET last_seq = last_seq + 1 WHERE id = ANY($1) RETURNING id, last_seq",
-    )
-    .bind(&devices)
-    .fetch_all(&mut *conn)
-    .await?;
-    let seqs: HashMap<String, i64> = rows
-        .iter()
-        .map(|r| (r.get("id"), r.get("last_seq")))
-        .collect();
-    let mut entries = Vec::with_capacity(devices.len());
-    let mut seq_col = Vec::with_capacity(devices.len());
-    for device_id in &devices {
-        let seq = *seqs.get(device_id).ok_or_else(|| {
-            StoreError::Other(anyhow::anyhow!("device {device_id} vanished while locked"))
-        })?;
-        seq_col.push(seq);
-        entries.push(InboxEntry {
-            device_id: device_id.clone(),
-            seq,
-            message: stored.clone(),
-            push_pending: msg.push_due_at.is_some(),
-            push_attempts: 0,
-        });
-    }
-    sqlx::query(
-        "INSERT INTO deliveries (device_id, seq, message_id, expires_at, push_state, push_due_at)
-         SELECT t.d, t.s, $3, $4, CASE WHEN $5::BIGINT IS NOT NULL THEN 'pending' END, $5::BIGINT
-         FROM unnest($1::TEXT[], $2::BIGINT[]) AS t(d, s)",
-    )
-    .bind(&devices)
-    .bind(&seq_col)
-    .bind(&msg.id)
-    .bind(msg.expires_at)
-    .bind(msg.push_due_at)
-    .execute(&mut *conn)
-    .await?;
-    Ok(Attempt::Done(PublishOutcome::Created { entries }))
-}
-
-fn device_from_row(row: &PgRow) -> Device {
+pub(super) fn device_from_row(row: &PgRow) -> Device {
     Device {
         id: row.get("id"),
         user_id: row.get("user_id"),
@@ -312,7 +159,7 @@ fn key_from_row(row: &PgRow) -> ApiKeyRecord {
     }
 }
 
-const DEVICE_COLUMNS: &str = "id, user_id, platform, push_provider, push_token, apns_environment, token_state, token_error, last_seq, acked_seq, last_seen";
+pub(super) const DEVICE_COLUMNS: &str = "id, user_id, platform, push_provider, push_token, apns_environment, token_state, token_error, last_seq, acked_seq, last_seen";
 const KEY_COLUMNS: &str = "id, name, prefix, hash, created_at, revoked_at, scopes";
 
 impl PostgresStore {
@@ -401,23 +248,16 @@ impl Store for PostgresStore {
     }
 
     async fn claim_device(&self, device_id: &str, user: &str, now: i64) -> StoreResult<Device> {
-        // Insert-if-absent, then read: whichever node's insert won, everyone reads the
-        // same owner afterwards.
-        sqlx::query(
-            "INSERT INTO devices (id, user_id, created_at, last_seen) VALUES ($1, $2, $3, $3) ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(device_id)
-        .bind(user)
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
-        let d = self.device_on(device_id).await?.ok_or_else(|| {
-            StoreError::NotFound(format!("device {device_id} was deleted meanwhile"))
-        })?;
-        if d.user_id != user {
-            return Err(StoreError::DeviceOwnedByOtherUser(device_id.into()));
-        }
-        Ok(d)
+        // Insert-if-absent, then read, in the next group: whichever node's insert won,
+        // everyone reads the same owner afterwards.
+        self.group
+            .write(|reply| Write::Claim {
+                device_id: device_id.to_owned(),
+                user: user.to_owned(),
+                now,
+                reply,
+            })
+            .await
     }
 
     async fn register_device(
@@ -488,12 +328,13 @@ impl Store for PostgresStore {
     }
 
     async fn touch_device(&self, device_id: &str, now: i64) -> StoreResult<()> {
-        sqlx::query("UPDATE devices SET last_seen = $1 WHERE id = $2")
-            .bind(now)
-            .bind(device_id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        self.group
+            .write(|reply| Write::Touch {
+                device_id: device_id.to_owned(),
+                now,
+                reply,
+            })
+            .await
     }
 
     async fn invalidate_push_token(
@@ -573,63 +414,26 @@ impl Store for PostgresStore {
     }
 
     async fn publish(&self, msg: NewMessage) -> StoreResult<PublishOutcome> {
-        for _ in 0..PUBLISH_ATTEMPTS {
-            let mut tx = self.pool.begin().await?;
-            match publish_in(&mut tx, &msg).await {
-                Ok(Attempt::Done(outcome)) => {
-                    match &outcome {
-                        PublishOutcome::Created { .. } => tx.commit().await?,
-                        PublishOutcome::Duplicate { .. } => tx.rollback().await?,
-                    }
-                    return Ok(outcome);
-                }
-                Ok(Attempt::KeyTaken) => tx.rollback().await?,
-                Err(StoreError::Db(e)) if is_retryable(&e) => {
-                    tracing::debug!(error = %e, "publish transaction retried");
-                    drop(tx);
-                }
-                // Dropping the transaction rolls it back: a rejected publish writes nothing.
-                Err(e) => return Err(e),
-            }
-        }
-        Err(StoreError::Conflict(format!(
-            "publish {} kept conflicting with concurrent publishes; retry",
-            msg.id
-        )))
+        let mut results = self
+            .group
+            .write(|reply| Write::Publish {
+                msgs: vec![msg],
+                reply,
+            })
+            .await?;
+        results.pop().expect("one result per message")
     }
 
     async fn publish_batch(
         &self,
         msgs: Vec<NewMessage>,
     ) -> StoreResult<Vec<StoreResult<PublishOutcome>>> {
-        'attempt: for _ in 0..PUBLISH_ATTEMPTS {
-            let mut tx = self.pool.begin().await?;
-            let mut results = Vec::with_capacity(msgs.len());
-            for msg in &msgs {
-                match publish_in(&mut tx, msg).await {
-                    Ok(Attempt::Done(outcome)) => results.push(Ok(outcome)),
-                    // A concurrent transaction took an idempotency key or the lock order
-                    // of two batches crossed: nothing is committed, run the batch again.
-                    Ok(Attempt::KeyTaken) => {
-                        tx.rollback().await?;
-                        continue 'attempt;
-                    }
-                    Err(StoreError::Db(e)) if is_retryable(&e) => {
-                        tracing::debug!(error = %e, "batch publish transaction retried");
-                        drop(tx);
-                        continue 'attempt;
-                    }
-                    Err(StoreError::Db(e)) => return Err(StoreError::Db(e)),
-                    // Refused before it wrote anything of its own; the others go on.
-                    Err(e) => results.push(Err(e)),
-                }
-            }
-            tx.commit().await?;
-            return Ok(results);
+        if msgs.is_empty() {
+            return Ok(Vec::new());
         }
-        Err(StoreError::Conflict(
-            "batch publish kept conflicting with concurrent publishes; retry".into(),
-        ))
+        self.group
+            .write(|reply| Write::Publish { msgs, reply })
+            .await
     }
 
     async fn fetch_after(
@@ -676,64 +480,27 @@ impl Store for PostgresStore {
     }
 
     async fn ack(&self, device_id: &str, seq: i64, now: i64) -> StoreResult<i64> {
-        let mut tx = self.pool.begin().await?;
-        // The row lock orders this ack against publishes and other acks of the device.
-        let row = sqlx::query("SELECT acked_seq, last_seq FROM devices WHERE id = $1 FOR UPDATE")
-            .bind(device_id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("device {device_id} is not registered")))?;
-        let acked: i64 = row.get("acked_seq");
-        let last: i64 = row.get("last_seq");
-        // An ack beyond what was assigned cannot be honest; clamp rather than let a
-        // buggy client skip messages that do not exist yet.
-        let target = seq.min(last);
-        if target > acked {
-            sqlx::query(
-                // The ack cancels the entries' scheduled pushes (see sqlite.rs).
-                "UPDATE deliveries SET acked_at = $1,
-                        push_state = CASE WHEN push_state = 'pending' THEN NULL ELSE push_state END,
-                        push_due_at = CASE WHEN push_state = 'pending' THEN NULL ELSE push_due_at END
-                 WHERE device_id = $2 AND seq > $3 AND seq <= $4 AND acked_at IS NULL",
-            )
-            .bind(now)
-            .bind(device_id)
-            .bind(acked)
-            .bind(target)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query("UPDATE devices SET acked_seq = $1, last_seen = $2 WHERE id = $3")
-                .bind(target)
-                .bind(now)
-                .bind(device_id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(target.max(acked))
+        self.group
+            .write(|reply| Write::Ack {
+                device_id: device_id.to_owned(),
+                seq,
+                now,
+                reply,
+            })
+            .await
     }
 
     async fn mark_sent(&self, ranges: &[(String, i64, i64)], now: i64) -> StoreResult<()> {
         if ranges.is_empty() {
             return Ok(());
         }
-        let devices: Vec<&str> = ranges.iter().map(|(d, _, _)| d.as_str()).collect();
-        let froms: Vec<i64> = ranges.iter().map(|(_, f, _)| *f).collect();
-        let tos: Vec<i64> = ranges.iter().map(|(_, _, t)| *t).collect();
-        // One statement: atomic, and it never holds some rows while waiting for others
-        // across statements.
-        sqlx::query(
-            "UPDATE deliveries d SET sent_at = $1
-             FROM unnest($2::TEXT[], $3::BIGINT[], $4::BIGINT[]) AS r(device_id, lo, hi)
-             WHERE d.device_id = r.device_id AND d.seq >= r.lo AND d.seq <= r.hi AND d.sent_at IS NULL",
-        )
-        .bind(now)
-        .bind(&devices)
-        .bind(&froms)
-        .bind(&tos)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        self.group
+            .write(|reply| Write::MarkSent {
+                ranges: ranges.to_vec(),
+                now,
+                reply,
+            })
+            .await
     }
 
     async fn claim_push(&self, device_id: &str, seq: i64, now: i64) -> StoreResult<bool> {
