@@ -4,10 +4,16 @@
 //! than the one holding its device (`--same-node` publishes to the device's own node,
 //! for comparison). Devices ack everything. Reports delivered messages/s and
 //! publish→deliver latency (the publisher's send time, carried in the message, to the
-//! device's receive time; one clock, one machine).
+//! device's receive time; one clock, one machine), and the CPU time spent per
+//! delivered message by the three `herald` processes and by this run's PostgreSQL
+//! backends (from /proc, between the first publish and the last delivery).
 //!
 //! cargo build --release -p herald-gateway --bin herald -p herald-bench --bin cluster_rate
-//! target/release/cluster_rate [devices=300] [messages=20000] [publishers=64] [--same-node]
+//! target/release/cluster_rate [devices=300] [messages=20000] [publishers=64] [--same-node] [--batch=N]
+//!
+//! `--batch=N`: each publisher takes N messages at a time and sends them as
+//! `POST /v1/messages/batch`, one request per node they go to (default 1: one
+//! `POST /v1/messages` per message).
 //!
 //! Needs PostgreSQL (HERALD_BENCH_DATABASE_URL, default
 //! postgres://postgres@127.0.0.1:5432/test, a role that may CREATE DATABASE) and NATS
@@ -92,6 +98,30 @@ fn spawn_node(config: &std::path::Path, dir: &std::path::Path) -> anyhow::Result
     anyhow::bail!("herald exited before listening (its log is above)")
 }
 
+/// User + system CPU time of a process so far, in seconds (Linux: /proc, USER_HZ = 100).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name (which may hold spaces) in parentheses.
+    let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: u64 = rest.get(11)?.parse().ok()?;
+    let stime: u64 = rest.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
+/// The PostgreSQL backends serving this run's database (not this connection), with
+/// their CPU time so far.
+async fn pg_backends(conn: &mut PgConnection) -> anyhow::Result<Vec<(u32, f64)>> {
+    let pids: Vec<i32> = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(conn)
+    .await?;
+    Ok(pids
+        .into_iter()
+        .filter_map(|p| Some((p as u32, cpu_seconds(p as u32)?)))
+        .collect())
+}
+
 fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -103,6 +133,9 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let same_node = std::env::args().any(|a| a == "--same-node");
+    let batch: usize = std::env::args()
+        .find_map(|a| a.strip_prefix("--batch=").map(str::to_owned))
+        .map_or(Ok(1), |n| n.parse())?;
     let args: Vec<u64> = std::env::args()
         .skip(1)
         .filter_map(|a| a.parse().ok())
@@ -111,8 +144,11 @@ async fn main() -> anyhow::Result<()> {
     let messages = *args.get(1).unwrap_or(&20_000) as usize;
     let publishers = *args.get(2).unwrap_or(&64) as usize;
     anyhow::ensure!(
-        (1..=20_000).contains(&devices) && messages <= 1_000_000 && publishers >= 1,
-        "bounded: 1..=20000 devices, at most 1,000,000 messages"
+        (1..=20_000).contains(&devices)
+            && messages <= 1_000_000
+            && publishers >= 1
+            && (1..=500).contains(&batch),
+        "bounded: 1..=20000 devices, at most 1,000,000 messages, batches of 1..=500"
     );
     let started = Instant::now();
 
@@ -136,6 +172,7 @@ async fn main() -> anyhow::Result<()> {
         messages,
         publishers,
         same_node,
+        batch,
         db_url.as_str(),
         &nats_url,
     )
@@ -153,6 +190,7 @@ async fn run(
     messages: usize,
     publishers: usize,
     same_node: bool,
+    batch: usize,
     db_url: &str,
     nats_url: &str,
 ) -> anyhow::Result<()> {
@@ -233,9 +271,12 @@ async fn run(
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let mode = if same_node { "same node" } else { "cross node" };
-    eprintln!("publishing {messages} messages ({mode}) with {publishers} concurrent publishers…");
+    eprintln!("publishing {messages} messages ({mode}) with {publishers} concurrent publishers, {batch} per request…");
     let next = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
+    let mut pg = PgConnection::connect(db_url).await?;
+    let herald_cpu0: f64 = nodes.iter().filter_map(|n| cpu_seconds(n.child.id())).sum();
+    let pg_cpu0 = pg_backends(&mut pg).await?;
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..publishers {
@@ -243,26 +284,53 @@ async fn run(
         let (next, errors) = (next.clone(), errors.clone());
         tasks.push(tokio::spawn(async move {
             loop {
-                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                if i >= messages || t0.elapsed() > DEADLINE {
+                let start = next.fetch_add(batch as u64, Ordering::Relaxed) as usize;
+                if start >= messages || t0.elapsed() > DEADLINE {
                     return;
                 }
-                let d = i % devices;
-                let node = if same_node {
-                    d % NODES
-                } else {
-                    (d + 1) % NODES
-                };
-                let body = json!({"to": {"device": format!("d{d}")}, "data": {"t": now_us()}, "push": "never"});
-                let ok = http
-                    .post(format!("{}/v1/messages", bases[node]))
-                    .bearer_auth(&api_key)
-                    .json(&body)
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status().as_u16() == 202);
-                if !ok {
-                    errors.fetch_add(1, Ordering::Relaxed);
+                let mut per_node: Vec<Vec<Value>> = vec![Vec::new(); NODES];
+                for i in start..(start + batch).min(messages) {
+                    let d = i % devices;
+                    let node = if same_node {
+                        d % NODES
+                    } else {
+                        (d + 1) % NODES
+                    };
+                    per_node[node].push(json!({"to": {"device": format!("d{d}")}, "data": {"t": now_us()}, "push": "never"}));
+                }
+                for (node, mut items) in per_node.into_iter().enumerate() {
+                    let failed = match items.len() {
+                        0 => continue,
+                        1 => {
+                            let ok = http
+                                .post(format!("{}/v1/messages", bases[node]))
+                                .bearer_auth(&api_key)
+                                .json(&items.pop().unwrap())
+                                .send()
+                                .await
+                                .is_ok_and(|r| r.status().as_u16() == 202);
+                            u64::from(!ok)
+                        }
+                        n => {
+                            let answer = http
+                                .post(format!("{}/v1/messages/batch", bases[node]))
+                                .bearer_auth(&api_key)
+                                .json(&json!({ "messages": items }))
+                                .send()
+                                .await;
+                            match answer {
+                                Ok(r) if r.status().as_u16() == 202 => {
+                                    let body: Value = r.json().await.unwrap_or_default();
+                                    body["results"].as_array().map_or(n as u64, |rs| {
+                                        rs.iter().filter(|r| r.get("error").is_some()).count()
+                                            as u64
+                                    })
+                                }
+                                _ => n as u64,
+                            }
+                        }
+                    };
+                    errors.fetch_add(failed, Ordering::Relaxed);
                 }
             }
         }));
@@ -282,6 +350,22 @@ async fn run(
         last = now;
     }
     let elapsed = t0.elapsed().as_secs_f64();
+    let herald_cpu = nodes
+        .iter()
+        .filter_map(|n| cpu_seconds(n.child.id()))
+        .sum::<f64>()
+        - herald_cpu0;
+    // Backends that existed at the start count from there; newer ones from their start.
+    let pg_cpu: f64 = pg_backends(&mut pg)
+        .await?
+        .into_iter()
+        .map(|(pid, now)| {
+            now - pg_cpu0
+                .iter()
+                .find(|(p, _)| *p == pid)
+                .map_or(0.0, |(_, then)| *then)
+        })
+        .sum();
     for t in tasks {
         t.await?;
     }
@@ -291,14 +375,17 @@ async fn run(
     let mut lat = latencies.lock().unwrap().clone();
     lat.sort_unstable();
     let n = delivered.load(Ordering::Relaxed);
+    let per_msg = |cpu: f64| cpu * 1e6 / n.max(1) as f64;
     println!(
-        "{mode}: {n} delivered of {messages} to {devices} devices on {NODES} nodes in {elapsed:.2} s = {:.0} msg/s; publish→deliver ms p50 {:.2} p90 {:.2} p99 {:.2} max {:.2}; errors {}",
+        "{mode}, {batch} per request: {n} delivered of {messages} to {devices} devices on {NODES} nodes in {elapsed:.2} s = {:.0} msg/s; publish→deliver ms p50 {:.2} p90 {:.2} p99 {:.2} max {:.2}; errors {}; CPU: herald {herald_cpu:.2} s = {:.0} µs/msg, postgres backends {pg_cpu:.2} s = {:.0} µs/msg",
         n as f64 / elapsed,
         percentile(&lat, 0.50),
         percentile(&lat, 0.90),
         percentile(&lat, 0.99),
         percentile(&lat, 1.0),
-        errors.load(Ordering::Relaxed)
+        errors.load(Ordering::Relaxed),
+        per_msg(herald_cpu),
+        per_msg(pg_cpu),
     );
     drop(nodes);
     Ok(())
