@@ -224,8 +224,14 @@ async fn api_keys_only_reach_their_scopes(db: Arc<Db>) {
     let (s, v) = post(&tg, "/v1/messages", &reader, body.clone()).await;
     assert_eq!((s, code(&v)), (403, "forbidden"), "{v}");
     assert!(message(&v).contains("`publish`"), "{v}");
+    let batch = json!({"messages": [body.clone(), body.clone()]});
+    let (s, v) = post(&tg, "/v1/messages/batch", &reader, batch.clone()).await;
+    assert_eq!((s, code(&v)), (403, "forbidden"), "{v}");
+    assert!(message(&v).contains("`publish`"), "{v}");
     let (_, dev) = get(&tg, "/v1/devices/d1", &admin).await;
     assert_eq!(dev["last_seq"], 0, "a refused publish wrote nothing");
+    let (s, v) = post(&tg, "/v1/messages/batch", &publisher, batch).await;
+    assert_eq!(s, 202, "{v}");
     let (s, v) = post(&tg, "/v1/messages", &publisher, body.clone()).await;
     assert_eq!(s, 202, "{v}");
     let id = v["message_id"].as_str().unwrap().to_owned();
