@@ -89,13 +89,39 @@ impl From<uniffi::UnexpectedUniFFICallbackError> for HeraldError {
     }
 }
 
+/// The transport a session runs over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
+pub enum Transport {
+    WebSocket,
+    /// Server-Sent Events (a proxy refused WebSocket upgrades, or forced).
+    Sse,
+    /// Long-poll (neither WebSocket nor SSE got through, or forced).
+    LongPoll,
+}
+
+/// `ClientConfig.transport`: which transport to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
+pub enum TransportPreference {
+    /// WebSocket, falling back to SSE then long-poll where WebSocket upgrades are
+    /// refused (WebSocket is retried every 5 minutes and on `networkChanged(true)`).
+    Auto,
+    WebSocket,
+    Sse,
+    LongPoll,
+}
+
 /// Connection state (see the SDK docs).
 #[derive(Debug, Clone, PartialEq, Eq, uniffi::Enum)]
 pub enum ConnectionState {
     Disconnected,
     Connecting,
-    Connected,
-    WaitingToReconnect { delay_ms: u64 },
+    /// Messages flow over `transport`.
+    Connected {
+        transport: Transport,
+    },
+    WaitingToReconnect {
+        delay_ms: u64,
+    },
     Suspended,
     Closed,
 }
@@ -105,7 +131,13 @@ impl From<sdk::ConnectionState> for ConnectionState {
         match s {
             sdk::ConnectionState::Disconnected => ConnectionState::Disconnected,
             sdk::ConnectionState::Connecting => ConnectionState::Connecting,
-            sdk::ConnectionState::Connected { .. } => ConnectionState::Connected,
+            sdk::ConnectionState::Connected { transport } => ConnectionState::Connected {
+                transport: match transport {
+                    sdk::TransportKind::WebSocket => Transport::WebSocket,
+                    sdk::TransportKind::Sse => Transport::Sse,
+                    sdk::TransportKind::LongPoll => Transport::LongPoll,
+                },
+            },
             sdk::ConnectionState::WaitingToReconnect { delay_ms } => {
                 ConnectionState::WaitingToReconnect { delay_ms }
             }
@@ -213,6 +245,9 @@ pub struct ClientConfig {
     /// notification service extension gets.
     #[uniffi(default = 20000)]
     pub push_deadline_ms: u64,
+    /// `null`/`nil`: `Auto`.
+    #[uniffi(default = None)]
+    pub transport: Option<TransportPreference>,
 }
 
 /// What `handlePush` did.
@@ -397,6 +432,12 @@ impl HeraldClient {
             .then(|| Duration::from_millis(config.foreground_ping_ms));
         c.pong_timeout = Duration::from_millis(config.pong_timeout_ms.max(1));
         c.push_deadline = Duration::from_millis(config.push_deadline_ms.max(1));
+        c.transport = match config.transport.unwrap_or(TransportPreference::Auto) {
+            TransportPreference::Auto => sdk::TransportPreference::Auto,
+            TransportPreference::WebSocket => sdk::TransportPreference::WebSocket,
+            TransportPreference::Sse => sdk::TransportPreference::Sse,
+            TransportPreference::LongPoll => sdk::TransportPreference::LongPoll,
+        };
         let inner = sdk::HeraldClient::new(
             c,
             Arc::new(ListenerAdapter(listener)),
@@ -609,6 +650,7 @@ mod tests {
                 foreground_ping_ms: 10000,
                 pong_timeout_ms: 5000,
                 push_deadline_ms: 20000,
+                transport: None,
             },
             Box::new(Nop),
             Box::new(NoToken),

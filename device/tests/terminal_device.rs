@@ -335,3 +335,54 @@ async fn flags_for_push_logout_and_generated_id() {
     let next = run(&["--count", "0"]);
     assert!(!next.contains(&id), "{next}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transport_flag_forces_sse_or_long_poll() {
+    let tg = TestGateway::start().await;
+    for (flag, kind) in [("sse", "Sse"), ("poll", "LongPoll"), ("ws", "WebSocket")] {
+        let device = format!("term-{flag}");
+        let token = tg.mint_device_token("ann", &device, &["*"], Duration::from_secs(600));
+        let claim = http_request(
+            "PUT",
+            &format!("{}/v1/me/devices/{device}", tg.base_url),
+            &token,
+            Some(r#"{"platform":"other"}"#),
+        )
+        .await;
+        assert_eq!(claim.0, 200, "{}", claim.1);
+        backlog(&tg, &device, 3).await;
+        let data = TempDir::new("herald-device-transport");
+        let out = tokio::task::spawn_blocking({
+            let (url, device, token, dir) = (
+                tg.base_url.clone(),
+                device.clone(),
+                token.clone(),
+                data.0.clone(),
+            );
+            move || {
+                Command::new(BIN)
+                    .args(["--url", &url, "--device", &device, "--transport", flag])
+                    .args(["--count", "3", "--timeout", "30", "--data-dir"])
+                    .arg(dir)
+                    .env("HERALD_TOKEN", token)
+                    .output()
+                    .unwrap()
+            }
+        })
+        .await
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{flag}: {stdout}");
+        assert!(
+            stdout.contains(&format!("[state] Connected {{ transport: {kind} }}")),
+            "{flag}: {stdout}"
+        );
+        assert_eq!(stdout.matches("[msg] ").count(), 3, "{flag}: {stdout}");
+    }
+    let out = Command::new(BIN)
+        .args(["--token", "t", "--transport", "pigeon"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("auto, ws, sse or poll"));
+}

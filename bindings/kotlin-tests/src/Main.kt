@@ -177,9 +177,10 @@ fun main(args: Array<String>) {
         val tokens = Tokens("alice")
         var client = HeraldClient(config("kt-1"), rec, tokens)
         client.connect()
-        waitFor("Connected") { rec.last() == ConnectionState.Connected }
+        waitFor("Connected") { rec.last() is ConnectionState.Connected }
         check(rec.states.first() == ConnectionState.Connecting) { "states ${rec.states}" }
-        check(client.state() == ConnectionState.Connected) { "state() ${client.state()}" }
+        check(client.state() is ConnectionState.Connected) { "state() ${client.state()}" }
+        check((client.state() as ConnectionState.Connected).transport == Transport.WEB_SOCKET) { "transport ${client.state()}" }
         // Live.
         publish("kt-1", 1)
         waitFor("live message") { rec.messages.size == 1 }
@@ -199,7 +200,7 @@ fun main(args: Array<String>) {
         val rec2 = Recorder()
         client = HeraldClient(config("kt-1"), rec2, tokens)
         client.connect()
-        waitFor("Connected again") { rec2.last() == ConnectionState.Connected }
+        waitFor("Connected again") { rec2.last() is ConnectionState.Connected }
         publish("kt-1", 5)
         waitFor("message 5") { rec2.messages.isNotEmpty() }
         Thread.sleep(300)
@@ -214,12 +215,12 @@ fun main(args: Array<String>) {
         val tokens = Tokens("alice", ttlSeconds = 2)
         val client = HeraldClient(config("kt-exp"), rec, tokens)
         client.connect()
-        waitFor("Connected") { rec.last() == ConnectionState.Connected }
+        waitFor("Connected") { rec.last() is ConnectionState.Connected }
         check(tokens.calls.get() == 1) { "calls ${tokens.calls.get()}" }
         client.disconnect()
         waitFor("Disconnected") { rec.last() == ConnectionState.Disconnected }
         client.connect()
-        waitFor("Connected with a new token") { rec.last() == ConnectionState.Connected && tokens.calls.get() == 2 }
+        waitFor("Connected with a new token") { rec.last() is ConnectionState.Connected && tokens.calls.get() == 2 }
         client.shutdown()
     }
 
@@ -242,7 +243,7 @@ fun main(args: Array<String>) {
         }
         // Connecting afterwards does not deliver it again.
         client.connect()
-        waitFor("Connected") { rec.last() == ConnectionState.Connected }
+        waitFor("Connected") { rec.last() is ConnectionState.Connected }
         publish("kt-push", 43)
         waitFor("live message") { rec.messages.isNotEmpty() }
         Thread.sleep(300)
@@ -254,7 +255,7 @@ fun main(args: Array<String>) {
         val owner = Recorder()
         val a = HeraldClient(config("kt-owned", "kt-owned-a"), owner, Tokens("alice"))
         a.connect()
-        waitFor("owner connected") { owner.last() == ConnectionState.Connected }
+        waitFor("owner connected") { owner.last() is ConnectionState.Connected }
         a.shutdown()
         val rec = Recorder()
         val tokens = Tokens("mallory")
@@ -320,7 +321,7 @@ fun main(args: Array<String>) {
         val appClient = HeraldClient(config(device, "kt-shared-dir"), app, Tokens("alice"))
         val ext = HeraldClient(config(device, "kt-shared-dir"), Recorder(), Tokens("alice"))
         appClient.connect()
-        waitFor("app connected") { app.last() == ConnectionState.Connected }
+        waitFor("app connected") { app.last() is ConnectionState.Connected }
         // Both see every message at once: live on the app, a push in the extension.
         val fromPush = CopyOnWriteArrayList<String>()
         val ids = ArrayList<String>()
@@ -346,7 +347,7 @@ fun main(args: Array<String>) {
         val got = ext.handlePush("""{"herald_id":"$id36","herald_seq":"36","herald_device":"$device","herald_hint":"1"}""")
         check(got.messages.size == 6 && got.acked) { "extension got ${got.messages.size}, acked ${got.acked}" }
         appClient.connect()
-        waitFor("app connected again") { app.last() == ConnectionState.Connected }
+        waitFor("app connected again") { app.last() is ConnectionState.Connected }
         publish(device, 37)
         waitFor("message 37") { app.ns().contains(37) }
         Thread.sleep(300)
@@ -403,7 +404,7 @@ fun main(args: Array<String>) {
         val connected = java.util.concurrent.CountDownLatch(1)
         val slow = object : HeraldListener {
             override fun onStateChanged(state: ConnectionState) {
-                if (state == ConnectionState.Connected) connected.countDown()
+                if (state is ConnectionState.Connected) connected.countDown()
             }
             override fun onMessage(message: HeraldMessage) { entered.countDown(); Thread.sleep(3000) }
             override fun onError(event: ErrorEvent) {}
