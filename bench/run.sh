@@ -7,6 +7,7 @@
 #     TARGET:   herald | floor | socketio | pushpin
 #     SCENARIO: idle | throughput | latency | fanout | reconnect   (see `loadgen --help`)
 #   e.g. bench/run.sh herald idle --connections 20000 --hold-seconds 5
+#        bench/run.sh herald reconnect --clients 19900 --messages 3 --restart
 #
 # Environment:
 #   BENCH_PROFILE=release|debug   binaries to use (default release; CI smoke uses debug)
@@ -51,6 +52,12 @@ cleanup() {
             wait "$pid" 2>/dev/null || true
         fi
     done
+    # A server started by restart.sh is not our child: wait for it by its pid.
+    if [ -f "$work/server.pid" ] && [ "$(cat "$work/server.pid")" != "$server_pid" ]; then
+        pid=$(cat "$work/server.pid")
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 1 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+    fi
     [ -n "${BENCH_KEEP_WORK:-}" ] && echo "bench/run.sh: kept $work" >&2 || rm -rf "$work"
 }
 trap cleanup EXIT
@@ -93,7 +100,33 @@ herald)
     key=$("$bin/herald" keys create --name bench --data-dir "$work/data" 2>/dev/null)
     "$bin/herald" serve --listen "127.0.0.1:$port" --data-dir "$work/data" >"$work/server.log" 2>&1 &
     server_pid=$!
-    loadgen_env=(HERALD_API_KEY="$key" HERALD_JWT_SECRET="$secret")
+    echo "$server_pid" >"$work/server.pid"
+    # `loadgen reconnect --restart` runs this: SIGTERM (graceful shutdown), wait until the
+    # process is gone (or a zombie of ours), start it again on the same store, wait until
+    # it listens, print the new pid. Bounded: 30 s to stop, 10 s to listen.
+    cat >"$work/restart.sh" <<EOF
+#!/usr/bin/env bash
+set -euo pipefail
+pid=\$(cat "$work/server.pid")
+kill "\$pid"
+for _ in \$(seq 1 600); do
+    state=\$(ps -o stat= -p "\$pid" 2>/dev/null || true)
+    case "\$state" in ""|Z*) break ;; esac
+    sleep 0.05
+done
+case "\$(ps -o stat= -p "\$pid" 2>/dev/null || true)" in ""|Z*) ;; *) echo "restart: \$pid did not stop" >&2; exit 1 ;; esac
+setsid "$PWD/$bin/herald" serve --listen "127.0.0.1:$port" --data-dir "$work/data" >>"$work/server.log" 2>&1 </dev/null &
+new=\$!
+echo "\$new" >"$work/server.pid"
+for _ in \$(seq 1 200); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then echo "\$new"; exit 0; fi
+    sleep 0.05
+done
+echo "restart: herald did not listen again within 10 s" >&2
+exit 1
+EOF
+    chmod +x "$work/restart.sh"
+    loadgen_env=(HERALD_API_KEY="$key" HERALD_JWT_SECRET="$secret" BENCH_RESTART_COMMAND="$work/restart.sh")
     ;;
 floor)
     port=${BENCH_FLOOR_PORT:-18091}

@@ -5,7 +5,9 @@
 // channel "d-<device_id>" and greets it; a client {"type":"subscribe","topic":T} adds
 // channel "t-T"; acks are read and dropped (Pushpin keeps no inbox). POST /publish with
 // Herald's body ({"to":{"device"|"topic":…},"data":{…}}) numbers the message per
-// channel and hands it to Pushpin's HTTP publish API, then answers 202 {"recipients":n}.
+// channel and hands it to Pushpin's HTTP publish API, then answers 202 {"recipients":n};
+// POST /publish/batch with {"messages":[<publish body>, …]} hands all of them to Pushpin in
+// one publish request (one item each) and answers 202 {"results":[{"recipients":n}, …]}.
 //
 // PORT=18094 PUSHPIN_PUBLISH=http://127.0.0.1:18095/publish/ node origin.js
 "use strict";
@@ -92,7 +94,7 @@ function onWebSocketEvents(req, res, body) {
   res.end(out);
 }
 
-function onPublish(res, body) {
+function onPublish(res, body, batch) {
   let msg;
   try {
     msg = JSON.parse(body.toString());
@@ -100,16 +102,26 @@ function onPublish(res, body) {
     res.writeHead(400).end('{"error":"body is not JSON"}');
     return;
   }
-  const channel = msg.to?.device ? "d-" + msg.to.device : msg.to?.topic ? "t-" + msg.to.topic : null;
-  if (!channel) {
-    res.writeHead(422).end('{"error":"to.device or to.topic is required"}');
+  const messages = batch ? msg.messages : [msg];
+  if (!Array.isArray(messages)) {
+    res.writeHead(422).end('{"error":"messages must be an array"}');
     return;
   }
-  const recipients = members.get(channel)?.size || 0;
-  const seq = (seqs.get(channel) || 0) + 1;
-  seqs.set(channel, seq);
-  const content = JSON.stringify({ type: "msg", seq, data: msg.data || {} });
-  const item = JSON.stringify({ items: [{ channel, formats: { "ws-message": { content } } }] });
+  const items = [];
+  const results = [];
+  for (const m of messages) {
+    const channel = m?.to?.device ? "d-" + m.to.device : m?.to?.topic ? "t-" + m.to.topic : null;
+    if (!channel) {
+      res.writeHead(422).end('{"error":"to.device or to.topic is required"}');
+      return;
+    }
+    results.push({ recipients: members.get(channel)?.size || 0 });
+    const seq = (seqs.get(channel) || 0) + 1;
+    seqs.set(channel, seq);
+    const content = JSON.stringify({ type: "msg", seq, data: m.data || {} });
+    items.push({ channel, formats: { "ws-message": { content } } });
+  }
+  const item = JSON.stringify({ items });
   const up = http.request(
     publishUrl,
     { method: "POST", agent, headers: { "Content-Type": "application/json", "Content-Length": Buffer.byteLength(item) } },
@@ -118,7 +130,7 @@ function onPublish(res, body) {
       pr.on("end", () => {
         const ok = pr.statusCode === 200;
         res.writeHead(ok ? 202 : 502, { "Content-Type": "application/json" });
-        res.end(ok ? JSON.stringify({ recipients }) : `{"error":"pushpin answered ${pr.statusCode}"}`);
+        res.end(ok ? JSON.stringify(batch ? { results } : results[0]) : `{"error":"pushpin answered ${pr.statusCode}"}`);
       });
     },
   );
@@ -134,7 +146,8 @@ http
     req.on("data", (c) => chunks.push(c));
     req.on("end", () => {
       const body = Buffer.concat(chunks);
-      if (req.method === "POST" && req.url === "/publish") onPublish(res, body);
+      if (req.method === "POST" && req.url === "/publish") onPublish(res, body, false);
+      else if (req.method === "POST" && req.url === "/publish/batch") onPublish(res, body, true);
       else if (req.headers["content-type"] === "application/websocket-events") onWebSocketEvents(req, res, body);
       else res.writeHead(404).end();
     });

@@ -2,7 +2,9 @@
 //
 // A client connects with ?device_id=D and joins the room D; POST /publish with
 // {"to":{"device":D}|{"topic":T},"data":{...}} emits
-// "msg" {type:"msg", seq, data} to that room (202 {"recipients": n}); a client event
+// "msg" {type:"msg", seq, data} to that room (202 {"recipients": n}); POST /publish/batch
+// with {"messages":[<publish body>, …]} does the same for each (202 {"results":[…]}), like
+// Herald's POST /v1/messages/batch; a client event
 // "subscribe" T joins room T and is answered with "subscribed"; "ack" events are
 // counted, nothing more (Socket.IO keeps no inbox, so there is nothing to advance).
 // Seqs are per room, kept in memory, so the load generator can check order and loss.
@@ -16,8 +18,27 @@ const port = Number(process.env.PORT || 8092);
 const seqs = new Map();
 let acks = 0;
 
+// Emits one publish body; returns its recipients, or null when it names no room.
+function deliver(msg) {
+  const room = msg && msg.to && (msg.to.device || msg.to.topic);
+  if (!room) return null;
+  const recipients = io.sockets.adapter.rooms.get(room)?.size || 0;
+  if (recipients > 0) {
+    const seq = (seqs.get(room) || 0) + 1;
+    seqs.set(room, seq);
+    io.to(room).emit("msg", { type: "msg", seq, data: msg.data || {} });
+  }
+  return recipients;
+}
+
+function answer(res, status, body) {
+  res.writeHead(status, { "content-type": "application/json" });
+  res.end(JSON.stringify(body));
+}
+
 const server = http.createServer((req, res) => {
-  if (req.method !== "POST" || req.url !== "/publish") {
+  const batch = req.url === "/publish/batch";
+  if (req.method !== "POST" || (req.url !== "/publish" && !batch)) {
     res.writeHead(404).end();
     return;
   }
@@ -28,24 +49,24 @@ const server = http.createServer((req, res) => {
     try {
       msg = JSON.parse(Buffer.concat(chunks).toString());
     } catch (e) {
-      res.writeHead(400, { "content-type": "application/json" });
-      res.end(JSON.stringify({ error: "body is not JSON" }));
+      answer(res, 400, { error: "body is not JSON" });
       return;
     }
-    const room = msg.to && (msg.to.device || msg.to.topic);
-    if (!room) {
-      res.writeHead(422, { "content-type": "application/json" });
-      res.end(JSON.stringify({ error: "to.device or to.topic is required" }));
+    if (batch) {
+      if (!Array.isArray(msg.messages)) {
+        answer(res, 422, { error: "messages must be an array" });
+        return;
+      }
+      const results = msg.messages.map((m) => {
+        const recipients = deliver(m);
+        return recipients === null ? { error: { code: "invalid_field", message: "to.device or to.topic is required" } } : { recipients };
+      });
+      answer(res, 202, { results });
       return;
     }
-    const recipients = io.sockets.adapter.rooms.get(room)?.size || 0;
-    if (recipients > 0) {
-      const seq = (seqs.get(room) || 0) + 1;
-      seqs.set(room, seq);
-      io.to(room).emit("msg", { type: "msg", seq, data: msg.data || {} });
-    }
-    res.writeHead(202, { "content-type": "application/json" });
-    res.end(JSON.stringify({ recipients }));
+    const recipients = deliver(msg);
+    if (recipients === null) answer(res, 422, { error: "to.device or to.topic is required" });
+    else answer(res, 202, { recipients });
   });
 });
 

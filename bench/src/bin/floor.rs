@@ -5,7 +5,9 @@
 //! `GET /ws?device_id=D` → `{"type":"welcome"}`, then `{"type":"msg","seq":N,"data":…}`;
 //! client `{"type":"subscribe","topic":T}` → `{"type":"subscribed"}`; client acks are read
 //! and dropped. `POST /publish` with `{"to":{"device":D}|{"topic":T},"data":{…}}` → 202
-//! `{"recipients":N}`. One task and one bounded queue per connection, like Herald.
+//! `{"recipients":N}`; `POST /publish/batch` with `{"messages":[<publish body>, …]}` → 202
+//! `{"results":[{"recipients":N}, …]}`, like Herald's `POST /v1/messages/batch`. One task
+//! and one bounded queue per connection, like Herald.
 //!
 //! floor [--listen 127.0.0.1:8091] [--read-buffer 4096] [--max-write-buffer 262144]
 
@@ -68,6 +70,14 @@ struct Publish<'a> {
     data: &'a RawValue,
 }
 
+/// `POST /publish/batch`: `{"messages":[<publish body>, …]}`, like Herald's
+/// `POST /v1/messages/batch`.
+#[derive(Deserialize)]
+struct Batch<'a> {
+    #[serde(borrow)]
+    messages: Vec<Publish<'a>>,
+}
+
 #[derive(Deserialize)]
 #[serde(rename_all = "lowercase")]
 enum Recipient {
@@ -95,6 +105,7 @@ async fn main() -> anyhow::Result<()> {
     let app = Router::new()
         .route("/ws", get(connect))
         .route("/publish", post(publish))
+        .route("/publish/batch", post(publish_batch))
         .with_state(floor);
     println!("floor listening on http://{}", listener.local_addr()?);
     axum::serve(listener, app).await?;
@@ -165,30 +176,55 @@ async fn publish(
             Json(json!({"error": "body must be {\"to\":{\"device\"|\"topic\":…},\"data\":{…}}"})),
         );
     };
-    let data: Arc<str> = Arc::from(req.data.get());
-    let targets: Vec<Outbox> = match req.to {
-        Recipient::Device(d) => floor
-            .shard(&d)
-            .lock()
-            .unwrap()
-            .get(&d)
-            .cloned()
-            .into_iter()
-            .collect(),
-        Recipient::Topic(t) => {
-            let mut topics = floor.topics.lock().unwrap();
-            let subscribers = topics.entry(t).or_default();
-            subscribers.retain(|s| !s.is_closed());
-            subscribers.clone()
-        }
-    };
-    // Like Herald: never wait on a client; a full queue drops the frame.
-    let recipients = targets
-        .iter()
-        .filter(|t| t.try_send(data.clone()).is_ok())
-        .count();
+    let recipients = floor.deliver(req);
     (
         StatusCode::ACCEPTED,
         Json(json!({"recipients": recipients})),
     )
+}
+
+async fn publish_batch(
+    State(floor): State<Arc<Floor>>,
+    body: String,
+) -> (StatusCode, Json<serde_json::Value>) {
+    let Ok(batch) = serde_json::from_str::<Batch>(&body) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "body must be {\"messages\":[{\"to\":…,\"data\":…}, …]}"})),
+        );
+    };
+    let results: Vec<_> = batch
+        .messages
+        .into_iter()
+        .map(|m| json!({"recipients": floor.deliver(m)}))
+        .collect();
+    (StatusCode::ACCEPTED, Json(json!({"results": results})))
+}
+
+impl Floor {
+    /// Hands one message to its recipients' queues; returns how many took it.
+    fn deliver(&self, req: Publish) -> usize {
+        let data: Arc<str> = Arc::from(req.data.get());
+        let targets: Vec<Outbox> = match req.to {
+            Recipient::Device(d) => self
+                .shard(&d)
+                .lock()
+                .unwrap()
+                .get(&d)
+                .cloned()
+                .into_iter()
+                .collect(),
+            Recipient::Topic(t) => {
+                let mut topics = self.topics.lock().unwrap();
+                let subscribers = topics.entry(t).or_default();
+                subscribers.retain(|s| !s.is_closed());
+                subscribers.clone()
+            }
+        };
+        // Like Herald: never wait on a client; a full queue drops the frame.
+        targets
+            .iter()
+            .filter(|t| t.try_send(data.clone()).is_ok())
+            .count()
+    }
 }

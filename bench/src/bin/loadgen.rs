@@ -10,6 +10,13 @@
 //! secret, publishes to `/v1/messages` with an API key), `floor` (bench's own
 //! `floor` server: same frames, no store, no auth) and `socketio` (bench/peers/socketio:
 //! Engine.IO v4 over WebSocket, `42["msg",{…}]` events, publishes to `/publish`).
+//! `--batch N` publishes N messages per request (`/v1/messages/batch`, `/publish/batch`).
+//! `--transport sse` (Herald only) holds Server-Sent Events streams
+//! (`GET /v1/connect/sse`) instead of WebSockets and acks over `POST /v1/me/ack`.
+//!
+//! Every report carries the server's CPU time (user + system, from /proc, over the
+//! measured window) and the machine's load average, so runs on a shared machine can be
+//! judged.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -23,6 +30,7 @@ use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -36,6 +44,37 @@ type Ws = WebSocketStream<TcpStream>;
 
 /// A handshake (TCP, upgrade, hello, subscribe) slower than this counts as an error.
 const HANDSHAKE_LIMIT: Duration = Duration::from_secs(30);
+
+/// After the last delivery, how long the server gets to take the last acks before its
+/// CPU time is read (the window includes it, so it is kept short).
+const ACK_SETTLE: Duration = Duration::from_millis(300);
+
+/// Bound of `--restart-command`.
+const RESTART_LIMIT: Duration = Duration::from_secs(60);
+
+/// Runs the restart command (bounded) and returns the new server pid it printed last.
+async fn restart_server(command: &str) -> anyhow::Result<u32> {
+    let child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot run --restart-command")?;
+    let out = tokio::time::timeout(RESTART_LIMIT, child.wait_with_output())
+        .await
+        .context("--restart-command took longer than 60 s")??;
+    anyhow::ensure!(
+        out.status.success(),
+        "--restart-command failed: {}",
+        out.status
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .with_context(|| format!("--restart-command printed no pid last: {text:?}"))
+}
 
 #[derive(Debug, Parser)]
 #[command(about = "Herald WebSocket load generator; every run is bounded and stops by itself")]
@@ -53,6 +92,15 @@ enum TargetKind {
     Floor,
     Socketio,
     Pushpin,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Transport {
+    /// WebSocket (every target).
+    Ws,
+    /// Server-Sent Events with acks over HTTP (`--target herald` only).
+    Sse,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -87,6 +135,14 @@ struct Common {
     /// Publish requests in flight at once.
     #[arg(long, default_value_t = 128)]
     publish_concurrency: usize,
+    /// Messages per publish request: 1 uses the single-message route (`POST /v1/messages`,
+    /// `/publish`), more use the batch route (`POST /v1/messages/batch`, `/publish/batch`).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=500))]
+    batch: u64,
+    /// How devices connect: WebSocket, or Server-Sent Events with acks over
+    /// `POST /v1/me/ack` (Herald only; idle, throughput and latency scenarios).
+    #[arg(long, value_enum, default_value = "ws")]
+    transport: Transport,
     /// Prefix of device ids (devices are PREFIX-0 … PREFIX-(N-1), each its own user).
     #[arg(long, default_value = "bench")]
     device_prefix: String,
@@ -153,6 +209,15 @@ enum Scenario {
         /// Topic messages published while the clients are away.
         #[arg(long, default_value_t = 3)]
         messages: u32,
+        /// Restart the server while the clients are away (after the publishes), with
+        /// --restart-command.
+        #[arg(long)]
+        restart: bool,
+        /// Shell command that stops the server, starts it again on the same store, waits
+        /// until it listens, and prints the new server's pid as its last line
+        /// (bench/run.sh sets BENCH_RESTART_COMMAND for Herald).
+        #[arg(long, env = "BENCH_RESTART_COMMAND")]
+        restart_command: Option<String>,
     },
 }
 
@@ -166,6 +231,8 @@ struct Stats {
     alive: AtomicU64,
     duplicates: AtomicU64,
     gaps: AtomicU64,
+    /// Ack requests sent over HTTP (SSE: one acks everything received so far).
+    ack_requests: AtomicU64,
     /// Publish → deliver, microseconds.
     latency: Mutex<Histogram<u64>>,
     first_error: Mutex<Option<String>>,
@@ -181,6 +248,7 @@ impl Stats {
             alive: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             gaps: AtomicU64::new(0),
+            ack_requests: AtomicU64::new(0),
             latency: Mutex::new(Histogram::new_with_bounds(1, 600_000_000, 3).unwrap()),
             first_error: Mutex::new(None),
         })
@@ -205,8 +273,12 @@ struct Target {
     api_key: Option<String>,
     jwt: Option<jsonwebtoken::EncodingKey>,
     http: reqwest::Client,
+    /// SSE acks: one pooled keep-alive connection per device at most.
+    ack_http: reqwest::Client,
     payload: String,
     no_ack: bool,
+    batch: u64,
+    transport: Transport,
 }
 
 #[derive(Debug, Deserialize)]
@@ -260,6 +332,9 @@ impl Target {
         if c.target == TargetKind::Herald && c.api_key.is_none() {
             bail!("--target herald needs --api-key (create one with `herald keys create`)");
         }
+        if c.transport == Transport::Sse && c.target != TargetKind::Herald {
+            bail!("--transport sse needs --target herald");
+        }
         Ok(Target {
             kind: c.target,
             base: c.url.trim_end_matches('/').to_owned(),
@@ -276,8 +351,14 @@ impl Target {
                 .pool_max_idle_per_host(c.publish_concurrency)
                 .timeout(Duration::from_secs(60))
                 .build()?,
+            ack_http: reqwest::Client::builder()
+                .pool_max_idle_per_host(usize::MAX)
+                .timeout(Duration::from_secs(60))
+                .build()?,
             payload: "x".repeat(c.payload_bytes),
             no_ack: c.no_ack,
+            batch: c.batch,
+            transport: c.transport,
         })
     }
 
@@ -404,6 +485,54 @@ impl Target {
         }
     }
 
+    /// Publishes `to.len()` messages stamped `t`, in one request: the batch route when
+    /// `--batch` > 1, else the single one. Ok((messages accepted, recipients)); an item
+    /// refused inside a batch counts as an error.
+    async fn publish_many(
+        &self,
+        stats: &Stats,
+        to: Vec<serde_json::Value>,
+        t: u64,
+    ) -> anyhow::Result<(u64, u64)> {
+        if self.batch == 1 && to.len() == 1 {
+            let recipients = self.publish(to.into_iter().next().unwrap(), t).await?;
+            return Ok((1, recipients));
+        }
+        let messages: Vec<_> = to
+            .into_iter()
+            .map(|to| json!({"to": to, "data": {"t": t, "pad": self.payload}, "push": "never"}))
+            .collect();
+        let req = match self.kind {
+            TargetKind::Herald => self
+                .http
+                .post(format!("{}/v1/messages/batch", self.base))
+                .bearer_auth(self.api_key.as_deref().unwrap_or_default()),
+            TargetKind::Floor | TargetKind::Socketio | TargetKind::Pushpin => self
+                .http
+                .post(format!("{}/publish/batch", self.publish_base)),
+        };
+        let resp = req.json(&json!({"messages": messages})).send().await?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        if status.as_u16() != 202 {
+            bail!("batch publish answered {status}: {text}");
+        }
+        let v: serde_json::Value = serde_json::from_str(&text)?;
+        let (mut ok, mut recipients) = (0, 0);
+        for item in v["results"]
+            .as_array()
+            .context("batch answer without results")?
+        {
+            if item.get("error").is_some() {
+                stats.error(format!("batch item refused: {item}"));
+            } else {
+                ok += 1;
+                recipients += item["recipients"].as_u64().unwrap_or(0);
+            }
+        }
+        Ok((ok, recipients))
+    }
+
     /// Publishes one message; Ok(recipients) on 202.
     async fn publish(&self, to: serde_json::Value, t: u64) -> anyhow::Result<u64> {
         let body = json!({"to": to, "data": {"t": t, "pad": self.payload}, "push": "never"});
@@ -427,6 +556,160 @@ impl Target {
     }
 }
 
+/// One Server-Sent Events stream over a plain HTTP/1.1 connection (bound to a chosen
+/// source address, which an HTTP client library would not allow per connection).
+struct Sse {
+    stream: BufReader<TcpStream>,
+    /// `Transfer-Encoding: chunked`: bytes left in the current chunk.
+    chunked: bool,
+    chunk_left: usize,
+    /// The unfinished line and event being parsed, and complete events not yet taken.
+    line: Vec<u8>,
+    event: String,
+    data: String,
+    ready: std::collections::VecDeque<(String, String)>,
+}
+
+impl Sse {
+    async fn open(
+        target: &Target,
+        source: IpAddr,
+        device: &str,
+        after: Option<i64>,
+    ) -> anyhow::Result<(Sse, i64)> {
+        let socket = TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::new(source, 0))?;
+        let mut stream = socket.connect(target.server).await?;
+        stream.set_nodelay(true)?;
+        let token = target.device_token(device)?;
+        let after = after.map(|a| format!("&after={a}")).unwrap_or_default();
+        let request = format!(
+            "GET /v1/connect/sse?device_id={device}{after}&access_token={token} HTTP/1.1\r\n\
+             Host: {}\r\nAccept: text/event-stream\r\n\r\n",
+            target.server
+        );
+        stream.write_all(request.as_bytes()).await?;
+        let mut stream = BufReader::with_capacity(2048, stream);
+        let mut status = String::new();
+        stream.read_line(&mut status).await?;
+        let mut chunked = false;
+        loop {
+            let mut header = String::new();
+            if stream.read_line(&mut header).await? == 0 {
+                bail!("connection closed in the SSE answer's headers");
+            }
+            let header = header.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            let lower = header.to_ascii_lowercase();
+            if lower.starts_with("transfer-encoding:") && lower.contains("chunked") {
+                chunked = true;
+            }
+        }
+        if status.split_whitespace().nth(1) != Some("200") {
+            let mut body = vec![0; 512];
+            let n = tokio::time::timeout(Duration::from_secs(1), stream.read(&mut body))
+                .await
+                .unwrap_or(Ok(0))
+                .unwrap_or(0);
+            bail!(
+                "SSE connect answered {}: {}",
+                status.trim_end(),
+                String::from_utf8_lossy(&body[..n])
+            );
+        }
+        let mut sse = Sse {
+            stream,
+            chunked,
+            chunk_left: 0,
+            line: Vec::new(),
+            event: String::new(),
+            data: String::new(),
+            ready: Default::default(),
+        };
+        let (event, data) = sse.next_event().await?;
+        anyhow::ensure!(
+            event == "welcome",
+            "expected the welcome event, got {event}"
+        );
+        let welcome: Frame = serde_json::from_str(&data)?;
+        Ok((sse, welcome.last_seq))
+    }
+
+    /// Whether a complete event is waiting (read from the socket, not yet taken).
+    fn has_ready(&self) -> bool {
+        !self.ready.is_empty()
+    }
+
+    /// The next event: (name, data).
+    async fn next_event(&mut self) -> anyhow::Result<(String, String)> {
+        let mut buf = [0u8; 2048];
+        loop {
+            if let Some(ev) = self.ready.pop_front() {
+                return Ok(ev);
+            }
+            let n = self.read_body(&mut buf).await?;
+            for &b in &buf[..n] {
+                if b == b'\n' {
+                    self.end_line();
+                } else {
+                    self.line.push(b);
+                }
+            }
+        }
+    }
+
+    fn end_line(&mut self) {
+        let line = std::mem::take(&mut self.line);
+        let line = String::from_utf8_lossy(line.strip_suffix(b"\r").unwrap_or(&line));
+        if line.is_empty() {
+            if !self.data.is_empty() || !self.event.is_empty() {
+                let event = std::mem::take(&mut self.event);
+                let data = std::mem::take(&mut self.data);
+                self.ready.push_back((event, data));
+            }
+        } else if let Some(v) = line.strip_prefix("event:") {
+            self.event = v.trim_start().to_owned();
+        } else if let Some(v) = line.strip_prefix("data:") {
+            if !self.data.is_empty() {
+                self.data.push('\n');
+            }
+            self.data.push_str(v.strip_prefix(' ').unwrap_or(v));
+        }
+        // `id:` (the seq is in the data too) and `: comments` are skipped.
+    }
+
+    /// Reads body bytes, undoing the chunked encoding.
+    async fn read_body(&mut self, buf: &mut [u8]) -> anyhow::Result<usize> {
+        if !self.chunked {
+            let n = self.stream.read(buf).await?;
+            anyhow::ensure!(n > 0, "SSE stream closed");
+            return Ok(n);
+        }
+        if self.chunk_left == 0 {
+            let mut size = String::new();
+            anyhow::ensure!(
+                self.stream.read_line(&mut size).await? > 0,
+                "SSE stream closed"
+            );
+            let hex = size.trim().split(';').next().unwrap_or("");
+            self.chunk_left = usize::from_str_radix(hex, 16)
+                .with_context(|| format!("bad chunk size {size:?}"))?;
+            anyhow::ensure!(self.chunk_left > 0, "SSE stream ended");
+        }
+        let want = buf.len().min(self.chunk_left);
+        let n = self.stream.read(&mut buf[..want]).await?;
+        anyhow::ensure!(n > 0, "SSE stream closed");
+        self.chunk_left -= n;
+        if self.chunk_left == 0 {
+            let mut crlf = [0u8; 2];
+            self.stream.read_exact(&mut crlf).await?;
+        }
+        Ok(n)
+    }
+}
+
 async fn next_text(ws: &mut Ws) -> anyhow::Result<String> {
     loop {
         match ws.next().await {
@@ -447,22 +730,91 @@ fn source_ip(i: usize, n: u32) -> IpAddr {
 
 /// RSS of `roots` and every process below them (Pushpin runs as several processes).
 fn rss_kib(roots: &[u32]) -> Option<u64> {
+    tree_sum(roots, process_rss_kib)
+}
+
+/// User + system CPU seconds used so far by `roots` and every process below them.
+fn cpu_seconds(roots: &[u32]) -> Option<f64> {
+    tree_sum(roots, process_cpu_ticks).map(|ticks| ticks as f64 / CLOCK_TICKS)
+}
+
+/// `f` summed over `roots` (each must answer) and their descendants.
+fn tree_sum(roots: &[u32], f: impl Fn(u32) -> Option<u64>) -> Option<u64> {
     if roots.is_empty() {
         return None;
     }
     let mut total = 0;
     for &root in roots {
-        total += process_rss_kib(root)?;
+        total += f(root)?;
     }
     let mut parents = roots.to_vec();
     // Few processes on this machine: a scan of /proc per level is cheap enough.
     while let Some(parent) = parents.pop() {
         for child in child_pids(parent) {
-            total += process_rss_kib(child).unwrap_or(0);
+            total += f(child).unwrap_or(0);
             parents.push(child);
         }
     }
     Some(total)
+}
+
+/// USER_HZ: the unit of /proc/PID/stat's times (100 on Linux).
+const CLOCK_TICKS: f64 = 100.0;
+
+/// utime + stime of one process (all its threads), in clock ticks.
+fn process_cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After "pid (comm)": state ppid pgrp session tty tpgid flags minflt cminflt majflt
+    // cmajflt utime stime …
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Server and load-generator CPU from a start point, for "CPU per message".
+struct CpuWindow {
+    started: Instant,
+    server: Option<f64>,
+    own: Option<f64>,
+}
+
+impl CpuWindow {
+    fn start(server: &[u32]) -> CpuWindow {
+        CpuWindow {
+            started: Instant::now(),
+            server: cpu_seconds(server),
+            own: cpu_seconds(&[std::process::id()]),
+        }
+    }
+
+    /// Writes the CPU used since `start` into the report, per message when `messages` > 0.
+    fn report(
+        &self,
+        r: &mut serde_json::Map<String, serde_json::Value>,
+        server: &[u32],
+        messages: u64,
+    ) {
+        let seconds = self.started.elapsed().as_secs_f64();
+        let server_cpu = self.server.zip(cpu_seconds(server)).map(|(a, b)| b - a);
+        let own = self
+            .own
+            .zip(cpu_seconds(&[std::process::id()]))
+            .map(|(a, b)| b - a);
+        r.insert("cpu_window_seconds".into(), json!(seconds));
+        r.insert("server_cpu_seconds".into(), json!(server_cpu));
+        r.insert(
+            "server_cpu_percent".into(),
+            json!(server_cpu.map(|c| 100.0 * c / seconds)),
+        );
+        r.insert(
+            "server_cpu_us_per_message".into(),
+            json!(server_cpu
+                .filter(|_| messages > 0)
+                .map(|c| c * 1e6 / messages as f64)),
+        );
+        r.insert("loadgen_cpu_seconds".into(), json!(own));
+    }
 }
 
 fn process_rss_kib(pid: u32) -> Option<u64> {
@@ -499,17 +851,138 @@ fn child_pids(parent: u32) -> Vec<u32> {
 /// `Stats::alive` counts it from its spawn until it returns.
 struct Client {
     index: usize,
-    ws: Ws,
+    conn: Conn,
     /// Highest seq received (the cursor to reconnect with).
     last_seq: Arc<AtomicI64>,
 }
 
+/// A device's open connection (moved once, into its client task: the size of the
+/// larger variant costs nothing).
+#[allow(clippy::large_enum_variant)]
+enum Conn {
+    Ws(Ws),
+    /// The stream, and the device id (for its acks over HTTP).
+    Sse(Sse, String),
+}
+
 async fn run_client(target: Arc<Target>, stats: Arc<Stats>, c: Client, stop: CancellationToken) {
-    client_loop(&target, &stats, c, stop).await;
+    match c.conn {
+        Conn::Ws(ws) => {
+            let c = WsClient {
+                index: c.index,
+                ws,
+                last_seq: c.last_seq,
+            };
+            client_loop(&target, &stats, c, stop).await
+        }
+        Conn::Sse(sse, device) => {
+            sse_client_loop(&target, &stats, c.index, sse, device, c.last_seq, stop).await
+        }
+    }
     stats.alive.fetch_sub(1, Ordering::Relaxed);
 }
 
-async fn client_loop(target: &Target, stats: &Stats, mut c: Client, stop: CancellationToken) {
+struct WsClient {
+    index: usize,
+    ws: Ws,
+    last_seq: Arc<AtomicI64>,
+}
+
+/// Counts a received `msg` (order, duplicates, latency); false for a duplicate.
+fn on_msg(stats: &Stats, last_seq: &AtomicI64, f: &Frame) -> bool {
+    let last = last_seq.load(Ordering::Relaxed);
+    if f.seq <= last {
+        stats.duplicates.fetch_add(1, Ordering::Relaxed);
+        return false;
+    }
+    if f.seq != last + 1 {
+        stats.gaps.fetch_add(1, Ordering::Relaxed);
+    }
+    last_seq.store(f.seq, Ordering::Relaxed);
+    if let Some(d) = &f.data {
+        let now = stats.micros();
+        let _ = stats
+            .latency
+            .lock()
+            .unwrap()
+            .record(now.saturating_sub(d.t).max(1));
+    }
+    stats.delivered.fetch_add(1, Ordering::Relaxed);
+    true
+}
+
+/// An SSE device: reads events until `stop`; once it has taken every event it has read,
+/// acks the highest seq with one `POST /v1/me/ack` (cumulative), as an SSE client would.
+async fn sse_client_loop(
+    target: &Target,
+    stats: &Stats,
+    index: usize,
+    mut sse: Sse,
+    device: String,
+    last_seq: Arc<AtomicI64>,
+    stop: CancellationToken,
+) {
+    let token = match target.device_token(&device) {
+        Ok(t) => t,
+        Err(e) => return stats.error(format!("client {index}: {e:#}")),
+    };
+    let ack_url = format!("{}/v1/me/ack", target.base);
+    let mut acked = last_seq.load(Ordering::Relaxed);
+    loop {
+        let event = tokio::select! {
+            _ = stop.cancelled() => break,
+            e = sse.next_event() => e,
+        };
+        let (event, data) = match event {
+            Ok(e) => e,
+            Err(e) => return stats.error(format!("client {index}: {e:#}")),
+        };
+        match event.as_str() {
+            "msg" => match serde_json::from_str::<Frame>(&data) {
+                Ok(f) => {
+                    on_msg(stats, &last_seq, &f);
+                }
+                Err(e) => stats.error(format!("client {index}: bad msg event: {e}")),
+            },
+            "error" | "close" => {
+                stats.error(format!("client {index}: {event} event: {data}"));
+                if event == "close" {
+                    return;
+                }
+            }
+            _ => {}
+        }
+        let seq = last_seq.load(Ordering::Relaxed);
+        if target.no_ack || sse.has_ready() || seq <= acked {
+            continue;
+        }
+        let sent = target
+            .ack_http
+            .post(&ack_url)
+            .bearer_auth(&token)
+            .json(&json!({"device_id": device, "seq": seq}))
+            .send()
+            .await;
+        match sent {
+            Ok(resp) if resp.status().is_success() => {
+                let _ = resp.bytes().await;
+                stats
+                    .acked
+                    .fetch_add((seq - acked) as u64, Ordering::Relaxed);
+                stats.ack_requests.fetch_add(1, Ordering::Relaxed);
+                acked = seq;
+            }
+            Ok(resp) => {
+                let status = resp.status();
+                let text = resp.text().await.unwrap_or_default();
+                return stats.error(format!("client {index}: ack answered {status}: {text}"));
+            }
+            Err(e) => return stats.error(format!("client {index}: ack failed: {e}")),
+        }
+    }
+}
+
+async fn client_loop(target: &Target, stats: &Stats, mut c: WsClient, stop: CancellationToken) {
     loop {
         let msg = tokio::select! {
             _ = stop.cancelled() => break,
@@ -537,24 +1010,9 @@ async fn client_loop(target: &Target, stats: &Stats, mut c: Client, stop: Cancel
                 return;
             }
             Incoming::Frame(f) if f.kind == "msg" => {
-                let last = c.last_seq.load(Ordering::Relaxed);
-                if f.seq <= last {
-                    stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                if !on_msg(stats, &c.last_seq, &f) {
                     continue;
                 }
-                if f.seq != last + 1 {
-                    stats.gaps.fetch_add(1, Ordering::Relaxed);
-                }
-                c.last_seq.store(f.seq, Ordering::Relaxed);
-                if let Some(d) = f.data {
-                    let now = stats.micros();
-                    let _ = stats
-                        .latency
-                        .lock()
-                        .unwrap()
-                        .record(now.saturating_sub(d.t).max(1));
-                }
-                stats.delivered.fetch_add(1, Ordering::Relaxed);
                 if target.no_ack {
                     continue;
                 }
@@ -583,6 +1041,8 @@ struct Fleet {
     tasks: tokio::task::JoinSet<()>,
     connected: usize,
     connect_seconds: f64,
+    /// Server CPU seconds spent while the fleet connected.
+    connect_cpu_seconds: Option<f64>,
     /// (connections, server RSS KiB) while the fleet was opening.
     rss_samples: Vec<(usize, u64)>,
 }
@@ -590,7 +1050,7 @@ struct Fleet {
 /// A device whose handshake is done, with what its client task needs.
 type Opened = (
     usize,
-    Ws,
+    Conn,
     Arc<AtomicI64>,
     Arc<Target>,
     Arc<Stats>,
@@ -598,11 +1058,11 @@ type Opened = (
 );
 
 fn start_client(tasks: &mut tokio::task::JoinSet<()>, opened: Opened) {
-    let (index, ws, last_seq, target, stats, stop) = opened;
+    let (index, conn, last_seq, target, stats, stop) = opened;
     stats.alive.fetch_add(1, Ordering::Relaxed);
     let client = Client {
         index,
-        ws,
+        conn,
         last_seq,
     };
     tasks.spawn(run_client(target, stats, client, stop));
@@ -619,6 +1079,7 @@ async fn open_fleet(
     cursors: Option<Vec<Arc<AtomicI64>>>,
 ) -> Fleet {
     let started = Instant::now();
+    let cpu_before = cpu_seconds(&common.server_pid);
     let stop = CancellationToken::new();
     let cursors = cursors.unwrap_or_else(|| (0..n).map(|_| Arc::new(AtomicI64::new(0))).collect());
     let limit = Arc::new(Semaphore::new(common.connect_concurrency.max(1)));
@@ -646,6 +1107,10 @@ async fn open_fleet(
         };
         opening.spawn(async move {
             let opened = tokio::time::timeout(HANDSHAKE_LIMIT, async {
+                if target.transport == Transport::Sse {
+                    let (sse, _) = Sse::open(&target, source, &device, after).await?;
+                    return anyhow::Ok(Conn::Sse(sse, device.clone()));
+                }
                 let (mut ws, _) = target.open(source, &device, after).await?;
                 if let Some(topic) = topic {
                     ws.send(target.encode(json!({"type": "subscribe", "topic": topic})))
@@ -658,7 +1123,7 @@ async fn open_fleet(
                         }
                     }
                 }
-                anyhow::Ok(ws)
+                anyhow::Ok(Conn::Ws(ws))
             })
             .await
             .unwrap_or_else(|_| Err(anyhow::anyhow!("no welcome within {HANDSHAKE_LIMIT:?}")));
@@ -700,6 +1165,9 @@ async fn open_fleet(
         tasks,
         connected,
         connect_seconds: started.elapsed().as_secs_f64(),
+        connect_cpu_seconds: cpu_before
+            .zip(cpu_seconds(&common.server_pid))
+            .map(|(a, b)| b - a),
         rss_samples,
     }
 }
@@ -712,8 +1180,8 @@ impl Fleet {
     }
 }
 
-/// Publishes `count` messages at `rate`/s, `to(i)` choosing each one's recipient.
-/// Returns (published OK, seconds spent publishing).
+/// Publishes `count` messages at `rate`/s, `--batch` per request, `to(i)` choosing
+/// each one's recipient. Returns (published OK, seconds spent publishing).
 async fn publish_paced(
     target: &Arc<Target>,
     stats: &Arc<Stats>,
@@ -726,16 +1194,20 @@ async fn publish_paced(
     let limit = Arc::new(Semaphore::new(concurrency.max(1)));
     let ok = Arc::new(AtomicU64::new(0));
     let mut inflight = tokio::task::JoinSet::new();
-    for i in 0..count {
-        let due = started + Duration::from_secs_f64(i as f64 / rate.max(1) as f64);
+    let batch = target.batch.max(1);
+    for first in (0..count).step_by(batch as usize) {
+        let due = started + Duration::from_secs_f64(first as f64 / rate.max(1) as f64);
         tokio::time::sleep_until(due.into()).await;
         let permit = limit.clone().acquire_owned().await.unwrap();
         let (target, stats, ok) = (target.clone(), stats.clone(), ok.clone());
-        let recipient = to(i);
+        let recipients: Vec<_> = (first..count.min(first + batch)).map(&to).collect();
         inflight.spawn(async move {
-            match target.publish(recipient, stats.micros()).await {
-                Ok(_) => {
-                    ok.fetch_add(1, Ordering::Relaxed);
+            match target
+                .publish_many(&stats, recipients, stats.micros())
+                .await
+            {
+                Ok((n, _)) => {
+                    ok.fetch_add(n, Ordering::Relaxed);
                 }
                 Err(e) => stats.error(format!("{e:#}")),
             }
@@ -814,7 +1286,15 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let common = cli.common;
+    let mut common = cli.common;
+    if common.transport == Transport::Sse
+        && matches!(
+            cli.scenario,
+            Scenario::Fanout { .. } | Scenario::Reconnect { .. }
+        )
+    {
+        bail!("--transport sse runs the idle, throughput and latency scenarios");
+    }
     let target = Arc::new(Target::new(&common)?);
     let stats = Stats::new();
     let baseline_rss = rss_kib(&common.server_pid);
@@ -825,6 +1305,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         "scenario": format!("{:?}", cli.scenario).split_whitespace().next().unwrap_or("").to_owned(),
         "args": format!("{:?}", cli.scenario),
         "payload_bytes": common.payload_bytes,
+        "batch": common.batch,
+        "transport": common.transport,
         "acks": !common.no_ack,
         "server_rss_baseline_kib": baseline_rss,
         "unix_time": SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs(),
@@ -845,6 +1327,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 json!(stats.alive.load(Ordering::Relaxed)),
             );
             r.insert("connect_seconds".into(), json!(fleet.connect_seconds));
+            r.insert(
+                "connect_per_second".into(),
+                json!(fleet.connected as f64 / fleet.connect_seconds),
+            );
+            r.insert(
+                "server_cpu_us_per_connect".into(),
+                json!(fleet
+                    .connect_cpu_seconds
+                    .map(|c| c * 1e6 / fleet.connected.max(1) as f64)),
+            );
             r.insert("server_rss_kib".into(), json!(rss));
             if let (Some(base), Some(now)) = (baseline_rss, rss) {
                 let per = now.saturating_sub(base) as f64 / fleet.connected.max(1) as f64;
@@ -895,6 +1387,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             r.insert("connect_seconds".into(), json!(fleet.connect_seconds));
             let mut round_seconds = vec![];
+            let cpu = CpuWindow::start(&common.server_pid);
             for _ in 0..rounds {
                 let before = stats.delivered.load(Ordering::Relaxed);
                 let started = Instant::now();
@@ -910,11 +1403,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     Err(e) => stats.error(format!("{e:#}")),
                 }
             }
+            // Let the last round's acks reach the server before reading its CPU.
+            tokio::time::sleep(ACK_SETTLE).await;
+            cpu.report(
+                r,
+                &common.server_pid,
+                stats.delivered.load(Ordering::Relaxed),
+            );
             r.insert("round_seconds".into(), json!(round_seconds));
             r.insert("server_rss_kib".into(), json!(rss_kib(&common.server_pid)));
             fleet.close().await;
         }
-        Scenario::Reconnect { clients, messages } => {
+        Scenario::Reconnect {
+            clients,
+            messages,
+            restart,
+            restart_command,
+        } => {
+            if restart && restart_command.is_none() {
+                bail!("--restart needs --restart-command (or BENCH_RESTART_COMMAND)");
+            }
             if common.target != TargetKind::Herald {
                 bail!("the reconnect scenario needs a server that keeps an inbox; only --target herald does");
             }
@@ -943,12 +1451,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "publish_while_away_seconds".into(),
                 json!(away.elapsed().as_secs_f64()),
             );
+            if let Some(command) = restart_command.filter(|_| restart) {
+                let restarting = Instant::now();
+                let pid = restart_server(&command).await?;
+                r.insert(
+                    "restart_seconds".into(),
+                    json!(restarting.elapsed().as_secs_f64()),
+                );
+                common.server_pid = vec![pid];
+                r.insert(
+                    "server_rss_after_restart_kib".into(),
+                    json!(rss_kib(&common.server_pid)),
+                );
+            }
+            let cpu = CpuWindow::start(&common.server_pid);
             // Latency here would count the time away; only catch-up time matters.
             let storm = Instant::now();
             let delivered_before = stats.delivered.load(Ordering::Relaxed);
             let fleet = open_fleet(&target, &stats, &common, clients, None, Some(cursors)).await;
             r.insert("reconnected".into(), json!(fleet.connected));
             r.insert("reconnect_seconds".into(), json!(fleet.connect_seconds));
+            r.insert(
+                "reconnect_per_second".into(),
+                json!(fleet.connected as f64 / fleet.connect_seconds),
+            );
             let (all, at) = wait_delivered(
                 &stats,
                 delivered_before + published,
@@ -967,6 +1493,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map(|(c, b)| (b + messages as i64 - c.load(Ordering::Relaxed)).max(0))
                 .sum();
             r.insert("messages_lost".into(), json!(missing));
+            tokio::time::sleep(ACK_SETTLE).await;
+            cpu.report(
+                r,
+                &common.server_pid,
+                stats.delivered.load(Ordering::Relaxed) - delivered_before,
+            );
             r.insert("server_rss_kib".into(), json!(rss_kib(&common.server_pid)));
             fleet.close().await;
             stats.latency.lock().unwrap().reset();
@@ -1036,6 +1568,7 @@ async fn targeted(
     r.insert("connect_seconds".into(), json!(fleet.connect_seconds));
     let prefix = common.device_prefix.clone();
     let n = connections.max(1) as u64;
+    let cpu = CpuWindow::start(&common.server_pid);
     // A fixed multiplicative step spreads consecutive messages over the devices.
     let started = Instant::now();
     let (published, publish_seconds) = publish_paced(
@@ -1063,6 +1596,18 @@ async fn targeted(
     r.insert(
         "acked_per_second".into(),
         json!(stats.acked.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64()),
+    );
+    // The acks of the last deliveries are still on their way: let them in, then count
+    // the server's CPU over publish + delivery + acks, per delivered message.
+    tokio::time::sleep(ACK_SETTLE).await;
+    cpu.report(
+        r,
+        &common.server_pid,
+        stats.delivered.load(Ordering::Relaxed),
+    );
+    r.insert(
+        "ack_requests".into(),
+        json!(stats.ack_requests.load(Ordering::Relaxed)),
     );
     r.insert("server_rss_kib".into(), json!(rss_kib(&common.server_pid)));
     fleet.close().await;
