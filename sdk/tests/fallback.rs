@@ -228,8 +228,8 @@ async fn all_acked(tg: &TestGateway, ids: &[String], device: &str) {
     }
 }
 
-/// Connects through `base`, expects `transport`, delivers 1..=40 (with a server-side
-/// kick in the middle), and checks once / in order / acked.
+/// Connects through `base`, expects `transport`, delivers 1..=40 (with `kick`, the
+/// session is closed from the server side after the first deliveries), and checks once / in order / acked.
 async fn deliver_over(
     tg: &TestGateway,
     base: &str,
@@ -310,7 +310,7 @@ async fn a_proxy_refusing_websocket_and_event_streams_gets_long_poll() {
         "fb-poll",
         TransportPreference::Auto,
         TransportKind::LongPoll,
-        false,
+        true,
     )
     .await;
 }
@@ -334,7 +334,7 @@ async fn forced_sse_and_long_poll_against_the_gateway() {
         "forced-poll",
         TransportPreference::LongPoll,
         TransportKind::LongPoll,
-        false,
+        true,
     )
     .await;
 }
@@ -352,4 +352,41 @@ async fn without_a_proxy_auto_stays_on_websocket() {
         false,
     )
     .await;
+}
+
+/// A graceful gateway restart under an SSE and a long-poll client: both resume on
+/// their transport, nothing lost or repeated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_and_long_poll_clients_resume_across_a_gateway_restart() {
+    let mut tg = TestGateway::start().await;
+    let base = tg.base_url.clone();
+    let mut clients = Vec::new();
+    for (device, pref, kind) in [
+        ("restart-sse", TransportPreference::Sse, TransportKind::Sse),
+        (
+            "restart-poll",
+            TransportPreference::LongPoll,
+            TransportKind::LongPoll,
+        ),
+    ] {
+        let dir = TempDir::new("sdk-fallback-restart");
+        let rec = Arc::new(Recorder::default());
+        let c = client(&tg, &base, device, &dir, pref, rec.clone());
+        c.connect();
+        wait_until("connected", T, || rec.connected_over() == Some(kind)).await;
+        publish_n(&tg, device, 1..=5).await;
+        wait_until("5 messages", T, || rec.ns().len() >= 5).await;
+        clients.push((device, kind, rec, c, dir));
+    }
+    tg.restart().await;
+    for (device, kind, rec, _, _) in &clients {
+        let ids = publish_n(&tg, device, 6..=10).await;
+        wait_until("10 messages", T, || rec.ns().len() >= 10).await;
+        all_acked(&tg, &ids, device).await;
+        assert_eq!(rec.ns(), (1..=10).collect::<Vec<_>>(), "{device}");
+        wait_until("connected again", T, || rec.connected_over() == Some(*kind)).await;
+    }
+    for (_, _, _, c, _) in clients {
+        c.close();
+    }
 }
