@@ -250,8 +250,18 @@ async fn run(
         let (delivered, latencies) = (delivered.clone(), latencies.clone());
         readers.push(tokio::spawn(async move {
             while let Some(Ok(msg)) = rx.next().await {
-                let Message::Text(text) = msg else { continue };
+                let text = match msg {
+                    Message::Text(text) => text,
+                    Message::Close(reason) => {
+                        eprintln!("  d{d}: the gateway closed the session: {reason:?}");
+                        break;
+                    }
+                    _ => continue,
+                };
                 let frame: Value = serde_json::from_str(text.as_str()).unwrap_or_default();
+                if frame["type"] == "error" {
+                    eprintln!("  d{d}: {text}");
+                }
                 if frame["type"] != "msg" {
                     continue;
                 }
