@@ -63,11 +63,20 @@ impl DeliveryRouter {
                 };
                 handle.offer(entry.clone(), committed_at, weight, &self.metrics) == Offer::Taken
             });
+            // Whatever the push policy, a device with no session here may have one on
+            // another node: live delivery does not depend on the push.
+            let elsewhere = !live && self.cluster.is_clustered();
             match entry.message.payload.push {
-                PushPolicy::Always => self.push.enqueue(entry),
+                PushPolicy::Always => {
+                    if elsewhere {
+                        remote.push(entry.clone());
+                    }
+                    self.push.enqueue(entry);
+                }
                 PushPolicy::Fallback if live => {}
-                PushPolicy::Fallback if self.cluster.is_clustered() => remote.push(entry),
+                PushPolicy::Fallback if elsewhere => remote.push(entry),
                 PushPolicy::Fallback => self.push.enqueue(entry),
+                PushPolicy::Never if elsewhere => remote.push(entry),
                 PushPolicy::Never => {}
             }
         }
@@ -75,7 +84,10 @@ impl DeliveryRouter {
             let router = self.clone();
             tokio::spawn(async move {
                 for (entry, reach) in router.cluster.deliver_remote(remote, false).await {
-                    if reach == Reach::Offline {
+                    // Only a `fallback` entry is pushed for want of a session: `always`
+                    // was queued above, `never` never is.
+                    if reach == Reach::Offline && entry.message.payload.push == PushPolicy::Fallback
+                    {
                         router.push.enqueue(entry);
                     }
                 }

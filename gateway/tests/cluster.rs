@@ -359,6 +359,38 @@ async fn a_device_on_one_node_gets_what_any_node_accepts() {
     c.stop().await;
 }
 
+/// Live delivery across nodes does not depend on the push policy: `never` and
+/// `always` entries reach a session on another node too (only `fallback` entries went
+/// there once), and `always` is pushed as well, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_push_policy_reaches_a_session_on_another_node() {
+    let c = Cluster::start(2, &machine_nats_url(), "").await;
+    let token = c.token("pia", "pia.phone").await;
+    c.register(0, &token, "pia.phone", "fcm-pia").await;
+    let mut phone = connect(&c.nodes[1].ws_url("pia.phone", 0), &token).await;
+    for (i, push) in ["never", "always", "fallback"].into_iter().enumerate() {
+        let id = c
+            .publish(
+                0,
+                json!({"to": {"device": "pia.phone"}, "data": {"n": i}, "push": push}),
+            )
+            .await;
+        let m = phone.msg().await;
+        assert_eq!((m.seq, &m.id), (i as i64 + 1, &id), "push {push}");
+        if push == "always" {
+            // An ack cancels a push not yet claimed, so wait for it before acking.
+            eventually("the `always` push", || async {
+                (c.fcm.send_requests() == 1).then_some(())
+            })
+            .await;
+        }
+        phone.ack(m.seq).await;
+    }
+    phone.quiet_for(Duration::from_millis(500)).await;
+    assert_eq!(c.fcm.send_requests(), 1, "{:?}", c.pushes());
+    c.stop().await;
+}
+
 /// What one connected test device has received, across reconnects.
 #[derive(Default)]
 struct Received {
