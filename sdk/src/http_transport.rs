@@ -57,7 +57,7 @@ impl HttpTransport {
         device_id: &str,
         after: i64,
         token: &str,
-    ) -> Result<SseConnection, ConnectError> {
+    ) -> Result<HttpConnection, ConnectError> {
         let mut url = base.clone();
         url.path_segments_mut()
             .map_err(|_| ConnectError::Network("base url cannot be a base".into()))?
@@ -84,10 +84,10 @@ impl HttpTransport {
         if status == 200 && is_stream {
             let (tx, rx) = mpsc::channel(READ_AHEAD);
             let reader = tokio::spawn(read_sse(resp, tx));
-            return Ok(SseConnection {
+            return Ok(HttpConnection {
                 rx,
                 acks: Acker::start(self.api.clone(), after),
-                reader,
+                task: reader,
             });
         }
         let retry_after = resp
@@ -115,7 +115,7 @@ impl HttpTransport {
 
     /// Long-poll: a first `GET /v1/me/sync` that answers at once (its `last_seq` makes
     /// the welcome), then held polls in a loop.
-    pub async fn connect_poll(&self, after: i64) -> Result<PollConnection, ConnectError> {
+    pub async fn connect_poll(&self, after: i64) -> Result<HttpConnection, ConnectError> {
         let first = match self.api.long_poll(after, Duration::ZERO).await {
             // The WebSocket and SSE routes create the device on first connect; sync
             // does not. A device that does not exist has no push token to lose.
@@ -157,7 +157,11 @@ impl HttpTransport {
             self.poll_wait,
             tx,
         ));
-        Ok(PollConnection { rx, acks, poller })
+        Ok(HttpConnection {
+            rx,
+            acks,
+            task: poller,
+        })
     }
 }
 
@@ -236,13 +240,15 @@ fn frame_without_http_route(frame: &ClientFrame) {
     }
 }
 
-pub struct SseConnection {
+/// An SSE stream or a long-poll loop: either way a task that feeds the engine's
+/// frames into a channel, with acks going over `POST /v1/me/ack`.
+pub struct HttpConnection {
     rx: mpsc::Receiver<Result<Incoming, String>>,
     acks: Acker,
-    reader: JoinHandle<()>,
+    task: JoinHandle<()>,
 }
 
-impl crate::transport::Connection for SseConnection {
+impl crate::transport::Connection for HttpConnection {
     fn can_ping(&self) -> bool {
         false
     }
@@ -261,50 +267,14 @@ impl crate::transport::Connection for SseConnection {
     }
 
     async fn close(&mut self) {
-        self.reader.abort();
+        self.task.abort();
         self.rx.close();
     }
 }
 
-impl Drop for SseConnection {
+impl Drop for HttpConnection {
     fn drop(&mut self) {
-        self.reader.abort();
-    }
-}
-
-pub struct PollConnection {
-    rx: mpsc::Receiver<Result<Incoming, String>>,
-    acks: Acker,
-    poller: JoinHandle<()>,
-}
-
-impl crate::transport::Connection for PollConnection {
-    fn can_ping(&self) -> bool {
-        false
-    }
-
-    async fn send(&mut self, frame: &ClientFrame) -> Result<(), String> {
-        match frame {
-            ClientFrame::Ack { seq } => self.acks.ack(*seq),
-            ClientFrame::Ping => {}
-            other => frame_without_http_route(other),
-        }
-        Ok(())
-    }
-
-    async fn recv(&mut self) -> Option<Result<Incoming, String>> {
-        self.rx.recv().await
-    }
-
-    async fn close(&mut self) {
-        self.poller.abort();
-        self.rx.close();
-    }
-}
-
-impl Drop for PollConnection {
-    fn drop(&mut self) {
-        self.poller.abort();
+        self.task.abort();
     }
 }
 

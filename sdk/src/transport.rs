@@ -10,7 +10,7 @@ use herald_protocol::{ClientFrame, ServerFrame, SUBPROTOCOL};
 use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest, http::HeaderValue, Message};
 use url::Url;
 
-use crate::http_transport::{HttpTransport, PollConnection, SseConnection};
+use crate::http_transport::{HttpConnection, HttpTransport};
 use crate::{Error, TransportKind};
 
 /// What a connection yields.
@@ -169,8 +169,8 @@ pub struct Transports {
 /// A connection of any of [`Transports`].
 pub enum AnyConnection {
     Ws(Box<WsConnection>),
-    Sse(SseConnection),
-    Poll(PollConnection),
+    /// SSE or long-poll.
+    Http(HttpConnection),
 }
 
 impl Transport for Transports {
@@ -189,9 +189,9 @@ impl Transport for Transports {
                 self.ws.connect(base, device_id, after, token).await?,
             )),
             TransportKind::Sse => {
-                AnyConnection::Sse(self.http.connect_sse(base, device_id, after, token).await?)
+                AnyConnection::Http(self.http.connect_sse(base, device_id, after, token).await?)
             }
-            TransportKind::LongPoll => AnyConnection::Poll(self.http.connect_poll(after).await?),
+            TransportKind::LongPoll => AnyConnection::Http(self.http.connect_poll(after).await?),
         })
     }
 
@@ -208,24 +208,21 @@ impl Connection for AnyConnection {
     async fn send(&mut self, frame: &ClientFrame) -> Result<(), String> {
         match self {
             AnyConnection::Ws(c) => c.send(frame).await,
-            AnyConnection::Sse(c) => c.send(frame).await,
-            AnyConnection::Poll(c) => c.send(frame).await,
+            AnyConnection::Http(c) => c.send(frame).await,
         }
     }
 
     async fn recv(&mut self) -> Option<Result<Incoming, String>> {
         match self {
             AnyConnection::Ws(c) => c.recv().await,
-            AnyConnection::Sse(c) => c.recv().await,
-            AnyConnection::Poll(c) => c.recv().await,
+            AnyConnection::Http(c) => c.recv().await,
         }
     }
 
     async fn close(&mut self) {
         match self {
             AnyConnection::Ws(c) => c.close().await,
-            AnyConnection::Sse(c) => c.close().await,
-            AnyConnection::Poll(c) => c.close().await,
+            AnyConnection::Http(c) => c.close().await,
         }
     }
 }
