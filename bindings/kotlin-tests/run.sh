@@ -20,15 +20,20 @@ cleanup() {
 trap cleanup EXIT
 start_test_gateway "$WORK"
 
+# The SDK as a user gets it: dev.herald:herald-jvm from a local Maven repository (the
+# binding + this host's library inside the jar, loaded by JNA from there).
+bash "$ROOT/scripts/package-jvm.sh" "$WORK/maven"
+VERSION="$(sed -n '/^\[workspace.package\]/,/^\[/s/^version = "\(.*\)"/\1/p' "$ROOT/Cargo.toml")"
+SDK_JAR="$WORK/maven/dev/herald/herald-jvm/$VERSION/herald-jvm-$VERSION.jar"
 JAR="$WORK/kotlin-tests.jar"
-"$KOTLINC" -nowarn -cp "$JNA_JAR" -d "$JAR" \
-    "$GEN_KT" "$ROOT/bindings/kotlin-tests/src/Main.kt" "$ROOT/bindings/kotlin-tests/src/TestKit.kt" 2>&1 | grep -v '^warning:' || true
+"$KOTLINC" -nowarn -cp "$SDK_JAR:$JNA_JAR" -d "$JAR" \
+    "$ROOT/bindings/kotlin-tests/src/Main.kt" "$ROOT/bindings/kotlin-tests/src/TestKit.kt" 2>&1 | grep -v '^warning:' || true
 [[ -f "$JAR" ]] || { echo "kotlinc failed" >&2; exit 1; }
 
 mkdir -p "$WORK/clients"
 set +e
 HERALD_URL="$GW_URL" HERALD_API_KEY="$GW_API_KEY" HERALD_TEST_DIR="$WORK/clients" \
-    timeout 300 java -Djna.library.path="$FFI_LIB_DIR" -cp "$JAR:$JNA_JAR:$KOTLIN_STDLIB" MainKt
+    timeout 300 java -cp "$JAR:$SDK_JAR:$JNA_JAR:$KOTLIN_STDLIB" MainKt
 RC=$?
 set -e
 if [[ $RC -ne 0 ]]; then
