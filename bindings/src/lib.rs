@@ -18,6 +18,10 @@ pub enum HeraldError {
     InvalidConfig { detail: String },
     #[error("network error: {detail}")]
     Network { detail: String },
+    /// The gateway's TLS certificate was refused (untrusted, expired, wrong name, or
+    /// a pin mismatch with `pinnedSpkiSha256`). Not terminal: retried with backoff.
+    #[error("certificate refused: {detail}")]
+    Certificate { detail: String },
     #[error("timed out: {detail}")]
     Timeout { detail: String },
     #[error("unauthorized: {detail}")]
@@ -57,6 +61,7 @@ impl From<sdk::Error> for HeraldError {
         match e {
             E::InvalidConfig(detail) => HeraldError::InvalidConfig { detail },
             E::Network(detail) => HeraldError::Network { detail },
+            E::Certificate(detail) => HeraldError::Certificate { detail },
             E::Timeout(detail) => HeraldError::Timeout { detail },
             E::Unauthorized(detail) => HeraldError::Unauthorized { detail },
             E::Forbidden(detail) => HeraldError::Forbidden { detail },
@@ -248,6 +253,14 @@ pub struct ClientConfig {
     /// `null`/`nil`: `Auto`.
     #[uniffi(default = None)]
     pub transport: Option<TransportPreference>,
+    /// Certificate pinning: base64 SHA-256 digests of SubjectPublicKeyInfos (as
+    /// `openssl x509 -pubkey | openssl pkey -pubin -outform der | openssl dgst
+    /// -sha256 -binary | base64` prints; a `sha256/` prefix is accepted). When not
+    /// empty, the gateway's certificate or an intermediate it sends must have one of
+    /// these keys, on top of the platform's validation. Pin a backup key. Empty
+    /// (default): no pinning.
+    #[uniffi(default = [])]
+    pub pinned_spki_sha256: Vec<String>,
 }
 
 /// What `handlePush` did.
@@ -438,6 +451,7 @@ impl HeraldClient {
             TransportPreference::Sse => sdk::TransportPreference::Sse,
             TransportPreference::LongPoll => sdk::TransportPreference::LongPoll,
         };
+        c.pinned_spki_sha256 = config.pinned_spki_sha256;
         let inner = sdk::HeraldClient::new(
             c,
             Arc::new(ListenerAdapter(listener)),
@@ -651,6 +665,7 @@ mod tests {
                 pong_timeout_ms: 5000,
                 push_deadline_ms: 20000,
                 transport: None,
+                pinned_spki_sha256: vec![],
             },
             Box::new(Nop),
             Box::new(NoToken),

@@ -75,6 +75,12 @@ pub struct Config {
     /// After a fallback, how often WebSocket is tried again (also on every
     /// `network_changed(true)`).
     pub websocket_retry: Duration,
+    /// Certificate pinning: base64 SHA-256 digests of SubjectPublicKeyInfos (optionally
+    /// prefixed `sha256/`). When not empty, the gateway's certificate or one of the
+    /// intermediates it sends must have one of these keys, in addition to passing the
+    /// platform's validation; otherwise the connection fails (`Error::Network`, "certificate
+    /// pin mismatch"). Pin a backup key too. Empty (default): no pinning.
+    pub pinned_spki_sha256: Vec<String>,
 }
 
 impl Config {
@@ -100,6 +106,7 @@ impl Config {
             max_token_failures: 3,
             transport: TransportPreference::Auto,
             websocket_retry: Duration::from_secs(300),
+            pinned_spki_sha256: Vec::new(),
         }
     }
 }
@@ -210,6 +217,7 @@ impl HeraldClient {
             http_base.as_str().trim_end_matches('/'),
             config.device_id
         );
+        let tls = crate::tls::client_config(crate::tls::parse_pins(&config.pinned_spki_sha256)?)?;
         let store: SharedStore = Arc::new(Mutex::new(Store::open(&config.data_dir, &scope)?));
         let tokens = Arc::new(Tokens::new(token_provider, &config.device_id));
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -224,6 +232,7 @@ impl HeraldClient {
                 config.device_id.clone(),
                 tokens.clone(),
                 config.request_timeout,
+                Some(&tls),
             )?)
         };
         let settings = Arc::new(Settings {
@@ -248,8 +257,8 @@ impl HeraldClient {
             // expects an answer within two).
             let poll_wait = config.heartbeat.unwrap_or(Duration::from_secs(25));
             Transports {
-                ws: WsTransport,
-                http: HttpTransport::new(api.clone(), config.connect_timeout, poll_wait),
+                ws: WsTransport::new(tls.clone()),
+                http: HttpTransport::new(api.clone(), config.connect_timeout, poll_wait, &tls),
             }
         };
         let (cmd_tx, cmd_rx) = tokio::sync::mpsc::unbounded_channel();

@@ -509,6 +509,12 @@ impl<T: Transport> Engine<T> {
                 self.report(Error::Network(why), false);
                 self.next_backoff()
             }
+            Err(AttemptError::Connect(ConnectError::Certificate(e), _)) => {
+                // Not silent like other network errors: the app should know.
+                log!(Warn, "certificate refused: {e}");
+                self.report(Error::Certificate(e), false);
+                self.next_backoff()
+            }
             Err(AttemptError::Connect(ConnectError::Rejected { status, error }, token)) => {
                 if status == 401 {
                     self.tokens.invalidate(&token).await;

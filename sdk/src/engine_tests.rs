@@ -198,6 +198,7 @@ fn start_full(provider: Arc<dyn TokenProvider>, store: Store, settings: Settings
             s.device_id.clone(),
             tokens.clone(),
             Duration::from_secs(1),
+            None,
         )
         .unwrap(),
     );

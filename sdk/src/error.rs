@@ -12,6 +12,13 @@ pub enum Error {
     /// Connection refused, DNS failure, reset, TLS failure: retried with backoff.
     #[error("network error: {0}")]
     Network(String),
+    /// The gateway's TLS certificate was refused: not trusted by the platform's
+    /// certificate store, expired, for another name, or a certificate pin mismatch
+    /// (`Config::pinned_spki_sha256`). Not terminal (a captive portal or an
+    /// intercepting proxy may be in the way; another network may work): retried with
+    /// backoff, and reported to the listener at each attempt.
+    #[error("certificate refused: {0}")]
+    Certificate(String),
     /// A request or connect attempt took too long.
     #[error("timed out: {0}")]
     Timeout(String),

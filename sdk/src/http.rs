@@ -27,6 +27,8 @@ pub(crate) const SYNC_PAGE: u32 = 100;
 fn net_error(e: reqwest::Error) -> Error {
     if e.is_timeout() {
         Error::Timeout(e.to_string())
+    } else if let Some(refused) = crate::tls::certificate_error(&e) {
+        Error::Certificate(refused)
     } else {
         Error::Network(e.to_string())
     }
@@ -38,10 +40,16 @@ impl Api {
         device_id: String,
         tokens: Arc<Tokens>,
         timeout: Duration,
+        tls: Option<&rustls::ClientConfig>,
     ) -> Result<Api, Error> {
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .timeout(timeout)
-            .connect_timeout(timeout)
+            .connect_timeout(timeout);
+        if let Some(tls) = tls {
+            // The same verification as the WebSocket (`crate::tls`).
+            builder = builder.use_preconfigured_tls(tls.clone());
+        }
+        let http = builder
             .build()
             .map_err(|e| Error::InvalidConfig(e.to_string()))?;
         Ok(Api {

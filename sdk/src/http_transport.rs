@@ -34,9 +34,16 @@ pub(crate) struct HttpTransport {
 }
 
 impl HttpTransport {
-    pub fn new(api: Arc<Api>, connect_timeout: Duration, poll_wait: Duration) -> Self {
+    pub fn new(
+        api: Arc<Api>,
+        connect_timeout: Duration,
+        poll_wait: Duration,
+        tls: &rustls::ClientConfig,
+    ) -> Self {
         let stream_http = reqwest::Client::builder()
             .connect_timeout(connect_timeout)
+            // The same verification as the WebSocket (`crate::tls`).
+            .use_preconfigured_tls(tls.clone())
             .build()
             .unwrap_or_default();
         HttpTransport {
@@ -74,7 +81,10 @@ impl HttpTransport {
             .header(reqwest::header::CACHE_CONTROL, "no-store")
             .send()
             .await
-            .map_err(|e| ConnectError::Network(e.to_string()))?;
+            .map_err(|e| match crate::tls::certificate_error(&e) {
+                Some(refused) => ConnectError::Certificate(refused),
+                None => ConnectError::Network(e.to_string()),
+            })?;
         let status = resp.status().as_u16();
         let is_stream = resp
             .headers()
@@ -171,6 +181,7 @@ fn poll_connect_error(e: crate::Error) -> ConnectError {
     use crate::Error as E;
     let status = match &e {
         E::Network(m) | E::Timeout(m) => return ConnectError::Network(m.clone()),
+        E::Certificate(m) => return ConnectError::Certificate(m.clone()),
         E::Unauthorized(_) => 401,
         E::Forbidden(m) if m.starts_with("http_") => {
             return ConnectError::NotHere(format!("sync answered {m}"))

@@ -23,6 +23,7 @@ mod http_transport;
 mod log;
 pub mod push;
 pub mod store;
+pub mod tls;
 pub mod token;
 pub mod transport;
 
@@ -33,6 +34,7 @@ pub use herald_protocol::{
 };
 pub use log::{set_logger, LogLevel, Logger, Stats};
 pub use push::{is_herald_push, parse_push, PushInfo, PushOutcome};
+pub use tls::spki_sha256;
 pub use token::{jwt_expiry, TokenProvider};
 
 /// Connection state, reported to [`Listener::on_state_changed`] on every change.

@@ -3,6 +3,7 @@
 //! can be driven by a fake in tests.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -34,6 +35,8 @@ pub enum ConnectError {
     /// through here (a proxy refused or stripped the WebSocket upgrade, or did not
     /// pass an event stream): the engine falls back to the next transport.
     NotHere(String),
+    /// The server's certificate was refused (`crate::tls`).
+    Certificate(String),
 }
 
 /// Whether an HTTP answer to a connect request says "this transport does not get
@@ -95,7 +98,16 @@ pub fn connect_url(base: &Url, device_id: &str, after: i64) -> Url {
 
 /// tokio-tungstenite over TCP/TLS.
 #[derive(Debug, Clone, Default)]
-pub struct WsTransport;
+pub struct WsTransport {
+    /// TLS of `wss://` (`crate::tls`); `None`: tokio-tungstenite's default.
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl WsTransport {
+    pub fn new(tls: Arc<rustls::ClientConfig>) -> Self {
+        WsTransport { tls: Some(tls) }
+    }
+}
 
 type WsStream =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -129,7 +141,8 @@ impl WsTransport {
             }
         })?;
         headers.insert("Authorization", auth);
-        match tokio_tungstenite::connect_async(req).await {
+        let connector = self.tls.clone().map(tokio_tungstenite::Connector::Rustls);
+        match tokio_tungstenite::connect_async_tls_with_config(req, None, false, connector).await {
             Ok((ws, _resp)) => Ok(WsConnection { ws }),
             Err(tungstenite::Error::Http(resp)) => {
                 let status = resp.status().as_u16();
@@ -155,7 +168,10 @@ impl WsTransport {
             Err(e @ (tungstenite::Error::Protocol(_) | tungstenite::Error::HttpFormat(_))) => Err(
                 ConnectError::NotHere(format!("WebSocket handshake broken: {e}")),
             ),
-            Err(e) => Err(ConnectError::Network(e.to_string())),
+            Err(e) => Err(match crate::tls::certificate_error(&e) {
+                Some(refused) => ConnectError::Certificate(refused),
+                None => ConnectError::Network(e.to_string()),
+            }),
         }
     }
 }

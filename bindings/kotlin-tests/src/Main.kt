@@ -161,6 +161,14 @@ fun main(args: Array<String>) {
         } catch (e: HeraldException.InvalidConfig) {
             check(e.detail.contains("base_url")) { e.detail }
         }
+        // A certificate pin that is not a base64 SHA-256 (TLS and pinning are tested
+        // in sdk/tests/tls.rs).
+        try {
+            HeraldClient(config("bad-pin").copy(pinnedSpkiSha256 = listOf("abc")), Recorder(), Tokens("u"))
+            throw CheckFailed("no exception")
+        } catch (e: HeraldException.InvalidConfig) {
+            check(e.detail.contains("pinned_spki_sha256")) { e.detail }
+        }
     }
 
     test("isHeraldPush and jwtExpiry") {
