@@ -12,7 +12,7 @@ run() { echo "--- $(cut -d' ' -f1-3 /proc/loadavg) ${BENCH_TAG:+BENCH_TAG=$BENCH
 if [ "${1:-}" = profile ]; then
     out=${2:-/tmp/herald-perf.data}
     BENCH_TAG=v2-profile BENCH_LOADGEN_ARGS="--batch 100" \
-        bash bench/run.sh herald throughput --connections 1000 --messages 300000 --rate 1000000 >/dev/null &
+        bash bench/run.sh herald throughput --connections 1000 --messages 100000 --rate 1000000 >/dev/null &
     runner=$!
     pid=
     for _ in $(seq 1 400); do
@@ -22,8 +22,10 @@ if [ "${1:-}" = profile ]; then
     done
     [ -n "$pid" ] || { echo "no herald process"; wait $runner; exit 1; }
     sleep 2 # the 1,000 connections open; the publishes start
-    perf record -g -o "$out" -p "$pid" -- sleep 5
-    wait $runner
+    # BENCH_PERF_ARGS="--call-graph dwarf" resolves user-space callers (large files).
+    # shellcheck disable=SC2086
+    perf record ${BENCH_PERF_ARGS:--g} -o "$out" -p "$pid" -- sleep 5
+    wait $runner || echo "(the load run ended with $?)"
     perf report -i "$out" --no-children --stdio --sort symbol 2>/dev/null | grep -v '^#' | grep '%' | head -40
     exit 0
 fi
