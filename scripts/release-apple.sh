@@ -87,7 +87,7 @@ grep -q 'path: "swift/Sources/Herald"' "$PKG_ROOT/Package.swift" || die "the Her
 ensure_tree_sitter
 "$TS_PYTHON" scripts/lib/swift_syntax.py "$PKG_ROOT/Package.swift" "$PKG_ROOT/swift/Sources/Herald/Herald.swift" \
     || die "the package's Swift does not parse"
-python3 -m zipfile -l "$ZIP" | grep -q 'HeraldFFI.xcframework/' || die "the zip does not hold HeraldFFI.xcframework/"
+python3 -m zipfile -l "$ZIP" | grep 'HeraldFFI.xcframework/' >/dev/null || die "the zip does not hold HeraldFFI.xcframework/"
 
 if ((DRY_RUN)); then
     echo "release-apple --dry-run: v$VERSION, zip $(wc -c <"$ZIP") bytes, checksum $CHECKSUM written to a copy of Package.swift; nothing changed here"
