@@ -5,6 +5,7 @@
 //! committed and survive a crash. Implementations: `sqlite` (embedded default) and
 //! `postgres` (shared by several gateway nodes).
 
+mod migrations;
 pub mod postgres;
 mod postgres_group;
 pub mod sqlite;

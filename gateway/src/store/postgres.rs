@@ -40,7 +40,8 @@ use super::{
     ORPHANED_PUSH_REASON,
 };
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
+static MIGRATOR: std::sync::LazyLock<sqlx::migrate::Migrator> =
+    std::sync::LazyLock::new(|| super::migrations::migrator(super::migrations::POSTGRES));
 
 /// Connections per gateway node.
 const POOL_SIZE: u32 = 16;

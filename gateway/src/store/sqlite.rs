@@ -28,7 +28,8 @@ use super::{
     PushMark, PushResult, Store, StoreError, StoreResult, StoredMessage,
 };
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
+static MIGRATOR: std::sync::LazyLock<sqlx::migrate::Migrator> =
+    std::sync::LazyLock::new(|| super::migrations::migrator(super::migrations::SQLITE));
 
 pub struct SqliteStore {
     read: SqlitePool,
