@@ -15,7 +15,7 @@ use crate::cluster::{ClusterBus, Reach};
 use crate::metrics::Metrics;
 use crate::push::dispatcher::PushDispatcher;
 use crate::registry::{entry_weight, Offer, SessionRegistry};
-use crate::store::{InboxEntry, Store, StoredMessage};
+use crate::store::{InboxEntry, Store};
 
 #[derive(Clone)]
 pub struct DeliveryRouter {
@@ -49,18 +49,9 @@ impl DeliveryRouter {
     /// whoever finds it due, even if this node dies first.
     pub fn route(&self, entries: Vec<InboxEntry>, committed_at: Instant) {
         let mut remote = Vec::new();
-        // The entries of one publish share their message: weigh it once.
-        let mut weighed: Option<(Arc<StoredMessage>, usize)> = None;
         for entry in entries {
             let live = self.registry.get(&entry.device_id).is_some_and(|handle| {
-                let weight = match &weighed {
-                    Some((m, w)) if Arc::ptr_eq(m, &entry.message) => *w,
-                    _ => {
-                        let w = entry_weight(&entry.message);
-                        weighed = Some((entry.message.clone(), w));
-                        w
-                    }
-                };
+                let weight = entry_weight(&entry.message);
                 handle.offer(entry.clone(), committed_at, weight, &self.metrics) == Offer::Taken
             });
             // Whatever the push policy, a device with no session here may have one on

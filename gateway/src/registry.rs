@@ -79,10 +79,9 @@ impl QueuedBytes {
 }
 
 /// An entry's weight in a session queue's byte budget: about its size on the wire.
-/// It serializes the data, so callers that offer one message to many sessions compute
-/// it once.
+/// `data` is kept as the text received, so this costs no serialising.
 pub fn entry_weight(message: &StoredMessage) -> usize {
-    let data = serde_json::to_vec(&message.payload.data).map_or(0, |v| v.len());
+    let data = message.payload.data.get().len();
     let notification = message.payload.notification.as_ref().map_or(0, |n| {
         [&n.title, &n.body, &n.sound]
             .iter()
