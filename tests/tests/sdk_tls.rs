@@ -6,57 +6,16 @@
 //! One `#[test]`: `SSL_CERT_FILE` is process-wide, set once before any thread starts.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use herald_gateway::testing::{TempDir, TestGateway};
 use herald_protocol::{PublishRequest, PushPolicy, PushProviderKind, Target};
-use herald_sdk::{
-    Config, ConnectionState, Error, HeraldClient, InboxMessage, Listener, TransportPreference,
-};
+use herald_sdk::{Config, Error, HeraldClient, TransportPreference};
+use herald_system_tests::{wait_until, Recorder, T};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::json;
-
-#[derive(Default)]
-struct Recorder {
-    messages: Mutex<Vec<InboxMessage>>,
-    states: Mutex<Vec<ConnectionState>>,
-    errors: Mutex<Vec<String>>,
-}
-
-impl Listener for Recorder {
-    fn on_state_changed(&self, state: ConnectionState) {
-        self.states.lock().unwrap().push(state);
-    }
-    fn on_message(&self, message: InboxMessage) {
-        self.messages.lock().unwrap().push(message);
-    }
-    fn on_error(&self, error: Error, _terminal: bool) {
-        self.errors.lock().unwrap().push(error.to_string());
-    }
-}
-
-impl Recorder {
-    fn connected(&self) -> bool {
-        self.states
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|s| matches!(s, ConnectionState::Connected { .. }))
-    }
-}
-
-async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 struct Ca {
     cert: rcgen::Certificate,
@@ -168,11 +127,11 @@ impl Setup {
         let device = config.device_id.clone();
         let (client, rec) = self.client(config);
         client.connect();
-        wait_until(&format!("{device} connected"), || rec.connected()).await;
+        wait_until(&format!("{device} connected"), T, || rec.connected()).await;
         let mut req = PublishRequest::new(Target::Device(device.clone()), json!({ "n": 1 }));
         req.push = PushPolicy::Never;
         self.tg.publish(&req).await;
-        wait_until(&format!("{device}'s message"), || {
+        wait_until(&format!("{device}'s message"), T, || {
             rec.messages.lock().unwrap().len() == 1
         })
         .await;
@@ -189,11 +148,11 @@ impl Setup {
         let device = config.device_id.clone();
         let (client, rec) = self.client(config);
         client.connect();
-        wait_until(&format!("{device}'s connect error"), || {
+        wait_until(&format!("{device}'s connect error"), T, || {
             !rec.errors.lock().unwrap().is_empty()
         })
         .await;
-        let error = rec.errors.lock().unwrap()[0].clone();
+        let error = rec.error_texts()[0].clone();
         assert!(error.contains(expect), "{device}: {error}");
         let http = tokio::task::block_in_place(|| {
             client.register_push_token(PushProviderKind::Fcm, "fcm-tls", None)

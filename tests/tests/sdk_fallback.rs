@@ -4,69 +4,15 @@
 //! stripped) but passes plain HTTP. Every message once, in order, acked in the
 //! gateway's delivery record; the state names the transport. Every wait is bounded.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use herald_gateway::testing::{TempDir, TestGateway};
-use herald_protocol::{PublishRequest, PushPolicy, Target};
-use herald_sdk::{
-    Config, ConnectionState, HeraldClient, InboxMessage, Listener, TransportKind,
-    TransportPreference,
-};
-use serde_json::{json, Value};
+use herald_sdk::{Config, ConnectionState, HeraldClient, TransportKind, TransportPreference};
+use herald_system_tests::{publish_n, test_config, wait_until, Recorder, T};
+use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-#[derive(Default)]
-struct Recorder {
-    messages: Mutex<Vec<InboxMessage>>,
-    states: Mutex<Vec<ConnectionState>>,
-}
-
-impl Listener for Recorder {
-    fn on_state_changed(&self, state: ConnectionState) {
-        self.states.lock().unwrap().push(state);
-    }
-    fn on_message(&self, message: InboxMessage) {
-        self.messages.lock().unwrap().push(message);
-    }
-    fn on_error(&self, error: herald_sdk::Error, terminal: bool) {
-        eprintln!("on_error: {error} (terminal: {terminal})");
-    }
-}
-
-impl Recorder {
-    fn ns(&self) -> Vec<i64> {
-        self.messages
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|m| m.data["n"].as_i64().unwrap())
-            .collect()
-    }
-    fn state(&self) -> Option<ConnectionState> {
-        self.states.lock().unwrap().last().cloned()
-    }
-    fn connected_over(&self) -> Option<TransportKind> {
-        match self.state() {
-            Some(ConnectionState::Connected { transport }) => Some(transport),
-            _ => None,
-        }
-    }
-}
-
-const T: Duration = Duration::from_secs(20);
-
-async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + limit;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// What the proxy does to the first request of each TCP connection.
 #[derive(Clone, Copy, PartialEq)]
@@ -151,11 +97,7 @@ async fn relay(mut client: TcpStream, upstream: &str, block: Block) -> std::io::
 }
 
 fn config(base: &str, device: &str, dir: &TempDir, transport: TransportPreference) -> Config {
-    let mut c = Config::new(base, device, dir.0.clone());
-    c.backoff_min = Duration::from_millis(50);
-    c.backoff_max = Duration::from_millis(400);
-    c.connect_timeout = Duration::from_secs(5);
-    c.request_timeout = Duration::from_secs(5);
+    let mut c = test_config(base, device, dir);
     c.transport = transport;
     c
 }
@@ -175,21 +117,6 @@ fn client(
         Arc::new(move |_: &str| Ok::<_, String>(token.clone())),
     )
     .unwrap()
-}
-
-/// Publishes `n` = each of `range` to `device`; returns the message ids.
-async fn publish_n(
-    tg: &TestGateway,
-    device: &str,
-    range: std::ops::RangeInclusive<i64>,
-) -> Vec<String> {
-    let mut ids = Vec::new();
-    for n in range {
-        let mut req = PublishRequest::new(Target::Device(device.into()), json!({ "n": n }));
-        req.push = PushPolicy::Never;
-        ids.push(tg.publish(&req).await.message_id);
-    }
-    ids
 }
 
 async fn delivery_state(tg: &TestGateway, id: &str, device: &str) -> String {

@@ -8,56 +8,9 @@ use std::time::Duration;
 
 use herald_gateway::testing::{TempDir, TestGateway};
 use herald_protocol::{PublishRequest, PushContent, PushPolicy, PushProviderKind, Target};
-use herald_sdk::{
-    Config, ConnectionState, Error, HeraldClient, InboxMessage, Listener, TokenProvider,
-    TransportKind,
-};
+use herald_sdk::{Config, ConnectionState, Error, HeraldClient, TokenProvider, TransportKind};
+use herald_system_tests::{publish_n, test_config, wait_until, Recorder, T};
 use serde_json::json;
-
-#[derive(Default)]
-struct Recorder {
-    messages: Mutex<Vec<InboxMessage>>,
-    states: Mutex<Vec<ConnectionState>>,
-    errors: Mutex<Vec<(Error, bool)>>,
-    subscriptions: Mutex<Vec<(String, bool)>>,
-}
-
-impl Listener for Recorder {
-    fn on_state_changed(&self, state: ConnectionState) {
-        self.states.lock().unwrap().push(state);
-    }
-    fn on_message(&self, message: InboxMessage) {
-        self.messages.lock().unwrap().push(message);
-    }
-    fn on_error(&self, error: Error, terminal: bool) {
-        self.errors.lock().unwrap().push((error, terminal));
-    }
-    fn on_subscription_changed(&self, topic: String, subscribed: bool) {
-        self.subscriptions.lock().unwrap().push((topic, subscribed));
-    }
-}
-
-impl Recorder {
-    fn seqs(&self) -> Vec<i64> {
-        self.messages
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|m| m.seq)
-            .collect()
-    }
-    fn ns(&self) -> Vec<i64> {
-        self.messages
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|m| m.data["n"].as_i64().unwrap())
-            .collect()
-    }
-    fn state(&self) -> Option<ConnectionState> {
-        self.states.lock().unwrap().last().cloned()
-    }
-}
 
 /// Mints tokens for `user` through the test gateway, bound to the device id the SDK
 /// asks for (`did`) and allowed every topic, counting calls.
@@ -91,43 +44,13 @@ fn minter(tg: &TestGateway, user: &str) -> Arc<Minter> {
     })
 }
 
-fn config(tg: &TestGateway, device: &str, dir: &TempDir) -> Config {
-    let mut c = Config::new(tg.base_url.clone(), device, dir.0.clone());
-    c.backoff_min = Duration::from_millis(50);
-    c.backoff_max = Duration::from_millis(400);
-    c.connect_timeout = Duration::from_secs(5);
-    c.request_timeout = Duration::from_secs(5);
-    c
-}
-
-async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + limit;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn publish_n(tg: &TestGateway, device: &str, range: std::ops::RangeInclusive<i64>) {
-    for n in range {
-        let mut req = PublishRequest::new(Target::Device(device.into()), json!({ "n": n }));
-        req.push = PushPolicy::Never;
-        tg.publish(&req).await;
-    }
-}
-
-const T: Duration = Duration::from_secs(20);
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drops_in_the_middle_of_a_burst_lose_and_repeat_nothing() {
     let tg = TestGateway::start().await;
     let dir = TempDir::new("sdk-burst");
     let rec = Arc::new(Recorder::default());
     let client = HeraldClient::new(
-        config(&tg, "burst-1", &dir),
+        test_config(&tg.base_url, "burst-1", &dir),
         rec.clone(),
         minter(&tg, "alice"),
     )
@@ -186,8 +109,12 @@ async fn gateway_restart_resumes() {
     let mut tg = TestGateway::start().await;
     let dir = TempDir::new("sdk-restart-gw");
     let rec = Arc::new(Recorder::default());
-    let client =
-        HeraldClient::new(config(&tg, "gw-1", &dir), rec.clone(), minter(&tg, "alice")).unwrap();
+    let client = HeraldClient::new(
+        test_config(&tg.base_url, "gw-1", &dir),
+        rec.clone(),
+        minter(&tg, "alice"),
+    )
+    .unwrap();
     client.subscribe("news").unwrap();
     client.connect();
     wait_until("connected", T, || {
@@ -230,7 +157,7 @@ async fn app_restart_neither_repeats_nor_loses() {
     let first = Arc::new(Recorder::default());
     {
         let client = HeraldClient::new(
-            config(&tg, "app-1", &dir),
+            test_config(&tg.base_url, "app-1", &dir),
             first.clone(),
             minter(&tg, "alice"),
         )
@@ -250,7 +177,7 @@ async fn app_restart_neither_repeats_nor_loses() {
     publish_n(&tg, "app-1", 6..=8).await; // while the app is not running
     let second = Arc::new(Recorder::default());
     let client = HeraldClient::new(
-        config(&tg, "app-1", &dir),
+        test_config(&tg.base_url, "app-1", &dir),
         second.clone(),
         minter(&tg, "alice"),
     )
@@ -273,7 +200,7 @@ async fn device_owned_by_another_user_is_terminal() {
     // alice owns the device.
     let alice = Arc::new(Recorder::default());
     let a = HeraldClient::new(
-        config(&tg, "owned-1", &dir),
+        test_config(&tg.base_url, "owned-1", &dir),
         alice.clone(),
         minter(&tg, "alice"),
     )
@@ -291,7 +218,12 @@ async fn device_owned_by_another_user_is_terminal() {
     let dir2 = TempDir::new("sdk-403b");
     let bob = Arc::new(Recorder::default());
     let tokens = minter(&tg, "bob");
-    let b = HeraldClient::new(config(&tg, "owned-1", &dir2), bob.clone(), tokens.clone()).unwrap();
+    let b = HeraldClient::new(
+        test_config(&tg.base_url, "owned-1", &dir2),
+        bob.clone(),
+        tokens.clone(),
+    )
+    .unwrap();
     b.connect();
     wait_until("terminal error", T, || {
         !bob.errors.lock().unwrap().is_empty()
@@ -335,8 +267,12 @@ async fn rejected_and_expired_tokens_are_refreshed() {
         })
     };
     let rec = Arc::new(Recorder::default());
-    let client =
-        HeraldClient::new(config(&tg, "tok-1", &dir), rec.clone(), Arc::new(provider)).unwrap();
+    let client = HeraldClient::new(
+        test_config(&tg.base_url, "tok-1", &dir),
+        rec.clone(),
+        Arc::new(provider),
+    )
+    .unwrap();
     client.connect();
     wait_until("connected", T, || {
         rec.state()
@@ -372,7 +308,7 @@ async fn push_hint_is_fetched_once_and_not_delivered_again_live() {
     let dir = TempDir::new("sdk-push");
     let rec = Arc::new(Recorder::default());
     let client = HeraldClient::new(
-        config(&tg, "push-1", &dir),
+        test_config(&tg.base_url, "push-1", &dir),
         rec.clone(),
         minter(&tg, "alice"),
     )
@@ -565,7 +501,7 @@ async fn silent_network_drop_is_detected_and_nothing_is_lost() {
     let proxy = FreezingProxy::start(upstream).await;
     let dir = TempDir::new("sdk-freeze");
     let rec = Arc::new(Recorder::default());
-    let mut c = config(&tg, "freeze-1", &dir);
+    let mut c = test_config(&tg.base_url, "freeze-1", &dir);
     c.base_url = format!("http://{}", proxy.addr);
     let client = HeraldClient::new(c, rec.clone(), minter(&tg, "alice")).unwrap();
     client.connect();
@@ -602,7 +538,12 @@ async fn generated_device_id_is_given_to_the_token_provider() {
     let dir = TempDir::new("sdk-did");
     let rec = Arc::new(Recorder::default());
     let tokens = minter(&tg, "alice");
-    let client = HeraldClient::new(config(&tg, "", &dir), rec.clone(), tokens.clone()).unwrap();
+    let client = HeraldClient::new(
+        test_config(&tg.base_url, "", &dir),
+        rec.clone(),
+        tokens.clone(),
+    )
+    .unwrap();
     let device = client.device_id().to_string();
     assert!(!device.is_empty());
     client.connect();
