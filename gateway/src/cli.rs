@@ -246,9 +246,9 @@ pub async fn first_start_banner(
     store: &dyn crate::store::Store,
     tokens: &crate::auth::DeviceTokens,
     base_url: &str,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<Banner>> {
     if !store.api_keys().await?.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let (_, key) =
         crate::auth::create_api_key(store, "default", &[crate::auth::Scope::Admin]).await?;
@@ -260,26 +260,70 @@ pub async fn first_start_banner(
         topics: Some(vec!["news".into(), "user.alice.*".into()]),
     };
     let example_token = tokens.mint_grant("alice", &grant, 3600).ok().map(|t| t.0);
-    let ws = base_url.replacen("http://", "ws://", 1);
-    println!("\n=== Herald first start: keep these, they are shown only once ===");
-    println!("API key (service routes):      {key}");
-    println!("  (scope admin: every service route; give each backend a narrower key,\n   e.g. `herald keys create --name sender --scope publish`)");
-    if let Some(s) = secret {
-        println!("device-token secret (HS256):   {s}");
-        println!("  (the HMAC key is this text as it is, not hex-decoded; see README, \"Device tokens from your backend\")");
-    }
-    println!("\nSend a message to user alice:");
-    println!(
-        "  curl -sS -X POST {base_url}/v1/messages -H 'Authorization: Bearer {key}' \\\n    -H 'Content-Type: application/json' -d '{{\"to\":{{\"user\":\"alice\"}},\"data\":{{\"text\":\"hello\"}}}}'"
-    );
-    if let Some(t) = example_token {
-        println!("\nA device token for alice's device {device_id} (1 h; topics news, user.alice.*;\nmint more with POST /v1/tokens or `herald token mint --user alice --device-id ID`):");
-        println!("  {t}");
-        println!("Connect that device (wscat, as in README):");
+    Ok(Some(Banner {
+        key,
+        secret,
+        device_id,
+        example_token,
+        base_url: base_url.to_owned(),
+    }))
+}
+
+/// What the first start shows once: the admin API key, the HS256 secret, an example.
+pub struct Banner {
+    pub key: String,
+    pub secret: Option<String>,
+    pub device_id: String,
+    pub example_token: Option<String>,
+    pub base_url: String,
+}
+
+impl Banner {
+    /// On stdout: the text banner, or (`log_format = "json"`) one JSON line with the
+    /// same values as fields.
+    pub fn print(&self, format: crate::config::LogFormat) {
+        if format == crate::config::LogFormat::Json {
+            let mut fields: Vec<(&str, serde_json::Value)> = vec![
+                ("api_key", self.key.clone().into()),
+                ("example_device_id", self.device_id.clone().into()),
+            ];
+            if let Some(s) = &self.secret {
+                fields.push(("device_token_secret", s.clone().into()));
+            }
+            if let Some(t) = &self.example_token {
+                fields.push(("example_device_token", t.clone().into()));
+            }
+            println!(
+                "{}",
+                crate::logging::json_line(
+                    "INFO",
+                    "Herald first start: keep these, they are shown only once",
+                    &fields
+                )
+            );
+            return;
+        }
+        let (key, base_url, device_id) = (&self.key, &self.base_url, &self.device_id);
+        let ws = base_url.replacen("http://", "ws://", 1);
+        println!("\n=== Herald first start: keep these, they are shown only once ===");
+        println!("API key (service routes):      {key}");
+        println!("  (scope admin: every service route; give each backend a narrower key,\n   e.g. `herald keys create --name sender --scope publish`)");
+        if let Some(s) = &self.secret {
+            println!("device-token secret (HS256):   {s}");
+            println!("  (the HMAC key is this text as it is, not hex-decoded; see README, \"Device tokens from your backend\")");
+        }
+        println!("\nSend a message to user alice:");
         println!(
-            "  npx --yes wscat@6 -s herald.v1 -H 'Authorization: Bearer {t}' -c '{ws}/v1/connect?device_id={device_id}'"
+            "  curl -sS -X POST {base_url}/v1/messages -H 'Authorization: Bearer {key}' \\\n    -H 'Content-Type: application/json' -d '{{\"to\":{{\"user\":\"alice\"}},\"data\":{{\"text\":\"hello\"}}}}'"
         );
+        if let Some(t) = &self.example_token {
+            println!("\nA device token for alice's device {device_id} (1 h; topics news, user.alice.*;\nmint more with POST /v1/tokens or `herald token mint --user alice --device-id ID`):");
+            println!("  {t}");
+            println!("Connect that device (wscat, as in README):");
+            println!(
+                "  npx --yes wscat@6 -s herald.v1 -H 'Authorization: Bearer {t}' -c '{ws}/v1/connect?device_id={device_id}'"
+            );
+        }
+        println!("=================================================================\n");
     }
-    println!("=================================================================\n");
-    Ok(())
 }

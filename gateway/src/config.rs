@@ -34,6 +34,20 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub push: PushConfig,
     pub ops: OpsConfig,
+    /// Log lines on stderr: `text` (human-readable, the default) or `json` (one JSON
+    /// object per line, span fields included; `serve` also prints its stdout lines as
+    /// JSON then). Env `HERALD_LOG_FORMAT`. Which lines: `HERALD_LOG` (an
+    /// `EnvFilter`, default `info,sqlx=warn`).
+    pub log_format: LogFormat,
+}
+
+/// `log_format`: how log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// Where operational endpoints are served and who may read them (docs/security.md).
@@ -266,6 +280,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             push: PushConfig::default(),
             ops: OpsConfig::default(),
+            log_format: LogFormat::Text,
         }
     }
 }

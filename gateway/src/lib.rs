@@ -9,9 +9,11 @@ pub mod cluster;
 pub mod config;
 pub mod delivery;
 pub mod error;
+pub mod logging;
 pub mod metrics;
 pub mod push;
 pub mod registry;
+pub mod request_id;
 pub mod server;
 pub mod session;
 pub mod store;
@@ -92,7 +94,11 @@ impl Application {
         config: Config,
         providers: Vec<Arc<dyn PushProvider>>,
     ) -> anyhow::Result<Application> {
-        let store = open_store(&config).await?;
+        let metrics = Metrics::new();
+        let store: Arc<dyn Store> = Arc::new(crate::store::timed::TimedStore::new(
+            open_store(&config).await?,
+            metrics.store_ops.clone(),
+        ));
         let listener = TcpListener::bind(config.listen).await.map_err(|e| {
             anyhow::anyhow!(
                 "cannot listen on {}: {e}; choose another address with --listen or HERALD_LISTEN",
@@ -108,7 +114,6 @@ impl Application {
             None => None,
         };
         let tokens = DeviceTokens::from_config(&config.auth, store.as_ref()).await?;
-        let metrics = Metrics::new();
         let cluster = ClusterBus::connect(&config, &metrics).await?;
         let shutdown = CancellationToken::new();
         let registry = Arc::new(SessionRegistry::new(

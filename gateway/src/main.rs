@@ -1,30 +1,36 @@
 use clap::Parser;
 use herald_gateway::cli::{self, Cli, Command};
-use herald_gateway::Application;
+use herald_gateway::config::LogFormat;
+use herald_gateway::{logging, Application};
 
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
-    let default_filter = "info,sqlx=warn";
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        // Its fallback for a failed log write is eprintln!, which panics when stderr is
-        // a closed pipe (`herald serve | head`): the logging task (shutdown's, say)
-        // would die with it. A lost log line must cost only the line.
-        .log_internal_errors(false)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
-                .unwrap_or_else(|_| default_filter.into()),
-        )
-        .init();
-    if let Err(e) = run(cli).await {
-        eprintln!("error: {e:#}");
+    let format = log_format(&cli);
+    let guard = logging::init(format);
+    if let Err(e) = run(cli, format).await {
+        match format {
+            LogFormat::Text => eprintln!("error: {e:#}"),
+            LogFormat::Json => eprintln!("{}", logging::json_line("ERROR", &format!("{e:#}"), &[])),
+        }
+        drop(guard);
         std::process::exit(1);
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+/// `log_format` of the effective config; when the config does not load (the command
+/// reports why), `HERALD_LOG_FORMAT` as it is.
+fn log_format(cli: &Cli) -> LogFormat {
+    match cli.global.load_config() {
+        Ok(cfg) => cfg.log_format,
+        Err(_) => match std::env::var("HERALD_LOG_FORMAT").as_deref() {
+            Ok("json") => LogFormat::Json,
+            _ => LogFormat::Text,
+        },
+    }
+}
+
+async fn run(cli: Cli, format: LogFormat) -> anyhow::Result<()> {
     let config = || cli.global.load_config();
     match cli.command {
         Command::Serve(args) => {
@@ -35,13 +41,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let app = Application::build(cfg).await?;
             let addr = app.local_addr();
             let base = app.state().config.public_url(addr);
-            cli::first_start_banner(app.state().store.as_ref(), &app.state().tokens, &base).await?;
+            if let Some(banner) =
+                cli::first_start_banner(app.state().store.as_ref(), &app.state().tokens, &base)
+                    .await?
+            {
+                banner.print(format);
+            }
             tracing::info!(%addr, data_dir = %app.state().config.data_dir.display(), "herald listening");
             if let Some(ops) = app.ops_addr() {
                 tracing::info!(addr = %ops, "ops listener (metrics, health) listening");
             }
             // A stable line on stdout, after the banner, for scripts and tests.
-            println!("herald listening on {base}");
+            println!(
+                "{}",
+                logging::stdout_line(
+                    format,
+                    &format!("herald listening on {base}"),
+                    &[("url", base.clone().into())]
+                )
+            );
             app.run_until_stopped(shutdown_signal()).await?;
             tracing::info!("herald stopped");
         }

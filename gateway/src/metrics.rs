@@ -1,8 +1,8 @@
 //! Prometheus metrics, exposed on `GET /metrics`.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 #[derive(Clone)]
@@ -24,7 +24,32 @@ pub struct Metrics {
     pub due_offered_live: IntCounter,
     pub http_connections: IntGauge,
     pub connections_refused: IntCounterVec,
+    /// `http_request_duration_seconds{route,method,status}`: `route` is the matched
+    /// route template (`/v1/devices/{id}`), `unmatched` for a 404 of the router.
+    pub http_requests: HistogramVec,
+    /// `store_op_duration_seconds{op}` around the store's hot calls.
+    pub store_ops: HistogramVec,
+    /// `push_queue_lag_seconds`: from a push becoming due on this node (queued by the
+    /// router, or taken due from the store by the poller) to a worker claiming it.
+    pub push_queue_lag: Histogram,
 }
+
+/// The `op` values of `store_op_duration_seconds` (`store::timed::TimedStore`).
+pub const STORE_OPS: [&str; 8] = [
+    "publish",
+    "publish_batch",
+    "fetch",
+    "ack",
+    "mark_sent",
+    "claim",
+    "take_due",
+    "record_push_results",
+];
+
+/// Latency buckets (seconds) shared by the HTTP and store histograms.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 impl Metrics {
     pub fn new() -> Metrics {
@@ -102,6 +127,34 @@ impl Metrics {
             &["cap"],
         )
         .unwrap();
+        let http_requests = HistogramVec::new(
+            HistogramOpts::new(
+                "http_request_duration_seconds",
+                "HTTP requests by route template, method and status: time to the response head",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route", "method", "status"],
+        )
+        .unwrap();
+        let store_ops = HistogramVec::new(
+            HistogramOpts::new(
+                "store_op_duration_seconds",
+                "Store calls on the hot path, by operation (publish: the durable commit, group commit included)",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["op"],
+        )
+        .unwrap();
+        let push_queue_lag = Histogram::with_opts(
+            HistogramOpts::new(
+                "push_queue_lag_seconds",
+                "Time from a push becoming due on this node (queued at publish, or taken due from the store) to a worker claiming it",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+            ]),
+        )
+        .unwrap();
         for c in [
             Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(http_connections.clone()),
@@ -119,8 +172,22 @@ impl Metrics {
             Box::new(push_queue_depth.clone()),
             Box::new(cluster_routes.clone()),
             Box::new(due_offered_live.clone()),
+            Box::new(http_requests.clone()),
+            Box::new(store_ops.clone()),
+            Box::new(push_queue_lag.clone()),
         ] {
             registry.register(c).expect("unique metric");
+        }
+        // Series with known label values exist from the start (at 0), so rates and
+        // alerts see them before the first event.
+        for op in STORE_OPS {
+            store_ops.with_label_values(&[op]);
+        }
+        for outcome in ["live", "offline", "error"] {
+            cluster_routes.with_label_values(&[outcome]);
+        }
+        for cap in ["max_connections", "max_connections_per_ip"] {
+            connections_refused.with_label_values(&[cap]);
         }
         Metrics {
             registry,
@@ -140,6 +207,9 @@ impl Metrics {
             due_offered_live,
             http_connections,
             connections_refused,
+            http_requests,
+            store_ops,
+            push_queue_lag,
         }
     }
 

@@ -406,6 +406,13 @@ where
     async fn send_entry(&mut self, entry: InboxEntry) -> SessionResult {
         self.send(Message::Text(Utf8Bytes::from(entry.msg_frame())))
             .await?;
+        tracing::debug!(
+            device_id = %self.device_id,
+            seq = entry.seq,
+            message_id = %entry.message.id,
+            request_id = crate::request_id::field(&entry.message.id),
+            "delivered"
+        );
         self.router
             .sent
             .record(&self.device_id, self.last_sent + 1, entry.seq);

@@ -1,6 +1,7 @@
 //! HTTP surface: `app(state) -> Router`, extractors for the two kinds of credentials,
 //! and the JSON body extractor that turns serde's complaints into 400/413/422.
 
+pub mod access;
 pub mod device;
 pub mod ops;
 pub mod service;
@@ -113,21 +114,25 @@ pub fn app(state: AppState) -> Router {
     if state.config.ops.listen.is_none() {
         router = router.route("/metrics", get(ops::metrics));
     }
-    router
+    let metrics = state.metrics.clone();
+    let router = router
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
-        .with_state(state)
+        .with_state(state);
+    access::layer(router, metrics)
 }
 
 /// The `ops.listen` listener: health, readiness and metrics only.
 pub fn ops_app(state: AppState) -> Router {
-    Router::new()
+    let metrics = state.metrics.clone();
+    let router = Router::new()
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
-        .with_state(state)
+        .with_state(state);
+    access::layer(router, metrics)
 }
 
 pub use herald_protocol::validate_id;

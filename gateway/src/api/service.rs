@@ -18,6 +18,7 @@ use crate::auth::{Grant, Scope};
 use crate::clock::{now_ms, rfc3339};
 use crate::error::AppError;
 use crate::registry::KickReason;
+use crate::request_id::RequestId;
 use crate::store::{push_due_at, MessagePayload, NewMessage, PublishOutcome};
 
 const IDEMPOTENCY_WINDOW_MS: i64 = 24 * 3600 * 1000;
@@ -41,9 +42,17 @@ pub async fn publish(
     let msg = new_message(&state, &key.id, req, idempotency_key, now_ms())?;
     let (message_id, to) = (msg.id.clone(), msg.target.clone());
     let outcome = state.store.publish(msg).await?;
+    let request_id = request_id(&headers);
     Ok((
         StatusCode::ACCEPTED,
-        Json(settle(&state, message_id, &to, outcome, Instant::now())),
+        Json(settle(
+            &state,
+            message_id,
+            &to,
+            outcome,
+            Instant::now(),
+            &request_id,
+        )),
     ))
 }
 
@@ -116,13 +125,14 @@ pub async fn publish_batch(
     .into_iter()
     .zip(ids);
     let committed_at = Instant::now();
+    let request_id = request_id(&headers);
     let results = prepared
         .into_iter()
         .map(|p| {
             let outcome = p.and_then(|_| {
                 let (outcome, (id, to)) = stored.next().expect("one outcome per stored item");
                 outcome
-                    .map(|o| settle(&state, id, &to, o, committed_at))
+                    .map(|o| settle(&state, id, &to, o, committed_at, &request_id))
                     .map_err(AppError::from)
             });
             match outcome {
@@ -211,10 +221,13 @@ fn settle(
     to: &Target,
     outcome: PublishOutcome,
     committed_at: Instant,
+    request_id: &RequestId,
 ) -> PublishResponse {
     match outcome {
         PublishOutcome::Created { entries } => {
             let recipients = entries.len() as u64;
+            // Before routing, so the delivery and push log lines find it.
+            crate::request_id::remember(&message_id, request_id);
             state.metrics.published.inc();
             state.metrics.inbox_entries.inc_by(recipients);
             state.router.route(entries, committed_at);
@@ -255,6 +268,11 @@ fn no_recipients_hint(to: &Target, recipients: u64) -> Option<String> {
         // An unknown device is a 404 before anything is stored.
         Target::Device(_) => None,
     }
+}
+
+/// The id `api::access` chose for this request (it sets the request's header).
+fn request_id(headers: &HeaderMap) -> RequestId {
+    RequestId::from_header(headers.get(crate::request_id::HEADER).map(|v| v.as_bytes()))
 }
 
 fn idempotency_key(headers: &HeaderMap, req: &PublishRequest) -> Result<Option<String>, AppError> {

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use herald_protocol::{PushProviderKind, PushTokenState};
 use tokio::sync::{mpsc, Semaphore};
@@ -51,7 +51,8 @@ impl Default for PushSettings {
 
 #[derive(Clone)]
 pub struct PushDispatcher {
-    queue: mpsc::Sender<InboxEntry>,
+    /// Each push with the instant it became due here (for `push_queue_lag_seconds`).
+    queue: mpsc::Sender<(InboxEntry, Instant)>,
     metrics: Metrics,
     pub health: PushHealth,
 }
@@ -128,7 +129,7 @@ impl PushDispatcher {
     /// Queues a pending push; never blocks. When the queue is full the push stays
     /// pending in the store and the poller sends it later.
     pub fn enqueue(&self, entry: InboxEntry) {
-        if self.queue.try_send(entry).is_ok() {
+        if self.queue.try_send((entry, Instant::now())).is_ok() {
             self.metrics.push_queue_depth.inc();
         }
     }
@@ -142,7 +143,7 @@ impl PushDispatcher {
 /// Claims queued pushes in batches (one store transaction per batch) and sends each
 /// claimed one on its own task, at most `workers` at a time.
 async fn claim_and_send(
-    mut queue: mpsc::Receiver<InboxEntry>,
+    mut queue: mpsc::Receiver<(InboxEntry, Instant)>,
     worker: Arc<Worker>,
     results: mpsc::Sender<PushResult>,
     shutdown: CancellationToken,
@@ -158,7 +159,17 @@ async fn claim_and_send(
             return;
         }
         worker.metrics.push_queue_depth.sub(n as i64);
-        let keys: Vec<(String, i64)> = batch.iter().map(|e| (e.device_id.clone(), e.seq)).collect();
+        let claiming = Instant::now();
+        for (_, due) in &batch {
+            worker
+                .metrics
+                .push_queue_lag
+                .observe(claiming.duration_since(*due).as_secs_f64());
+        }
+        let keys: Vec<(String, i64)> = batch
+            .iter()
+            .map(|(e, _)| (e.device_id.clone(), e.seq))
+            .collect();
         let claimed = match worker.store.claim_pushes(&keys, now_ms()).await {
             Ok(c) => c,
             Err(e) => {
@@ -168,7 +179,7 @@ async fn claim_and_send(
                 continue;
             }
         };
-        for (entry, won) in batch.drain(..).zip(claimed) {
+        for ((entry, _), won) in batch.drain(..).zip(claimed) {
             if !won {
                 continue; // acked, expired, or another worker has it
             }
@@ -241,6 +252,33 @@ impl Worker {
                 }
             }
         };
+        let (outcome, provider, reason) = match &action {
+            PushAction::Finish {
+                mark,
+                provider,
+                reason,
+            } => (
+                if *mark == PushMark::Pushed {
+                    "pushed"
+                } else {
+                    "failed"
+                },
+                provider.as_deref(),
+                reason.as_deref(),
+            ),
+            PushAction::Retry { reason, .. } => ("retry", None, Some(reason.as_str())),
+        };
+        tracing::info!(
+            device_id = %entry.device_id,
+            seq = entry.seq,
+            message_id = %entry.message.id,
+            request_id = crate::request_id::field(&entry.message.id),
+            outcome,
+            provider = provider.unwrap_or(""),
+            reason = reason.unwrap_or(""),
+            attempt = entry.push_attempts + 1,
+            "push"
+        );
         PushResult {
             device_id: entry.device_id,
             seq: entry.seq,

@@ -10,6 +10,7 @@ pub mod postgres;
 mod postgres_group;
 pub mod sqlite;
 mod sqlite_hot;
+pub mod timed;
 
 use std::sync::Arc;
 
