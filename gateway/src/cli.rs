@@ -51,6 +51,8 @@ pub enum Command {
     },
     /// Apply store migrations and exit.
     Migrate,
+    /// Print the OpenAPI 3.1 document of the HTTP API (what `GET /openapi.json` serves).
+    Openapi,
     /// Moved to its own binary, `herald-demo` (the server no longer carries the client SDK).
     #[command(hide = true, disable_help_flag = true)]
     Demo {

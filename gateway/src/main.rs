@@ -69,6 +69,7 @@ async fn run(cli: Cli, format: LogFormat) -> anyhow::Result<()> {
             eprintln!("error: {}", cli::DEMO_MOVED);
             std::process::exit(2);
         }
+        Command::Openapi => println!("{}", herald_gateway::api::openapi::spec_pretty()),
         Command::Migrate => {
             let cfg = config()?;
             cli::open_or_create_store(&cfg).await?;

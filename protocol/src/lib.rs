@@ -108,7 +108,24 @@ impl<'de> Deserialize<'de> for RawJson {
     }
 }
 
+/// In the OpenAPI spec `data` is a JSON object (the gateway refuses anything else).
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for RawJson {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::Object)
+            .description(Some(
+                "Any JSON object, delivered to the app as the exact text sent.",
+            ))
+            .into()
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for RawJson {}
+
 /// Where a message goes. Exactly one of the three.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Target {
@@ -133,6 +150,7 @@ impl Target {
 }
 
 /// The visible part of a notification, as shown by the OS when the app is not running.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Notification {
@@ -147,6 +165,7 @@ pub struct Notification {
 }
 
 /// When a message may go through APNs/FCM.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PushPolicy {
@@ -170,6 +189,7 @@ impl PushPolicy {
 }
 
 /// What a push carries.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PushContent {
@@ -180,6 +200,7 @@ pub enum PushContent {
     Hint,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Priority {
@@ -189,6 +210,7 @@ pub enum Priority {
 }
 
 /// `POST /v1/messages`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PublishRequest {
@@ -233,6 +255,7 @@ impl PublishRequest {
 }
 
 /// `202` answer of `POST /v1/messages`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PublishResponse {
     pub message_id: String,
@@ -249,19 +272,23 @@ pub struct PublishResponse {
 pub const MAX_BATCH_ITEMS: usize = 500;
 
 /// `POST /v1/messages/batch`: each item is exactly a `POST /v1/messages` body.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PublishBatchRequest {
+    #[cfg_attr(feature = "openapi", schema(min_items = 1, max_items = 500))]
     pub messages: Vec<PublishRequest>,
 }
 
 /// `202` answer of `POST /v1/messages/batch`: one result per item, in request order.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PublishBatchResponse {
     pub results: Vec<BatchItemResult>,
 }
 
 /// What happened to one item of a batch.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum BatchItemResult {
@@ -270,6 +297,7 @@ pub enum BatchItemResult {
 }
 
 /// Per-device delivery state of a message.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeliveryState {
@@ -306,6 +334,7 @@ impl DeliveryState {
 }
 
 /// One device's view of one message, in `GET /v1/messages/{id}`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeliveryRecord {
     pub device_id: String,
@@ -326,6 +355,7 @@ pub struct DeliveryRecord {
 }
 
 /// `GET /v1/messages/{id}`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MessageStatus {
     pub message_id: String,
@@ -343,6 +373,7 @@ pub struct MessageStatus {
     pub deliveries: Vec<DeliveryRecord>,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Platform {
@@ -369,6 +400,7 @@ impl Platform {
     }
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PushProviderKind {
@@ -392,6 +424,7 @@ impl PushProviderKind {
     }
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ApnsEnvironment {
@@ -416,6 +449,7 @@ impl ApnsEnvironment {
 }
 
 /// `PUT /v1/me/devices/{device_id}`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterDeviceRequest {
@@ -429,6 +463,7 @@ pub struct RegisterDeviceRequest {
 }
 
 /// State of a device's push token.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PushTokenState {
@@ -458,21 +493,27 @@ impl PushTokenState {
 }
 
 /// `GET /v1/devices/{id}` and the items of `GET /v1/users/{user}/devices`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceInfo {
     pub device_id: String,
     pub user: String,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required = true))]
     pub platform: Option<Platform>,
     pub online: bool,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required = true))]
     pub last_seen: Option<String>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required = true))]
     pub push_provider: Option<PushProviderKind>,
     pub push_token: PushTokenState,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required = true))]
     pub push_token_error: Option<String>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required = true))]
     pub apns_environment: Option<ApnsEnvironment>,
     /// Highest seq assigned to this device's inbox.
     pub last_seq: i64,
@@ -480,12 +521,14 @@ pub struct DeviceInfo {
     pub acked_seq: i64,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceList {
     pub devices: Vec<DeviceInfo>,
 }
 
 /// `POST /v1/tokens`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenRequest {
@@ -502,11 +545,13 @@ pub struct TokenRequest {
 }
 
 /// `GET /v1/devices/{id}/topics`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopicList {
     pub topics: Vec<String>,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenResponse {
     pub token: String,
@@ -516,6 +561,7 @@ pub struct TokenResponse {
 /// One inbox entry as delivered to a device (WebSocket `msg` frame, sync item), as a
 /// client parses it. The gateway does not build this type: it writes `data` verbatim
 /// into pre-rendered frames (a `Value` here would round numbers through `f64`).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InboxMessage {
     pub seq: i64,
@@ -527,6 +573,7 @@ pub struct InboxMessage {
 }
 
 /// `GET /v1/me/sync`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SyncResponse {
     pub messages: Vec<InboxMessage>,
@@ -537,6 +584,7 @@ pub struct SyncResponse {
 }
 
 /// `POST /v1/me/ack`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AckRequest {
@@ -544,17 +592,20 @@ pub struct AckRequest {
     pub seq: i64,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AckResponse {
     pub acked_seq: i64,
 }
 
 /// Every error answer: `{"error": {"code", "message"}}`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorDetail {
     pub code: String,

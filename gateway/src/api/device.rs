@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{header, StatusCode};
@@ -65,8 +66,16 @@ pub async fn connect(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     DeviceAuth(claims): DeviceAuth,
     ApiQuery(params): ApiQuery<ConnectParams>,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, AppError> {
+    // axum answers a request that is not a WebSocket upgrade with plain text; every
+    // error here is the documented JSON, and nothing is claimed or acked for it.
+    let ws = ws.map_err(|rejection| {
+        AppError::Malformed(format!(
+            "{}: this route is a WebSocket (send the upgrade headers, subprotocol {SUBPROTOCOL}); plain HTTP clients use GET /v1/connect/sse or GET /v1/me/sync",
+            rejection.body_text()
+        ))
+    })?;
     let start = open_session(&state, peer, &claims, &params.device_id, params.after).await?;
     let limits = &state.config.limits;
     let ws = ws

@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod device;
+pub mod openapi;
 pub mod ops;
 pub mod service;
 pub mod sse;
@@ -109,7 +110,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/connect", get(device::connect))
         .route("/v1/connect/sse", get(sse::connect))
         .route("/healthz", get(ops::healthz))
-        .route("/readyz", get(ops::readyz));
+        .route("/readyz", get(ops::readyz))
+        .route("/openapi.json", get(openapi::serve));
     // With an ops listener, metrics are not served to whoever reaches the main port.
     if state.config.ops.listen.is_none() {
         router = router.route("/metrics", get(ops::metrics));
