@@ -39,6 +39,8 @@ pub struct Config {
     /// JSON then). Env `HERALD_LOG_FORMAT`. Which lines: `HERALD_LOG` (an
     /// `EnvFilter`, default `info,sqlx=warn`).
     pub log_format: LogFormat,
+    /// Delivery webhooks (docs/webhooks.md); off while `webhooks.url` is unset.
+    pub webhooks: crate::webhooks::WebhooksConfig,
 }
 
 /// `log_format`: how log lines are written.
@@ -281,6 +283,7 @@ impl Default for Config {
             push: PushConfig::default(),
             ops: OpsConfig::default(),
             log_format: LogFormat::Text,
+            webhooks: Default::default(),
         }
     }
 }
@@ -455,6 +458,8 @@ fn path_exists(value: &toml::Value, path: &[String]) -> bool {
         "auth.jwks_url",
         "ops.listen",
         "ops.metrics_token",
+        "webhooks.url",
+        "webhooks.secret",
     ];
     /// Optional sections: any key below them may be set from the environment.
     const OPTIONAL_SECTIONS: &[&str] = &["push.fcm.", "push.apns."];

@@ -18,6 +18,7 @@ pub mod server;
 pub mod session;
 pub mod store;
 pub mod testing;
+pub mod webhooks;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -44,18 +45,22 @@ use crate::session::SessionConfig;
 use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::Store;
+use crate::webhooks::{WebhookDispatcher, WebhookSettings};
 
 /// Opens the store named by the config and applies its migrations.
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    let events = config.webhooks.validate()?;
     match config.store.as_str() {
-        "sqlite" => Ok(Arc::new(SqliteStore::open(&config.data_dir).await?)),
+        "sqlite" => Ok(Arc::new(
+            SqliteStore::open_with(&config.data_dir, events).await?,
+        )),
         "postgres" => {
             let url = config.database_url.as_deref().ok_or_else(|| {
                 anyhow::anyhow!(
                     "store \"postgres\" needs database_url (config key, or HERALD_DATABASE_URL), e.g. postgres://herald:secret@127.0.0.1:5432/herald"
                 )
             })?;
-            Ok(Arc::new(PostgresStore::open(url).await?))
+            Ok(Arc::new(PostgresStore::open_with(url, events).await?))
         }
         other => anyhow::bail!("store {other:?} is not supported; use \"sqlite\" or \"postgres\""),
     }
@@ -143,6 +148,9 @@ impl Application {
             cluster,
         };
         router.spawn_due_poller(due_polling, shutdown.clone());
+        if let Some(settings) = WebhookSettings::from_config(&config.webhooks) {
+            WebhookDispatcher::spawn(store.clone(), settings, metrics.clone(), shutdown.clone())?;
+        }
         let d = &config.delivery;
         let session_cfg = SessionConfig {
             heartbeat: Duration::from_millis(d.heartbeat_ms),

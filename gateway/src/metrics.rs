@@ -1,8 +1,8 @@
 //! Prometheus metrics, exposed on `GET /metrics`.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
 };
 
 #[derive(Clone)]
@@ -32,6 +32,10 @@ pub struct Metrics {
     /// `push_queue_lag_seconds`: from a push becoming due on this node (queued by the
     /// router, or taken due from the store by the poller) to a worker claiming it.
     pub push_queue_lag: Histogram,
+    pub webhook_queue_lag: Gauge,
+    pub webhook_queue_depth: IntGauge,
+    pub webhook_posts: IntCounterVec,
+    pub webhook_events_dropped: IntCounter,
 }
 
 /// The `op` values of `store_op_duration_seconds` (`store::timed::TimedStore`).
@@ -155,6 +159,32 @@ impl Metrics {
             ]),
         )
         .unwrap();
+        let webhook_queue_lag = Gauge::new(
+            "webhook_queue_lag_seconds",
+            "Age of the oldest webhook event not yet delivered (0 when the queue is empty); updated each second by a node whose webhooks are on",
+        )
+        .unwrap();
+        let webhook_queue_depth = IntGauge::new(
+            "webhook_queue_depth",
+            "Webhook events queued in the store, not yet delivered",
+        )
+        .unwrap();
+        let webhook_posts = IntCounterVec::new(
+            Opts::new(
+                "webhook_posts_total",
+                "Webhook batch POSTs by result (ok: 2xx, events deleted; retry: failed, events due again after a backoff; dropped: failed and events older than webhooks.max_age_hours were dropped)",
+            ),
+            &["result"],
+        )
+        .unwrap();
+        let webhook_events_dropped = IntCounter::new(
+            "webhook_events_dropped_total",
+            "Webhook events dropped undelivered after webhooks.max_age_hours",
+        )
+        .unwrap();
+        for result in ["ok", "retry", "dropped"] {
+            webhook_posts.with_label_values(&[result]);
+        }
         for c in [
             Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(http_connections.clone()),
@@ -175,6 +205,10 @@ impl Metrics {
             Box::new(http_requests.clone()),
             Box::new(store_ops.clone()),
             Box::new(push_queue_lag.clone()),
+            Box::new(webhook_queue_lag.clone()),
+            Box::new(webhook_queue_depth.clone()),
+            Box::new(webhook_posts.clone()),
+            Box::new(webhook_events_dropped.clone()),
         ] {
             registry.register(c).expect("unique metric");
         }
@@ -210,6 +244,10 @@ impl Metrics {
             http_requests,
             store_ops,
             push_queue_lag,
+            webhook_queue_lag,
+            webhook_queue_depth,
+            webhook_posts,
+            webhook_events_dropped,
         }
     }
 

@@ -17,8 +17,10 @@ macro_rules! embed {
     };
 }
 
-pub const SQLITE: &[(&str, &str)] = embed!("sqlite": "0001_init.sql", "0004_security.sql");
-pub const POSTGRES: &[(&str, &str)] = embed!("postgres": "0001_init.sql", "0004_security.sql");
+pub const SQLITE: &[(&str, &str)] =
+    embed!("sqlite": "0001_init.sql", "0004_security.sql", "0005_webhooks.sql");
+pub const POSTGRES: &[(&str, &str)] =
+    embed!("postgres": "0001_init.sql", "0004_security.sql", "0005_webhooks.sql");
 
 /// A migrator over `files` (`NNNN_description.sql`, in version order).
 pub fn migrator(files: &[(&'static str, &'static str)]) -> Migrator {

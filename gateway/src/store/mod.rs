@@ -129,6 +129,10 @@ pub fn push_due_at(policy: PushPolicy, created_at: i64, ack_timeout_ms: i64) -> 
     }
 }
 
+/// The setting holding the last `expires_at` (unix ms) the sweeper queued `expired`
+/// webhook events up to.
+pub const EXPIRED_THROUGH_KEY: &str = "webhooks.expired_through";
+
 /// Recorded on a push whose sender stopped between claiming it and recording the
 /// provider's answer.
 pub const ORPHANED_PUSH_REASON: &str = "push outcome unknown: the node sending it stopped mid-request; not sent again (at most one push per message), the message stays in the inbox for the next sync";
@@ -465,7 +469,31 @@ pub trait Store: Send + Sync + 'static {
         Ok(())
     }
     async fn message(&self, id: &str) -> StoreResult<Option<(StoredMessage, Vec<DeliveryRow>)>>;
+
+    // Delivery webhooks (docs/webhooks.md). Events are queued by the writes above, in
+    // their own transactions, for the types the store was opened with; these move them.
+    /// Due events (next attempt at or before `now`), counted up to `limit`, and the
+    /// oldest due event's `queued_at`.
+    async fn webhook_due(&self, now: i64, limit: u32) -> StoreResult<(u64, Option<i64>)>;
+    /// Takes up to `limit` due events, oldest first; in the same statement each one's
+    /// next attempt moves to `lease_until`, so no other node takes it meanwhile (and it
+    /// comes due again if this one dies).
+    async fn webhook_claim(
+        &self,
+        now: i64,
+        lease_until: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<crate::webhooks::QueuedEvent>>;
+    /// Removes delivered (or dropped) events.
+    async fn webhook_delete(&self, queue_ids: &[i64]) -> StoreResult<()>;
+    /// `(queue_id, next_attempt_at)`: puts claimed events back, one attempt counted.
+    async fn webhook_retry(&self, items: &[(i64, i64)]) -> StoreResult<()>;
+    /// Events queued, and the oldest one's `queued_at`.
+    async fn webhook_queue_stats(&self) -> StoreResult<(u64, Option<i64>)>;
+
     /// Deletes inbox entries that expired more than `retention_ms` ago; returns count.
+    /// With the `expired` webhook on, first queues an `expired` event for every entry
+    /// whose TTL ran out unacked since the previous sweep.
     async fn sweep(&self, now: i64, retention_ms: i64) -> StoreResult<u64>;
     async fn ping(&self) -> StoreResult<()>;
 }

@@ -33,12 +33,13 @@ use herald_protocol::{
 use sqlx::postgres::{PgPoolOptions, PgRow};
 use sqlx::{Connection, PgConnection, PgPool, Row};
 
-use super::postgres_group::{Group, Write};
+use super::postgres_group::{Group, Write, EVENT_ID_SQL};
 use super::{
     ApiKeyRecord, DeliveryRow, Device, InboxEntry, MessagePayload, NewMessage, PublishOutcome,
     PushAction, PushMark, PushResult, Store, StoreError, StoreResult, StoredMessage,
     ORPHANED_PUSH_REASON,
 };
+use crate::webhooks::{EventSet, EventType, QueuedEvent};
 
 static MIGRATOR: std::sync::LazyLock<sqlx::migrate::Migrator> =
     std::sync::LazyLock::new(|| super::migrations::migrator(super::migrations::POSTGRES));
@@ -50,12 +51,19 @@ pub struct PostgresStore {
     pool: PgPool,
     /// Publishes, acks, sent marks, claims and presence: group commit.
     group: Group,
+    /// Webhook event types to queue (none when webhooks are off).
+    events: EventSet,
 }
 
 impl PostgresStore {
     /// Connects to `database_url` (`postgres://user:pass@host:5432/db`) and applies
     /// the migrations (sqlx takes an advisory lock, so nodes may start together).
     pub async fn open(database_url: &str) -> StoreResult<PostgresStore> {
+        PostgresStore::open_with(database_url, EventSet::NONE).await
+    }
+
+    /// `open`, queueing webhook events of the types in `events`.
+    pub async fn open_with(database_url: &str, events: EventSet) -> StoreResult<PostgresStore> {
         let shown = redact(database_url);
         // One direct connection first: the pool would only report "timed out", this
         // says why (refused, bad password, no such database).
@@ -79,8 +87,12 @@ impl PostgresStore {
             .run(&pool)
             .await
             .map_err(|e| StoreError::Other(anyhow::anyhow!("migrating {shown}: {e}")))?;
-        let group = Group::start(pool.clone());
-        Ok(PostgresStore { pool, group })
+        let group = Group::start(pool.clone(), events);
+        Ok(PostgresStore {
+            pool,
+            group,
+            events,
+        })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -344,14 +356,32 @@ impl Store for PostgresStore {
         token: &str,
         reason: &str,
     ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        if self.events.contains(EventType::TokenInvalid) {
+            let now = crate::clock::now_ms();
+            // FOR UPDATE: of two nodes invalidating at once, one queues the event.
+            sqlx::query(&format!(
+                "INSERT INTO webhook_events (event_id, type, device_id, user_id, provider, error, at, queued_at, next_attempt_at)
+                 SELECT {EVENT_ID_SQL}, 'token_invalid', id, user_id, push_provider, $1, $2, $2, $2
+                 FROM (SELECT id, user_id, push_provider FROM devices
+                       WHERE id = $3 AND push_token = $4 AND token_state <> 'invalid' FOR UPDATE) v"
+            ))
+            .bind(reason)
+            .bind(now)
+            .bind(device_id)
+            .bind(token)
+            .execute(&mut *tx)
+            .await?;
+        }
         sqlx::query(
             "UPDATE devices SET token_state = 'invalid', token_error = $1 WHERE id = $2 AND push_token = $3",
         )
         .bind(reason)
         .bind(device_id)
         .bind(token)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -564,6 +594,39 @@ impl Store for PostgresStore {
         }
         let mut tx = self.pool.begin().await?;
         if !fin_dev.is_empty() {
+            let kinds: Vec<&str> = fin_state
+                .iter()
+                .map(|s| match *s {
+                    "pushed" => EventType::Pushed,
+                    _ => EventType::PushFailed,
+                })
+                .map(|k| {
+                    if self.events.contains(k) {
+                        k.as_str()
+                    } else {
+                        ""
+                    }
+                })
+                .collect();
+            if kinds.iter().any(|k| !k.is_empty()) {
+                sqlx::query(&format!(
+                    "INSERT INTO webhook_events (event_id, type, message_id, device_id, user_id, seq, provider, error, at, queued_at, next_attempt_at)
+                     SELECT {EVENT_ID_SQL}, r.kind, d.message_id, d.device_id, v.user_id, d.seq, COALESCE(r.provider, v.push_provider), r.reason, $1, $1, $1
+                     FROM unnest($2::TEXT[], $3::BIGINT[], $4::TEXT[], $5::TEXT[], $6::TEXT[])
+                          AS r(device_id, seq, kind, provider, reason)
+                     JOIN deliveries d ON d.device_id = r.device_id AND d.seq = r.seq
+                     JOIN devices v ON v.id = d.device_id
+                     WHERE r.kind <> ''"
+                ))
+                .bind(now)
+                .bind(&fin_dev)
+                .bind(&fin_seq)
+                .bind(&kinds)
+                .bind(&fin_provider)
+                .bind(&fin_reason)
+                .execute(&mut *tx)
+                .await?;
+            }
             sqlx::query(
                 "UPDATE deliveries d SET push_state = r.state, push_at = $1, push_provider = r.provider, reason = r.reason
                  FROM unnest($2::TEXT[], $3::BIGINT[], $4::TEXT[], $5::TEXT[], $6::TEXT[])
@@ -599,16 +662,27 @@ impl Store for PostgresStore {
     }
 
     async fn fail_orphaned_pushes(&self, stale_before: i64, now: i64) -> StoreResult<u64> {
-        let res = sqlx::query(
-            "UPDATE deliveries SET push_state = 'failed', push_at = $1, reason = $2
-             WHERE push_state = 'sending' AND push_at < $3",
-        )
+        let queue = self.events.contains(EventType::PushFailed);
+        // One statement: the rows it fails are the rows it queues events for, whichever
+        // node runs it (another node's concurrent run finds them no longer 'sending').
+        let res = sqlx::query(&format!(
+            "WITH failed AS (
+                 UPDATE deliveries SET push_state = 'failed', push_at = $1, reason = $2
+                 WHERE push_state = 'sending' AND push_at < $3
+                 RETURNING device_id, seq, message_id, push_provider),
+             queued AS (
+                 INSERT INTO webhook_events (event_id, type, message_id, device_id, user_id, seq, provider, error, at, queued_at, next_attempt_at)
+                 SELECT {EVENT_ID_SQL}, 'push_failed', f.message_id, f.device_id, v.user_id, f.seq, COALESCE(f.push_provider, v.push_provider), $2, $1, $1, $1
+                 FROM failed f JOIN devices v ON v.id = f.device_id WHERE $4)
+             SELECT count(*) AS n FROM failed"
+        ))
         .bind(now)
         .bind(ORPHANED_PUSH_REASON)
         .bind(stale_before)
-        .execute(&self.pool)
+        .bind(queue)
+        .fetch_one(&self.pool)
         .await?;
-        Ok(res.rows_affected())
+        Ok(res.get::<i64, _>("n") as u64)
     }
 
     async fn retry_push(
@@ -738,6 +812,45 @@ impl Store for PostgresStore {
     async fn sweep(&self, now: i64, retention_ms: i64) -> StoreResult<u64> {
         let cutoff = now - retention_ms;
         let mut tx = self.pool.begin().await?;
+        let key = super::EXPIRED_THROUGH_KEY;
+        if self.events.contains(EventType::Expired) {
+            // The row lock makes the nodes' sweeps take turns: each entry's TTL is
+            // reported by one of them, once.
+            let through: Option<String> =
+                sqlx::query_scalar("SELECT value FROM settings WHERE key = $1 FOR UPDATE")
+                    .bind(key)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if let Some(through) = through.and_then(|t| t.parse::<i64>().ok()) {
+                if through < now {
+                    sqlx::query(&format!(
+                        "INSERT INTO webhook_events (event_id, type, message_id, device_id, user_id, seq, at, queued_at, next_attempt_at)
+                         SELECT {EVENT_ID_SQL}, 'expired', d.message_id, d.device_id, v.user_id, d.seq, d.expires_at, $1, $1
+                         FROM deliveries d JOIN devices v ON v.id = d.device_id
+                         WHERE d.expires_at > $2 AND d.expires_at <= $1 AND d.acked_at IS NULL
+                         ORDER BY d.expires_at"
+                    ))
+                    .bind(now)
+                    .bind(through)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+            sqlx::query(
+                "INSERT INTO settings (key, value) VALUES ($1, $2)
+                 ON CONFLICT (key) DO UPDATE SET value = GREATEST(settings.value::BIGINT, excluded.value::BIGINT)::TEXT",
+            )
+            .bind(key)
+            .bind(now.to_string())
+            .execute(&mut *tx)
+            .await?;
+        } else {
+            // Turned on later, it starts from then, not from an old mark.
+            sqlx::query("DELETE FROM settings WHERE key = $1")
+                .bind(key)
+                .execute(&mut *tx)
+                .await?;
+        }
         let res = sqlx::query("DELETE FROM deliveries WHERE expires_at < $1")
             .bind(cutoff)
             .execute(&mut *tx)
@@ -748,6 +861,95 @@ impl Store for PostgresStore {
             .await?;
         tx.commit().await?;
         Ok(res.rows_affected())
+    }
+
+    async fn webhook_due(&self, now: i64, limit: u32) -> StoreResult<(u64, Option<i64>)> {
+        let row = sqlx::query(
+            "SELECT count(*) AS n, min(queued_at) AS oldest FROM
+               (SELECT queued_at FROM webhook_events WHERE next_attempt_at <= $1 ORDER BY next_attempt_at LIMIT $2) e",
+        )
+        .bind(now)
+        .bind(limit as i64)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((row.get::<i64, _>("n") as u64, row.get("oldest")))
+    }
+
+    async fn webhook_claim(
+        &self,
+        now: i64,
+        lease_until: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<QueuedEvent>> {
+        // Rows another node is claiming are skipped; a row whose claim committed
+        // meanwhile fails the re-checked `next_attempt_at <= now`: one node per event.
+        let rows = sqlx::query(
+            "UPDATE webhook_events SET next_attempt_at = $1
+             WHERE queue_id IN (SELECT queue_id FROM webhook_events WHERE next_attempt_at <= $2
+                                ORDER BY queue_id LIMIT $3 FOR UPDATE SKIP LOCKED)
+               AND next_attempt_at <= $2
+             RETURNING queue_id, event_id, type, message_id, device_id, user_id, seq, provider, error, at, queued_at, attempts",
+        )
+        .bind(lease_until)
+        .bind(now)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out: Vec<QueuedEvent> = rows
+            .iter()
+            .map(|r| QueuedEvent {
+                queue_id: r.get("queue_id"),
+                id: r.get("event_id"),
+                kind: r.get("type"),
+                message_id: r.get("message_id"),
+                device_id: r.get("device_id"),
+                user: r.get("user_id"),
+                seq: r.get("seq"),
+                provider: r.get("provider"),
+                error: r.get("error"),
+                at: r.get("at"),
+                queued_at: r.get("queued_at"),
+                attempts: r.get::<i64, _>("attempts") as u32,
+            })
+            .collect();
+        out.sort_by_key(|e| e.queue_id);
+        Ok(out)
+    }
+
+    async fn webhook_delete(&self, queue_ids: &[i64]) -> StoreResult<()> {
+        if queue_ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query("DELETE FROM webhook_events WHERE queue_id = ANY($1)")
+            .bind(queue_ids)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn webhook_retry(&self, items: &[(i64, i64)]) -> StoreResult<()> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<i64> = items.iter().map(|i| i.0).collect();
+        let at: Vec<i64> = items.iter().map(|i| i.1).collect();
+        sqlx::query(
+            "UPDATE webhook_events w SET attempts = w.attempts + 1, next_attempt_at = r.at
+             FROM unnest($1::BIGINT[], $2::BIGINT[]) AS r(queue_id, at)
+             WHERE w.queue_id = r.queue_id",
+        )
+        .bind(&ids)
+        .bind(&at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn webhook_queue_stats(&self) -> StoreResult<(u64, Option<i64>)> {
+        let row = sqlx::query("SELECT count(*) AS n, min(queued_at) AS oldest FROM webhook_events")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok((row.get::<i64, _>("n") as u64, row.get("oldest")))
     }
 
     async fn ping(&self) -> StoreResult<()> {

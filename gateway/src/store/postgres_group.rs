@@ -36,6 +36,7 @@ use super::postgres::{device_from_row, is_retryable, DEVICE_COLUMNS};
 use super::{
     Device, InboxEntry, NewMessage, PublishOutcome, StoreError, StoreResult, StoredMessage,
 };
+use crate::webhooks::{EventSet, EventType};
 
 /// Writes (a batch counts its messages) committed in one transaction at most.
 const MAX_GROUP: usize = 512;
@@ -136,9 +137,9 @@ pub(super) struct Group {
 }
 
 impl Group {
-    pub(super) fn start(pool: PgPool) -> Group {
+    pub(super) fn start(pool: PgPool, events: EventSet) -> Group {
         let (writes, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(group_loop(pool, rx));
+        tokio::spawn(group_loop(pool, rx, events));
         Group { writes }
     }
 
@@ -151,7 +152,7 @@ impl Group {
     }
 }
 
-async fn group_loop(pool: PgPool, mut rx: mpsc::Receiver<Write>) {
+async fn group_loop(pool: PgPool, mut rx: mpsc::Receiver<Write>, events: EventSet) {
     let mut batch: Vec<Write> = Vec::with_capacity(MAX_GROUP);
     while let Some(first) = rx.recv().await {
         let mut weight = first.weight();
@@ -165,7 +166,7 @@ async fn group_loop(pool: PgPool, mut rx: mpsc::Receiver<Write>) {
                 Err(_) => break,
             }
         }
-        match commit_group(&pool, &batch).await {
+        match commit_group(&pool, &batch, events).await {
             Ok(outcomes) => {
                 for (write, outcome) in batch.drain(..).zip(outcomes) {
                     write.answer(outcome);
@@ -182,7 +183,7 @@ async fn group_loop(pool: PgPool, mut rx: mpsc::Receiver<Write>) {
             // one fails.
             Err(GroupError::Db(e @ sqlx::Error::Database(_))) if batch.len() > 1 => {
                 tracing::warn!(error = %e, writes = batch.len(), "write group refused; committing its writes one by one");
-                commit_singly(&pool, batch.drain(..)).await;
+                commit_singly(&pool, batch.drain(..), events).await;
             }
             Err(GroupError::Db(e)) => {
                 // Rolled back: nothing of this group was stored, so every caller is
@@ -197,10 +198,10 @@ async fn group_loop(pool: PgPool, mut rx: mpsc::Receiver<Write>) {
     }
 }
 
-async fn commit_singly(pool: &PgPool, writes: impl Iterator<Item = Write>) {
+async fn commit_singly(pool: &PgPool, writes: impl Iterator<Item = Write>, events: EventSet) {
     let mut writes = writes.peekable();
     while let Some(write) = writes.next() {
-        match commit_group(pool, std::slice::from_ref(&write)).await {
+        match commit_group(pool, std::slice::from_ref(&write), events).await {
             Ok(mut outcomes) => write.answer(outcomes.pop().expect("one outcome")),
             Err(GroupError::Conflict) => write.fail(&conflict),
             Err(GroupError::Db(e)) => {
@@ -231,10 +232,14 @@ enum GroupError {
     Db(sqlx::Error),
 }
 
-async fn commit_group(pool: &PgPool, batch: &[Write]) -> Result<Vec<Outcome>, GroupError> {
+async fn commit_group(
+    pool: &PgPool,
+    batch: &[Write],
+    events: EventSet,
+) -> Result<Vec<Outcome>, GroupError> {
     for _ in 0..ATTEMPTS {
         let mut tx = pool.begin().await.map_err(GroupError::Db)?;
-        match run_group(&mut tx, batch).await {
+        match run_group(&mut tx, batch, events).await {
             Ok(Some(outcomes)) => {
                 tx.commit().await.map_err(GroupError::Db)?;
                 return Ok(outcomes);
@@ -283,6 +288,7 @@ enum Plan {
 async fn run_group(
     conn: &mut PgConnection,
     batch: &[Write],
+    events: EventSet,
 ) -> Result<Option<Vec<Outcome>>, sqlx::Error> {
     let pubs: Vec<&NewMessage> = batch
         .iter()
@@ -730,6 +736,27 @@ async fn run_group(
         .execute(&mut *conn)
         .await?;
     }
+    // Webhook events of the entries acked and sent for the first time, before the
+    // updates that make them so (same transaction: the event exists iff the change
+    // committed).
+    if !ack_dev.is_empty() && events.contains(EventType::Acked) {
+        queue_range_events(
+            conn,
+            EventType::Acked,
+            "d.acked_at IS NULL",
+            (&ack_dev, &ack_lo, &ack_hi, &ack_now),
+        )
+        .await?;
+    }
+    if !sent_dev.is_empty() && events.contains(EventType::Delivered) {
+        queue_range_events(
+            conn,
+            EventType::Delivered,
+            "d.sent_at IS NULL",
+            (&sent_dev, &sent_lo, &sent_hi, &sent_now),
+        )
+        .await?;
+    }
     if !ack_dev.is_empty() {
         // The ack cancels the entries' scheduled pushes; pushes already being sent or
         // settled keep their record.
@@ -788,4 +815,35 @@ async fn run_group(
         })
         .collect();
     Ok(Some(outcomes))
+}
+
+/// SQL of a new webhook event id: `evt_` + 32 random hex digits.
+pub(super) const EVENT_ID_SQL: &str = "'evt_' || replace(gen_random_uuid()::text, '-', '')";
+
+/// Queues a `kind` event for every entry in the ranges `(device, lo..=hi)` that
+/// matches `cond` (on `deliveries d`); an entry in two ranges gets one event.
+async fn queue_range_events(
+    conn: &mut PgConnection,
+    kind: EventType,
+    cond: &str,
+    (dev, lo, hi, now): (&[&str], &[i64], &[i64], &[i64]),
+) -> Result<(), sqlx::Error> {
+    sqlx::query(&format!(
+        "INSERT INTO webhook_events (event_id, type, message_id, device_id, user_id, seq, at, queued_at, next_attempt_at)
+         SELECT {EVENT_ID_SQL}, $5, e.message_id, e.device_id, e.user_id, e.seq, e.at, e.at, e.at FROM (
+             SELECT d.message_id, d.device_id, v.user_id, d.seq, min(r.now) AS at
+             FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[]) AS r(device_id, lo, hi, now)
+             JOIN deliveries d ON d.device_id = r.device_id AND d.seq >= r.lo AND d.seq <= r.hi AND {cond}
+             JOIN devices v ON v.id = d.device_id
+             GROUP BY d.message_id, d.device_id, v.user_id, d.seq
+             ORDER BY d.device_id, d.seq) e"
+    ))
+    .bind(dev)
+    .bind(lo)
+    .bind(hi)
+    .bind(now)
+    .bind(kind.as_str())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }

@@ -20,13 +20,14 @@ use herald_protocol::{
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
-use rusqlite::params;
+use rusqlite::{params, OptionalExtension};
 
-use super::sqlite_hot::{message_from_parts, Hot, Write};
+use super::sqlite_hot::{message_from_parts, Hot, Write, EVENT_ID_SQL};
 use super::{
     ApiKeyRecord, DeliveryRow, Device, InboxEntry, NewMessage, PublishOutcome, PushAction,
     PushMark, PushResult, Store, StoreError, StoreResult, StoredMessage,
 };
+use crate::webhooks::{EventSet, EventType, QueuedEvent};
 
 static MIGRATOR: std::sync::LazyLock<sqlx::migrate::Migrator> =
     std::sync::LazyLock::new(|| super::migrations::migrator(super::migrations::SQLITE));
@@ -35,14 +36,22 @@ pub struct SqliteStore {
     read: SqlitePool,
     write: SqlitePool,
     hot: Hot,
+    /// Webhook event types to queue (none when webhooks are off).
+    events: EventSet,
 }
 
 /// The database file inside the data directory.
 pub const SQLITE_FILE: &str = "herald.db";
 
 impl SqliteStore {
-    /// Opens (creating if needed) `dir/herald.db` and applies the migrations.
+    /// Opens (creating if needed) `dir/herald.db` and applies the migrations; queues
+    /// no webhook events.
     pub async fn open(dir: &Path) -> StoreResult<SqliteStore> {
+        SqliteStore::open_with(dir, EventSet::NONE).await
+    }
+
+    /// `open`, queueing webhook events of the types in `events`.
+    pub async fn open_with(dir: &Path, events: EventSet) -> StoreResult<SqliteStore> {
         std::fs::create_dir_all(dir).map_err(|e| {
             StoreError::Other(anyhow::anyhow!(
                 "cannot create data directory {}: {e}",
@@ -67,18 +76,39 @@ impl SqliteStore {
             .map_err(|e| StoreError::Other(anyhow::anyhow!("migrating {}: {e}", path.display())))?;
         // One node owns this file: pushes a previous run was sending when it died have
         // an unknown outcome, and a push is never risked twice.
+        let mut tx = write.begin().await?;
+        if events.contains(EventType::PushFailed) {
+            let now = crate::clock::now_ms();
+            sqlx::query(&format!(
+                "INSERT INTO webhook_events (event_id, type, message_id, device_id, user_id, seq, provider, error, at, queued_at, next_attempt_at)
+                 SELECT {EVENT_ID_SQL}, 'push_failed', d.message_id, d.device_id, v.user_id, d.seq, COALESCE(d.push_provider, v.push_provider), ?, ?, ?, ?
+                 FROM deliveries d JOIN devices v ON v.id = d.device_id WHERE d.push_state = 'sending' ORDER BY d.device_id, d.seq"
+            ))
+            .bind(super::ORPHANED_PUSH_REASON)
+            .bind(now)
+            .bind(now)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
         sqlx::query(
             "UPDATE deliveries SET push_state = 'failed', reason = ? WHERE push_state = 'sending'",
         )
         .bind(super::ORPHANED_PUSH_REASON)
-        .execute(&write)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         let read = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(opts.read_only(true))
             .await?;
-        let hot = Hot::start(&path)?;
-        Ok(SqliteStore { read, write, hot })
+        let hot = Hot::start(&path, events)?;
+        Ok(SqliteStore {
+            read,
+            write,
+            hot,
+            events,
+        })
     }
 }
 
@@ -292,14 +322,32 @@ impl Store for SqliteStore {
         token: &str,
         reason: &str,
     ) -> StoreResult<()> {
+        let mut tx = self.write.begin().await?;
+        if self.events.contains(EventType::TokenInvalid) {
+            let now = crate::clock::now_ms();
+            sqlx::query(&format!(
+                "INSERT INTO webhook_events (event_id, type, device_id, user_id, provider, error, at, queued_at, next_attempt_at)
+                 SELECT {EVENT_ID_SQL}, 'token_invalid', id, user_id, push_provider, ?, ?, ?, ?
+                 FROM devices WHERE id = ? AND push_token = ? AND token_state <> 'invalid'"
+            ))
+            .bind(reason)
+            .bind(now)
+            .bind(now)
+            .bind(now)
+            .bind(device_id)
+            .bind(token)
+            .execute(&mut *tx)
+            .await?;
+        }
         sqlx::query(
             "UPDATE devices SET token_state = 'invalid', token_error = ? WHERE id = ? AND push_token = ?",
         )
         .bind(reason)
         .bind(device_id)
         .bind(token)
-        .execute(&self.write)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -494,8 +542,18 @@ impl Store for SqliteStore {
     }
 
     async fn fail_orphaned_pushes(&self, stale_before: i64, now: i64) -> StoreResult<u64> {
+        let events = self.events;
         self.hot
             .run(move |conn| {
+                if events.contains(EventType::PushFailed) {
+                    conn.prepare_cached(&format!(
+                        "INSERT INTO webhook_events (event_id, type, message_id, device_id, user_id, seq, provider, error, at, queued_at, next_attempt_at)
+                         SELECT {EVENT_ID_SQL}, 'push_failed', d.message_id, d.device_id, v.user_id, d.seq, COALESCE(d.push_provider, v.push_provider), ?1, ?2, ?2, ?2
+                         FROM deliveries d JOIN devices v ON v.id = d.device_id
+                         WHERE d.push_state = 'sending' AND d.push_at < ?3 ORDER BY d.device_id, d.seq"
+                    ))?
+                    .execute(params![super::ORPHANED_PUSH_REASON, now, stale_before])?;
+                }
                 let n = conn
                     .prepare_cached(
                         "UPDATE deliveries SET push_state = 'failed', push_at = ?1, reason = ?2
@@ -547,6 +605,7 @@ impl Store for SqliteStore {
 
     async fn record_push_results(&self, results: &[PushResult], now: i64) -> StoreResult<()> {
         let results = results.to_vec();
+        let events = self.events;
         self.hot
             .run(move |conn| {
                 for r in &results {
@@ -556,10 +615,19 @@ impl Store for SqliteStore {
                             provider,
                             reason,
                         } => {
-                            let state = match mark {
-                                PushMark::Pushed => "pushed",
-                                PushMark::Failed => "failed",
+                            let (state, kind) = match mark {
+                                PushMark::Pushed => ("pushed", EventType::Pushed),
+                                PushMark::Failed => ("failed", EventType::PushFailed),
                             };
+                            if events.contains(kind) {
+                                conn.prepare_cached(&format!(
+                                    "INSERT INTO webhook_events (event_id, type, message_id, device_id, user_id, seq, provider, error, at, queued_at, next_attempt_at)
+                                     SELECT {EVENT_ID_SQL}, ?1, d.message_id, d.device_id, v.user_id, d.seq, COALESCE(?2, v.push_provider), ?3, ?4, ?4, ?4
+                                     FROM deliveries d JOIN devices v ON v.id = d.device_id
+                                     WHERE d.device_id = ?5 AND d.seq = ?6"
+                                ))?
+                                .execute(params![kind.as_str(), provider, reason, now, r.device_id, r.seq])?;
+                            }
                             conn.prepare_cached(
                                 "UPDATE deliveries SET push_state = ?1, push_at = ?2, push_provider = ?3, reason = ?4
                                  WHERE device_id = ?5 AND seq = ?6",
@@ -623,6 +691,38 @@ impl Store for SqliteStore {
     }
 
     async fn sweep(&self, now: i64, retention_ms: i64) -> StoreResult<u64> {
+        let expired = self.events.contains(EventType::Expired);
+        self.hot
+            .run(move |conn| {
+                let key = super::EXPIRED_THROUGH_KEY;
+                if !expired {
+                    // Turned on later, it starts from then, not from an old mark.
+                    conn.prepare_cached("DELETE FROM settings WHERE key = ?1")?
+                        .execute(params![key])?;
+                    return Ok(Ok(()));
+                }
+                let through: Option<i64> = conn
+                    .prepare_cached("SELECT CAST(value AS INTEGER) FROM settings WHERE key = ?1")?
+                    .query_row(params![key], |r| r.get(0))
+                    .optional()?;
+                if let Some(through) = through {
+                    conn.prepare_cached(&format!(
+                        "INSERT INTO webhook_events (event_id, type, message_id, device_id, user_id, seq, at, queued_at, next_attempt_at)
+                         SELECT {EVENT_ID_SQL}, 'expired', d.message_id, d.device_id, v.user_id, d.seq, d.expires_at, ?1, ?1
+                         FROM deliveries d JOIN devices v ON v.id = d.device_id
+                         WHERE d.expires_at > ?2 AND d.expires_at <= ?1 AND d.acked_at IS NULL
+                         ORDER BY d.expires_at"
+                    ))?
+                    .execute(params![now, through])?;
+                }
+                conn.prepare_cached(
+                    "INSERT INTO settings (key, value) VALUES (?1, ?2)
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                )?
+                .execute(params![key, now.to_string()])?;
+                Ok(Ok(()))
+            })
+            .await?;
         let cutoff = now - retention_ms;
         let mut tx = self.write.begin().await?;
         let res = sqlx::query("DELETE FROM deliveries WHERE expires_at < ?")
@@ -637,8 +737,97 @@ impl Store for SqliteStore {
         Ok(res.rows_affected())
     }
 
+    async fn webhook_due(&self, now: i64, limit: u32) -> StoreResult<(u64, Option<i64>)> {
+        let row = sqlx::query(
+            "SELECT count(*) AS n, min(queued_at) AS oldest FROM
+               (SELECT queued_at FROM webhook_events WHERE next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?)",
+        )
+        .bind(now)
+        .bind(limit as i64)
+        .fetch_one(&self.read)
+        .await?;
+        Ok((row.get::<i64, _>("n") as u64, row.get("oldest")))
+    }
+
+    async fn webhook_claim(
+        &self,
+        now: i64,
+        lease_until: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<QueuedEvent>> {
+        let rows = sqlx::query(
+            "UPDATE webhook_events SET next_attempt_at = ?
+             WHERE queue_id IN (SELECT queue_id FROM webhook_events WHERE next_attempt_at <= ?
+                                ORDER BY queue_id LIMIT ?)
+             RETURNING queue_id, event_id, type, message_id, device_id, user_id, seq, provider, error, at, queued_at, attempts",
+        )
+        .bind(lease_until)
+        .bind(now)
+        .bind(limit as i64)
+        .fetch_all(&self.write)
+        .await?;
+        let mut out: Vec<QueuedEvent> = rows.iter().map(queued_event_from_row).collect();
+        // RETURNING gives no order; send in queue order.
+        out.sort_by_key(|e| e.queue_id);
+        Ok(out)
+    }
+
+    async fn webhook_delete(&self, queue_ids: &[i64]) -> StoreResult<()> {
+        if queue_ids.is_empty() {
+            return Ok(());
+        }
+        let ids = serde_json::to_string(queue_ids).expect("ids serialize");
+        sqlx::query(
+            "DELETE FROM webhook_events WHERE queue_id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(ids)
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    async fn webhook_retry(&self, items: &[(i64, i64)]) -> StoreResult<()> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let items = serde_json::to_string(items).expect("items serialize");
+        sqlx::query(
+            "UPDATE webhook_events SET attempts = attempts + 1,
+                 next_attempt_at = (SELECT j.value ->> 1 FROM json_each(?1) j WHERE j.value ->> 0 = webhook_events.queue_id)
+             WHERE queue_id IN (SELECT value ->> 0 FROM json_each(?1))",
+        )
+        .bind(items)
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    async fn webhook_queue_stats(&self) -> StoreResult<(u64, Option<i64>)> {
+        let row = sqlx::query("SELECT count(*) AS n, min(queued_at) AS oldest FROM webhook_events")
+            .fetch_one(&self.read)
+            .await?;
+        Ok((row.get::<i64, _>("n") as u64, row.get("oldest")))
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1").execute(&self.read).await?;
         Ok(())
+    }
+}
+
+fn queued_event_from_row(r: &sqlx::sqlite::SqliteRow) -> QueuedEvent {
+    QueuedEvent {
+        queue_id: r.get("queue_id"),
+        id: r.get("event_id"),
+        kind: r.get("type"),
+        message_id: r.get("message_id"),
+        device_id: r.get("device_id"),
+        user: r.get("user_id"),
+        seq: r.get("seq"),
+        provider: r.get("provider"),
+        error: r.get("error"),
+        at: r.get("at"),
+        queued_at: r.get("queued_at"),
+        attempts: r.get::<i64, _>("attempts") as u32,
     }
 }

@@ -17,6 +17,8 @@ use herald_protocol::{ApnsEnvironment, Platform, PushProviderKind, PushTokenStat
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::webhooks::{EventSet, EventType};
+
 use super::{
     Device, InboxEntry, MessagePayload, NewMessage, PublishOutcome, StoreError, StoreResult,
     StoredMessage,
@@ -176,7 +178,7 @@ pub(super) struct Hot {
 
 impl Hot {
     /// Starts the writer thread on `path` (already migrated, in WAL mode).
-    pub(super) fn start(path: &Path) -> StoreResult<Hot> {
+    pub(super) fn start(path: &Path, events: EventSet) -> StoreResult<Hot> {
         let conn = open(
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
@@ -185,7 +187,7 @@ impl Hot {
         let (writes, rx) = mpsc::channel(4096);
         std::thread::Builder::new()
             .name("herald-sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx))
+            .spawn(move || writer_loop(conn, rx, events))
             .map_err(|e| StoreError::Other(anyhow::anyhow!("cannot start the writer: {e}")))?;
         Ok(Hot {
             writes,
@@ -276,7 +278,7 @@ impl Readers {
     }
 }
 
-fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Write>) {
+fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Write>, events: EventSet) {
     let mut batch: Vec<Write> = Vec::with_capacity(MAX_GROUP);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -286,7 +288,7 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Write>) {
                 Err(_) => break,
             }
         }
-        match commit_group(&mut conn, &mut batch) {
+        match commit_group(&mut conn, &mut batch, events) {
             Ok(outcomes) => {
                 for (write, outcome) in batch.drain(..).zip(outcomes) {
                     write.answer(outcome);
@@ -305,7 +307,11 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Write>) {
     }
 }
 
-fn commit_group(conn: &mut Connection, batch: &mut [Write]) -> rusqlite::Result<Vec<Outcome>> {
+fn commit_group(
+    conn: &mut Connection,
+    batch: &mut [Write],
+    events: EventSet,
+) -> rusqlite::Result<Vec<Outcome>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut outcomes = Vec::with_capacity(batch.len());
     for write in batch.iter_mut() {
@@ -328,12 +334,23 @@ fn commit_group(conn: &mut Connection, batch: &mut [Write]) -> rusqlite::Result<
                 seq,
                 now,
                 ..
-            } => Outcome::Ack(ack_one(&tx, device_id, *seq, *now)?),
+            } => Outcome::Ack(ack_one(&tx, device_id, *seq, *now, events)?),
             Write::MarkSent { ranges, now, .. } => {
                 let mut stmt = tx.prepare_cached(
                     "UPDATE deliveries SET sent_at = ?1 WHERE device_id = ?2 AND seq >= ?3 AND seq <= ?4 AND sent_at IS NULL",
                 )?;
                 for (device_id, from, to) in ranges {
+                    if events.contains(EventType::Delivered) {
+                        queue_entry_events(
+                            &tx,
+                            EventType::Delivered,
+                            "d.sent_at IS NULL",
+                            device_id,
+                            *from,
+                            *to,
+                            *now,
+                        )?;
+                    }
                     stmt.execute(params![now, device_id, from, to])?;
                 }
                 Outcome::Unit(Ok(()))
@@ -369,7 +386,13 @@ fn claim_one(conn: &Connection, device_id: &str, user: &str, now: i64) -> WriteR
 }
 
 /// Cumulative ack; returns the acked seq afterwards.
-fn ack_one(conn: &Connection, device_id: &str, seq: i64, now: i64) -> WriteResult<i64> {
+fn ack_one(
+    conn: &Connection,
+    device_id: &str,
+    seq: i64,
+    now: i64,
+    events: EventSet,
+) -> WriteResult<i64> {
     let row = conn
         .prepare_cached("SELECT acked_seq, last_seq FROM devices WHERE id = ?1")?
         .query_row(params![device_id], |r| {
@@ -385,6 +408,17 @@ fn ack_one(conn: &Connection, device_id: &str, seq: i64, now: i64) -> WriteResul
     // buggy client skip messages that do not exist yet.
     let target = seq.min(last);
     if target > acked {
+        if events.contains(EventType::Acked) {
+            queue_entry_events(
+                conn,
+                EventType::Acked,
+                "d.acked_at IS NULL",
+                device_id,
+                acked + 1,
+                target,
+                now,
+            )?;
+        }
         // The ack cancels the entries' scheduled pushes (and keeps them out of the
         // push-due index); pushes already being sent or settled keep their record.
         conn.prepare_cached(
@@ -398,6 +432,31 @@ fn ack_one(conn: &Connection, device_id: &str, seq: i64, now: i64) -> WriteResul
             .execute(params![target, now, device_id])?;
     }
     Ok(Ok(target.max(acked)))
+}
+
+/// SQL of a new webhook event id: `evt_` + 32 random hex digits.
+pub(super) const EVENT_ID_SQL: &str = "'evt_' || lower(hex(randomblob(16)))";
+
+/// Queues a `kind` webhook event, at `now`, for each entry `(device_id, from..=to)`
+/// matching `cond` (on `deliveries d`), in the caller's transaction: run before the
+/// update that makes `cond` false, so each entry gets its event once.
+pub(super) fn queue_entry_events(
+    conn: &Connection,
+    kind: EventType,
+    cond: &str,
+    device_id: &str,
+    from: i64,
+    to: i64,
+    now: i64,
+) -> rusqlite::Result<usize> {
+    conn.prepare_cached(&format!(
+        "INSERT INTO webhook_events (event_id, type, message_id, device_id, user_id, seq, at, queued_at, next_attempt_at)
+         SELECT {EVENT_ID_SQL}, ?1, d.message_id, d.device_id, v.user_id, d.seq, ?2, ?2, ?2
+         FROM deliveries d JOIN devices v ON v.id = d.device_id
+         WHERE d.device_id = ?3 AND d.seq >= ?4 AND d.seq <= ?5 AND {cond}
+         ORDER BY d.seq"
+    ))?
+    .execute(params![kind.as_str(), now, device_id, from, to])
 }
 
 /// Validation happens before any write, so a refused message leaves no trace in the

@@ -193,6 +193,26 @@ impl Store for TimedStore {
     async fn sweep(&self, now: i64, retention_ms: i64) -> StoreResult<u64> {
         self.inner.sweep(now, retention_ms).await
     }
+    async fn webhook_due(&self, now: i64, limit: u32) -> StoreResult<(u64, Option<i64>)> {
+        self.inner.webhook_due(now, limit).await
+    }
+    async fn webhook_claim(
+        &self,
+        now: i64,
+        lease_until: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<crate::webhooks::QueuedEvent>> {
+        self.inner.webhook_claim(now, lease_until, limit).await
+    }
+    async fn webhook_delete(&self, queue_ids: &[i64]) -> StoreResult<()> {
+        self.inner.webhook_delete(queue_ids).await
+    }
+    async fn webhook_retry(&self, items: &[(i64, i64)]) -> StoreResult<()> {
+        self.inner.webhook_retry(items).await
+    }
+    async fn webhook_queue_stats(&self) -> StoreResult<(u64, Option<i64>)> {
+        self.inner.webhook_queue_stats().await
+    }
     async fn ping(&self) -> StoreResult<()> {
         self.inner.ping().await
     }
