@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::clock::now_ms;
-use crate::config::Config;
+use crate::config::{Config, NatsConfig};
 use crate::metrics::Metrics;
 use crate::registry::{KickReason, Offer, SessionEvent, SessionHandle, SessionRegistry};
 use crate::store::{InboxEntry, MessagePayload, StoredMessage};
@@ -179,6 +179,139 @@ impl Drop for ClusterPresence {
     }
 }
 
+/// `ConnectOptions` with the `[nats]` TLS and credentials settings.
+async fn nats_options(nats: &NatsConfig) -> anyhow::Result<async_nats::ConnectOptions> {
+    let readable = |setting: &str, path: &std::path::Path| -> anyhow::Result<()> {
+        std::fs::metadata(path).map(|_| ()).map_err(|e| {
+            anyhow::anyhow!(
+                "nats.{setting} {}: {e} (HERALD_NATS__{})",
+                path.display(),
+                setting.to_ascii_uppercase()
+            )
+        })
+    };
+    let mut options = async_nats::ConnectOptions::new();
+    if nats.tls_required {
+        options = options.require_tls(true);
+    }
+    if let Some(ca) = &nats.tls_ca_file {
+        readable("tls_ca_file", ca)?;
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    match (&nats.tls_cert_file, &nats.tls_key_file) {
+        (Some(cert), Some(key)) => {
+            readable("tls_cert_file", cert)?;
+            readable("tls_key_file", key)?;
+            options = options
+                .add_client_certificate(cert.clone(), key.clone())
+                .require_tls(true);
+        }
+        (None, None) => {}
+        _ => anyhow::bail!(
+            "nats.tls_cert_file and nats.tls_key_file go together (mutual TLS): set both or neither"
+        ),
+    }
+    let methods = [
+        nats.creds_file.is_some(),
+        nats.user.is_some() || nats.password.is_some(),
+        nats.token.is_some(),
+    ];
+    if methods.iter().filter(|m| **m).count() > 1 {
+        anyhow::bail!("[nats]: set one way to authenticate: creds_file, user + password, or token");
+    }
+    if let Some(creds) = &nats.creds_file {
+        readable("creds_file", creds)?;
+        options = options.credentials_file(creds).await.map_err(|e| {
+            anyhow::anyhow!(
+                "nats.creds_file {} is not a NATS credentials file: {e} (HERALD_NATS__CREDS_FILE)",
+                creds.display()
+            )
+        })?;
+    }
+    match (&nats.user, &nats.password) {
+        (Some(user), Some(password)) => {
+            options = options.user_and_password(user.clone(), password.clone())
+        }
+        (None, None) => {}
+        _ => anyhow::bail!("nats.user and nats.password go together: set both or neither"),
+    }
+    if let Some(token) = &nats.token {
+        options = options.token(token.clone());
+    }
+    Ok(options)
+}
+
+/// One connection attempt, without retries: a NATS that is down is fine (the real
+/// connection retries), one that refuses our TLS or credentials is not.
+async fn probe_nats(nats: &NatsConfig) -> anyhow::Result<()> {
+    let attempt = nats_options(nats)
+        .await?
+        .connection_timeout(Duration::from_secs(5))
+        .connect(nats.url.as_str())
+        .await;
+    let err = match attempt {
+        Ok(client) => {
+            let _ = client.drain().await;
+            return Ok(());
+        }
+        Err(e) => e,
+    };
+    use async_nats::ConnectErrorKind as K;
+    let (refused, hint) = match err.kind() {
+        K::Tls => (true, "TLS: check [nats] tls_ca_file, tls_cert_file, tls_key_file and the url's host name"),
+        K::Authentication | K::AuthorizationViolation => {
+            (true, "check [nats] creds_file, user/password or token")
+        }
+        _ if is_tls_error(&err) => (true, "TLS: check [nats] tls_ca_file (the CA that signed the server's certificate), tls_cert_file/tls_key_file and the url's host name"),
+        _ => (false, ""),
+    };
+    if refused {
+        anyhow::bail!(
+            "NATS at {} refused this node: {err}{}; {hint}",
+            nats.url,
+            source_chain(&err)
+        );
+    }
+    tracing::warn!(url = %nats.url, error = %err, "NATS is not reachable yet; retrying in the background");
+    Ok(())
+}
+
+/// Whether a rustls error (a refused certificate, a failed handshake) is in the chain.
+fn is_tls_error(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if e.is::<async_nats::rustls::Error>() {
+            return true;
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<async_nats::rustls::Error>())
+            {
+                return true;
+            }
+        }
+        cur = e.source();
+    }
+    false
+}
+
+/// `: cause: its cause` for the sources `err`'s own text does not show.
+fn source_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let shown = err.to_string();
+    let mut out = String::new();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let text = e.to_string();
+        if !shown.contains(&text) && !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = e.source();
+    }
+    out
+}
+
 /// NATS subjects are dot-separated tokens; device ids may contain dots (and `%` is
 /// not a valid id character, so the escape cannot collide with a real id).
 fn subject_token(device_id: &str) -> String {
@@ -187,7 +320,9 @@ fn subject_token(device_id: &str) -> String {
 
 impl ClusterBus {
     /// Connects to NATS if the config asks for it. The connection is retried in the
-    /// background for as long as it takes; `/readyz` reports it meanwhile.
+    /// background for as long as it takes; `/readyz` reports it meanwhile. A NATS that
+    /// answers but refuses this node (TLS: unknown CA, wrong name; bad credentials) is
+    /// a startup error instead: retrying would not fix the config.
     pub async fn connect(config: &Config, metrics: &Metrics) -> anyhow::Result<ClusterBus> {
         match config.bus.as_str() {
             "local" => Ok(ClusterBus::Local),
@@ -202,7 +337,9 @@ impl ClusterBus {
                 let lost = Arc::new(AtomicBool::new(false));
                 let reconnected = Arc::new(Notify::new());
                 let (cb_lost, cb_reconnected) = (lost.clone(), reconnected.clone());
-                let client = async_nats::ConnectOptions::new()
+                probe_nats(&config.nats).await?;
+                let client = nats_options(&config.nats)
+                    .await?
                     .name(format!("herald-{node_id}"))
                     .retry_on_initial_connect()
                     .max_reconnects(None)

@@ -2,7 +2,8 @@
 //!
 //! Env names are the upper-cased TOML path joined by `__` below the top level, e.g.
 //! `HERALD_LISTEN`, `HERALD_DATA_DIR`, `HERALD_LIMITS__MAX_MESSAGE_BYTES`,
-//! `HERALD_AUTH__JWT_ISSUER`. Every setting can be overridden that way.
+//! `HERALD_AUTH__JWT_ISSUER`. Every setting can be overridden that way. A list
+//! setting takes one comma-separated value (`HERALD_SERVER__TRUSTED_PROXIES`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -41,6 +42,7 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Delivery webhooks (docs/webhooks.md); off while `webhooks.url` is unset.
     pub webhooks: crate::webhooks::WebhooksConfig,
+    pub server: ServerConfig,
 }
 
 /// `log_format`: how log lines are written.
@@ -50,6 +52,19 @@ pub enum LogFormat {
     #[default]
     Text,
     Json,
+}
+
+/// How the HTTP server sees its clients.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// CIDRs (or addresses) of the proxies/load balancers in front of Herald, e.g.
+    /// `["10.0.0.0/8"]` (env `HERALD_SERVER__TRUSTED_PROXIES`, comma-separated). A
+    /// request from one of them is attributed to the client its `X-Forwarded-For` (the
+    /// rightmost address that is not a trusted proxy) or `Forwarded` header names; per-IP
+    /// rate limits and logs use that address. Default: empty, no proxy header is
+    /// believed and the TCP peer is the client.
+    pub trusted_proxies: crate::proxy::TrustedProxies,
 }
 
 /// Where operational endpoints are served and who may read them (docs/security.md).
@@ -87,6 +102,32 @@ pub struct NatsConfig {
     /// How long a node waits for the node holding a device's session to answer; past
     /// it the device is treated as offline (its entries stay in the inbox regardless).
     pub request_timeout_ms: u64,
+    /// Refuse to talk to NATS without TLS (env `HERALD_NATS__TLS_REQUIRED`, default
+    /// false). A `tls://` URL or any `tls_*` file below also turns TLS on.
+    pub tls_required: bool,
+    /// PEM file of the CA(s) that signed the NATS server's certificate; they replace
+    /// the system's roots (env `HERALD_NATS__TLS_CA_FILE`; default none: the system's
+    /// roots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate and its key (PEM) for mutual TLS (env
+    /// `HERALD_NATS__TLS_CERT_FILE`, `HERALD_NATS__TLS_KEY_FILE`; both or neither).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
+    /// NATS credentials file (`.creds`: user JWT + NKey seed) for decentralized auth
+    /// (env `HERALD_NATS__CREDS_FILE`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creds_file: Option<PathBuf>,
+    /// User and password (env `HERALD_NATS__USER`, `HERALD_NATS__PASSWORD`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// Authentication token (env `HERALD_NATS__TOKEN`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 impl Default for NatsConfig {
@@ -95,6 +136,14 @@ impl Default for NatsConfig {
             url: "nats://127.0.0.1:4222".into(),
             subject_prefix: "herald".into(),
             request_timeout_ms: 2_000,
+            tls_required: false,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            creds_file: None,
+            user: None,
+            password: None,
+            token: None,
         }
     }
 }
@@ -284,6 +333,7 @@ impl Default for Config {
             ops: OpsConfig::default(),
             log_format: LogFormat::Text,
             webhooks: Default::default(),
+            server: ServerConfig::default(),
         }
     }
 }
@@ -460,6 +510,13 @@ fn path_exists(value: &toml::Value, path: &[String]) -> bool {
         "ops.metrics_token",
         "webhooks.url",
         "webhooks.secret",
+        "nats.tls_ca_file",
+        "nats.tls_cert_file",
+        "nats.tls_key_file",
+        "nats.creds_file",
+        "nats.user",
+        "nats.password",
+        "nats.token",
     ];
     /// Optional sections: any key below them may be set from the environment.
     const OPTIONAL_SECTIONS: &[&str] = &["push.fcm.", "push.apns."];
@@ -546,5 +603,22 @@ mod tests {
         let cfg: Config = v.try_into().unwrap();
         assert_eq!(cfg.database_url.as_deref(), Some("postgres://h@db/herald"));
         assert_eq!(Config::default().database_url, None);
+    }
+
+    #[test]
+    fn trusted_proxies_from_env_are_comma_separated() {
+        let mut v = toml::Value::try_from(Config::default()).unwrap();
+        let path = vec!["server".to_string(), "trusted_proxies".to_string()];
+        assert!(path_exists(&v, &path));
+        set_path(&mut v, &path, parse_env_value("10.0.0.0/8, 127.0.0.1"));
+        let cfg: Config = v.clone().try_into().unwrap();
+        assert_eq!(
+            cfg.server.trusted_proxies.to_string(),
+            "10.0.0.0/8,127.0.0.1/32"
+        );
+        assert!(Config::default().server.trusted_proxies.is_empty());
+        set_path(&mut v, &path, parse_env_value("10.0.0.0/8,lb"));
+        let err = v.try_into::<Config>().unwrap_err().to_string();
+        assert!(err.contains("`lb` is not a CIDR"), "{err}");
     }
 }

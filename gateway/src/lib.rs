@@ -9,8 +9,10 @@ pub mod cluster;
 pub mod config;
 pub mod delivery;
 pub mod error;
+pub mod limiter;
 pub mod logging;
 pub mod metrics;
+pub mod proxy;
 pub mod push;
 pub mod registry;
 pub mod request_id;
@@ -180,6 +182,8 @@ impl Application {
             shutdown,
             sessions: TaskTracker::new(),
         };
+        state.publish_limiter.spawn_cleanup(state.shutdown.clone());
+        state.connect_limiter.spawn_cleanup(state.shutdown.clone());
         spawn_sweeper(&state);
         Ok(Application {
             listener,

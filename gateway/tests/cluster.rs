@@ -49,7 +49,7 @@ struct Cluster {
 impl Cluster {
     /// `database_url` overrides the fresh database's URL (e.g. through a proxy).
     async fn start(n: usize, nats_url: &str, extra_toml: &str) -> Cluster {
-        Cluster::start_via(n, nats_url, extra_toml, None).await
+        Cluster::start_via(n, nats_url, extra_toml, None, "").await
     }
 
     async fn start_via(
@@ -57,6 +57,7 @@ impl Cluster {
         nats_url: &str,
         extra_toml: &str,
         database_url: Option<&dyn Fn(&str) -> String>,
+        nats_toml: &str,
     ) -> Cluster {
         let db = PgDb::create().await;
         let fcm = MockFcm::start(3600).await;
@@ -69,7 +70,7 @@ impl Cluster {
             &config,
             format!(
                 "store = \"postgres\"\ndatabase_url = {url}\nbus = \"nats\"\n\
-                 [nats]\nurl = {nats}\nsubject_prefix = {prefix}\nrequest_timeout_ms = 1000\n\
+                 [nats]\nurl = {nats}\nsubject_prefix = {prefix}\nrequest_timeout_ms = 1000\n{nats_toml}\n\
                  [limits]\npublish_rate_per_key = 100000\npublish_burst_per_key = 100000\n\
                  [push]\npoll_interval_ms = 100\nbase_backoff_ms = 50\nstale_claim_ms = 3000\n\
                  [push.fcm]\nservice_account_json = {account}\nbase_url = {base}\ntimeout_ms = 2000\n\
@@ -626,6 +627,15 @@ async fn kill_9_of_a_node_during_a_burst_loses_nothing_and_pushes_at_most_once()
 struct NatsServer {
     child: Option<Child>,
     port: u16,
+    config: Option<PathBuf>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl NatsServer {
@@ -654,19 +664,36 @@ impl NatsServer {
     }
 
     fn start() -> NatsServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut s = NatsServer { child: None, port };
+        let mut s = NatsServer {
+            child: None,
+            port: free_port(),
+            config: None,
+        };
+        s.restart();
+        s
+    }
+
+    /// With a configuration file (`{port}` in `config` is replaced by the port).
+    fn start_with_config(dir: &std::path::Path, config: &str) -> NatsServer {
+        let port = free_port();
+        let file = dir.join("nats-server.conf");
+        std::fs::write(&file, config.replace("{port}", &port.to_string())).unwrap();
+        let mut s = NatsServer {
+            child: None,
+            port,
+            config: Some(file),
+        };
         s.restart();
         s
     }
 
     fn restart(&mut self) {
-        let child = Command::new(Self::binary())
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+        let mut cmd = Command::new(Self::binary());
+        match &self.config {
+            Some(file) => cmd.arg("-c").arg(file),
+            None => cmd.args(["-a", "127.0.0.1", "-p", &self.port.to_string()]),
+        };
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -830,7 +857,7 @@ async fn a_node_that_loses_postgres_goes_unready_and_recovers_by_itself() {
             u.to_string()
         }
     };
-    let c = Cluster::start_via(1, &machine_nats_url(), "", Some(&proxied)).await;
+    let c = Cluster::start_via(1, &machine_nats_url(), "", Some(&proxied), "").await;
     let token = c.token("cy", "cy-phone").await;
     c.register(0, &token, "cy-phone", "fcm-cy").await;
     assert_eq!(c.readyz(0).await.0, 200);
@@ -1070,4 +1097,270 @@ async fn revocation_and_topic_drops_hold_on_every_node() {
         assert!(err.starts_with("HTTP 401"), "node {node}: {err}");
     }
     c.stop().await;
+}
+
+/// `herald serve` that must refuse to start: its stderr, once it exited non-zero.
+fn failed_start(config: &std::path::Path, envs: &[(&str, &str)]) -> String {
+    let dir = TempDir::new("herald-cluster-refused");
+    let mut child = Command::new(common::process::BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir.0)
+        .arg("--config")
+        .arg(config)
+        .envs(envs.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn herald");
+    let deadline = std::time::Instant::now() + SLOW_WAIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("herald kept running with {envs:?}; it should refuse to start");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "herald exited 0 with {envs:?}: {stderr}");
+    stderr
+}
+
+/// A NATS that takes only mutual TLS (client certificates from the test CA) and a
+/// user/password: two nodes deliver across it, every connection is TLS and
+/// authenticated (the server's /connz says so), and a node that does not trust the
+/// server's CA, or has the wrong password, refuses to start and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_reach_each_other_through_nats_over_mutual_tls_with_a_password() {
+    let dir = TempDir::new("herald-nats-tls");
+    let pki = common::certs::Pki::write(&dir.0);
+    let monitor = free_port();
+    let nats = NatsServer::start_with_config(
+        &dir.0,
+        &format!(
+            "listen: \"127.0.0.1:{{port}}\"\nhttp: \"127.0.0.1:{monitor}\"\n\
+             tls {{\n  cert_file: {cert:?}\n  key_file: {key:?}\n  ca_file: {ca:?}\n  verify: true\n  timeout: 5\n}}\n\
+             authorization {{\n  user: herald\n  password: \"n4ts-s3cret\"\n}}\n",
+            cert = pki.server_cert.display().to_string(),
+            key = pki.server_key.display().to_string(),
+            ca = pki.ca.display().to_string(),
+        ),
+    );
+    let nats_toml = format!(
+        "tls_ca_file = {}\ntls_cert_file = {}\ntls_key_file = {}\nuser = \"herald\"\npassword = \"n4ts-s3cret\"",
+        toml_string(pki.ca.to_str().unwrap()),
+        toml_string(pki.client_cert.to_str().unwrap()),
+        toml_string(pki.client_key.to_str().unwrap()),
+    );
+    let c = Cluster::start_via(2, &nats.url(), "", None, &nats_toml).await;
+    for node in 0..2 {
+        let (s, body) = c.readyz(node).await;
+        assert_eq!(s, 200, "node {node}: {body}");
+    }
+
+    // Published on node 0, delivered live on node 1: the doorbell went through NATS.
+    let token = c.token("tia", "tia-phone").await;
+    c.register(0, &token, "tia-phone", "fcm-tia").await;
+    let mut phone = connect(&c.nodes[1].ws_url("tia-phone", 0), &token).await;
+    assert!(c.online(0, "tia-phone").await, "presence crosses nodes");
+    let id = c
+        .publish(
+            0,
+            json!({"to": {"device": "tia-phone"}, "data": {"tls": true}}),
+        )
+        .await;
+    let m = phone.msg().await;
+    assert_eq!((&m.id, &m.data), (&id, &json!({"tls": true})));
+    phone.ack(m.seq).await;
+    phone.quiet_for(Duration::from_millis(300)).await;
+    assert_eq!(c.fcm.send_requests(), 0, "delivered live, no push");
+
+    // The server's view: two nodes, both on TLS, both the password's user.
+    let connz: Value = c
+        .http
+        .get(format!("http://127.0.0.1:{monitor}/connz?auth=1"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let conns = connz["connections"].as_array().unwrap();
+    let herald: Vec<&Value> = conns
+        .iter()
+        .filter(|c| c["name"].as_str().is_some_and(|n| n.starts_with("herald-")))
+        .collect();
+    assert_eq!(herald.len(), 2, "{connz}");
+    for conn in herald {
+        assert!(
+            conn["tls_version"]
+                .as_str()
+                .is_some_and(|v| v.starts_with("1.")),
+            "{conn}"
+        );
+        assert_eq!(conn["authorized_user"], "herald", "{conn}");
+    }
+
+    // Another CA than the one that signed the server's certificate: no start.
+    let other_ca = pki.other_ca.to_str().unwrap();
+    let err = failed_start(&c.config, &[("HERALD_NATS__TLS_CA_FILE", other_ca)]);
+    assert!(err.contains("refused this node"), "{err}");
+    assert!(err.contains("tls_ca_file"), "{err}");
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    // The right CA and the wrong password: no start either.
+    let err = failed_start(&c.config, &[("HERALD_NATS__PASSWORD", "wrong")]);
+    assert!(err.contains("refused this node"), "{err}");
+    assert!(err.contains("authorization violation"), "{err}");
+    // A CA file that is not there.
+    let err = failed_start(
+        &c.config,
+        &[("HERALD_NATS__TLS_CA_FILE", "/nonexistent/ca.pem")],
+    );
+    assert!(
+        err.contains("nats.tls_ca_file /nonexistent/ca.pem"),
+        "{err}"
+    );
+
+    c.fcm.assert_no_problems();
+    drop(phone);
+    c.stop().await;
+    drop(nats);
+}
+
+/// A NATS JWT (`ed25519-nkey`) with `claims`, issued and signed by `issuer`.
+fn nats_jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: Value) -> String {
+    use base64::Engine;
+    let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+    let header = b64(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let claims = json!({
+        "jti": uuid::Uuid::new_v4().simple().to_string().to_uppercase(),
+        "iat": 1_700_000_000,
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let payload = b64(claims.to_string().as_bytes());
+    let signed = format!("{header}.{payload}");
+    let sig = issuer.sign(signed.as_bytes()).unwrap();
+    format!("{signed}.{}", b64(&sig))
+}
+
+/// NATS in operator mode (decentralized auth: an operator, an account, a user JWT):
+/// two nodes authenticated by a `.creds` file deliver across it; a node without
+/// credentials refuses to start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_authenticate_to_nats_with_a_creds_file() {
+    let dir = TempDir::new("herald-nats-creds");
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let user = nkeys::KeyPair::new_user();
+    let unlimited = json!({"subs": -1, "data": -1, "payload": -1, "imports": -1,
+        "exports": -1, "wildcards": true, "conn": -1, "leaf": -1});
+    let operator_jwt = nats_jwt(
+        &operator,
+        &operator.public_key(),
+        "herald-test-operator",
+        json!({"type": "operator", "version": 2}),
+    );
+    let account_jwt = nats_jwt(
+        &operator,
+        &account.public_key(),
+        "herald-test-account",
+        json!({"limits": unlimited, "default_permissions": {"pub": {}, "sub": {}},
+               "type": "account", "version": 2}),
+    );
+    let user_jwt = nats_jwt(
+        &account,
+        &user.public_key(),
+        "herald-node",
+        json!({"pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1,
+               "type": "user", "version": 2}),
+    );
+    let creds = dir.0.join("herald.creds");
+    std::fs::write(
+        &creds,
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+             -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            user.seed().unwrap()
+        ),
+    )
+    .unwrap();
+    let monitor = free_port();
+    let nats = NatsServer::start_with_config(
+        &dir.0,
+        &format!(
+            "listen: \"127.0.0.1:{{port}}\"\nhttp: \"127.0.0.1:{monitor}\"\n\
+             operator: \"{operator_jwt}\"\nresolver: MEMORY\n\
+             resolver_preload: {{\n  {acc}: \"{account_jwt}\"\n}}\n",
+            acc = account.public_key(),
+        ),
+    );
+    let nats_toml = format!("creds_file = {}", toml_string(creds.to_str().unwrap()));
+    let c = Cluster::start_via(2, &nats.url(), "", None, &nats_toml).await;
+    for node in 0..2 {
+        let (s, body) = c.readyz(node).await;
+        assert_eq!(s, 200, "node {node}: {body}");
+    }
+    let token = c.token("cy", "cy-phone").await;
+    c.register(1, &token, "cy-phone", "fcm-cy").await;
+    let mut phone = connect(&c.nodes[0].ws_url("cy-phone", 0), &token).await;
+    let id = c
+        .publish(
+            1,
+            json!({"to": {"device": "cy-phone"}, "data": {"creds": 1}}),
+        )
+        .await;
+    let m = phone.msg().await;
+    assert_eq!(m.id, id);
+    phone.ack(m.seq).await;
+
+    // The server saw both nodes as the creds' user, in the account.
+    let connz: Value = c
+        .http
+        .get(format!("http://127.0.0.1:{monitor}/connz?auth=1"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let herald: Vec<&Value> = connz["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["name"].as_str().is_some_and(|n| n.starts_with("herald-")))
+        .collect();
+    assert_eq!(herald.len(), 2, "{connz}");
+    for conn in herald {
+        assert_eq!(conn["authorized_user"], user.public_key(), "{conn}");
+        assert_eq!(conn["account"], account.public_key(), "{conn}");
+    }
+
+    // Without the creds file the server refuses the node, which does not start.
+    let bare = dir.0.join("no-creds.toml");
+    let text = std::fs::read_to_string(&c.config).unwrap();
+    let without: String = text
+        .lines()
+        .filter(|l| !l.starts_with("creds_file"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&bare, without).unwrap();
+    let err = failed_start(&bare, &[]);
+    assert!(err.contains("refused this node"), "{err}");
+    // A file that is not a creds file.
+    let err = failed_start(
+        &c.config,
+        &[("HERALD_NATS__CREDS_FILE", c.config.to_str().unwrap())],
+    );
+    assert!(err.contains("is not a NATS credentials file"), "{err}");
+
+    drop(phone);
+    c.stop().await;
+    drop(nats);
 }

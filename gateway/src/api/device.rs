@@ -1,17 +1,17 @@
 //! Device routes (device JWT): connect, register or remove a push token, sync, ack.
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{ConnectInfo, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use herald_protocol::{AckRequest, AckResponse, DeviceInfo, RegisterDeviceRequest, SUBPROTOCOL};
 use serde::Deserialize;
 
-use super::{require_id, ApiJson, ApiPath, ApiQuery, AppState, DeviceAuth};
+use super::{require_id, ApiJson, ApiPath, ApiQuery, AppState, ClientIp, DeviceAuth};
 use crate::auth::{DeviceClaims, TopicAccess};
 use crate::clock::now_ms;
 use crate::config::TopicPolicy;
@@ -63,7 +63,7 @@ pub struct ConnectParams {
 
 pub async fn connect(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientIp(client_ip): ClientIp,
     DeviceAuth(claims): DeviceAuth,
     ApiQuery(params): ApiQuery<ConnectParams>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -76,7 +76,7 @@ pub async fn connect(
             rejection.body_text()
         ))
     })?;
-    let start = open_session(&state, peer, &claims, &params.device_id, params.after).await?;
+    let start = open_session(&state, client_ip, &claims, &params.device_id, params.after).await?;
     let limits = &state.config.limits;
     let ws = ws
         .protocols([SUBPROTOCOL])
@@ -97,15 +97,18 @@ pub async fn connect(
 /// cursor, which acks everything up to it. Returns where the session starts.
 pub(super) async fn open_session(
     state: &AppState,
-    peer: SocketAddr,
+    client_ip: IpAddr,
     claims: &DeviceClaims,
     device_id: &str,
     after: Option<i64>,
 ) -> Result<SessionStart, AppError> {
     state
         .connect_limiter
-        .check_ip(peer.ip())
-        .map_err(|retry_after_s| AppError::RateLimited { retry_after_s })?;
+        .check_ip(client_ip)
+        .map_err(|retry_after_s| {
+            tracing::debug!(%client_ip, device = %device_id, retry_after_s, "connect rate limited");
+            AppError::RateLimited { retry_after_s }
+        })?;
     if state.shutdown.is_cancelled() {
         return Err(AppError::Unavailable);
     }

@@ -8,14 +8,13 @@ pub mod ops;
 pub mod service;
 pub mod sse;
 
-use std::collections::HashMap;
-use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::path::ErrorKind;
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::routing::{delete, get, post, put};
@@ -28,6 +27,7 @@ use crate::auth::{verify_api_key, DeviceClaims, DeviceTokens, Scope};
 use crate::config::Config;
 use crate::delivery::DeliveryRouter;
 use crate::error::AppError;
+pub use crate::limiter::RateLimiter;
 use crate::metrics::Metrics;
 use crate::registry::SessionRegistry;
 use crate::session::SessionConfig;
@@ -428,71 +428,34 @@ where
     }
 }
 
-/// Token buckets keyed by API key id or client IP.
-pub struct RateLimiter {
-    rate: f64,
-    burst: f64,
-    buckets: Mutex<HashMap<String, (f64, Instant)>>,
-}
+/// The client's IP address: the TCP peer's, or, when the peer is one of
+/// `server.trusted_proxies`, the address it forwarded (`X-Forwarded-For`, `Forwarded`).
+/// Per-IP rate limits and logs use it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientIp(pub IpAddr);
 
-/// Past this many tracked keys, idle (full) buckets are forgotten.
-const MAX_BUCKETS: usize = 100_000;
+impl FromRequestParts<AppState> for ClientIp {
+    type Rejection = AppError;
 
-impl RateLimiter {
-    pub fn new(rate_per_sec: u32, burst: u32) -> RateLimiter {
-        RateLimiter {
-            rate: rate_per_sec.max(1) as f64,
-            burst: burst.max(1) as f64,
-            buckets: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Ok, or how many whole seconds to wait.
-    pub fn check(&self, key: &str) -> Result<(), u64> {
-        self.check_n(key, 1)
-    }
-
-    /// Takes `n` tokens at once (a batch of `n` messages). More than the burst passes
-    /// when the bucket is full and leaves it in debt, so the rate still holds.
-    pub fn check_n(&self, key: &str, n: u32) -> Result<(), u64> {
-        let now = Instant::now();
-        let mut buckets = self.buckets.lock().unwrap();
-        if buckets.len() > MAX_BUCKETS {
-            let (rate, burst) = (self.rate, self.burst);
-            buckets.retain(|_, (tokens, at)| {
-                *tokens + now.duration_since(*at).as_secs_f64() * rate < burst
-            });
-        }
-        let (tokens, at) = buckets.entry(key.to_owned()).or_insert((self.burst, now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(self.burst);
-        *at = now;
-        let need = (n as f64).min(self.burst);
-        if *tokens >= need {
-            *tokens -= n as f64;
-            Ok(())
-        } else {
-            Err(((need - *tokens) / self.rate).ceil().max(1.0) as u64)
-        }
-    }
-
-    pub fn check_ip(&self, ip: IpAddr) -> Result<(), u64> {
-        self.check(&ip.to_string())
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip())
+            .ok_or_else(|| AppError::Internal(anyhow::anyhow!("no peer address on the request")))?;
+        Ok(ClientIp(
+            state
+                .config
+                .server
+                .trusted_proxies
+                .client_ip(peer, &parts.headers),
+        ))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rate_limiter_allows_burst_then_refuses() {
-        let rl = RateLimiter::new(1, 3);
-        assert!(rl.check("k").is_ok());
-        assert!(rl.check("k").is_ok());
-        assert!(rl.check("k").is_ok());
-        assert_eq!(rl.check("k"), Err(1));
-        assert!(rl.check("other").is_ok());
-    }
 
     #[test]
     fn json_media_types() {

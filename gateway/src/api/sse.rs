@@ -19,7 +19,7 @@ use std::task::{ready, Context, Poll};
 
 use axum::body::{Body, Bytes};
 use axum::extract::ws::Message;
-use axum::extract::{ConnectInfo, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 use futures_util::{Sink, Stream};
@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::{PollSendError, PollSender};
 
 use super::device::{open_session, serve_session, ConnectParams};
-use super::{ApiQuery, AppState, DeviceAuth};
+use super::{ApiQuery, AppState, ClientIp, DeviceAuth};
 use crate::error::AppError;
 
 /// Events buffered between the session and the HTTP connection. Small: the bytes
@@ -39,7 +39,7 @@ const BODY_BUFFER_EVENTS: usize = 16;
 /// `GET /v1/connect/sse?device_id=D&after=SEQ`.
 pub async fn connect(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    ClientIp(client_ip): ClientIp,
     DeviceAuth(claims): DeviceAuth,
     ApiQuery(params): ApiQuery<ConnectParams>,
     headers: HeaderMap,
@@ -64,7 +64,14 @@ pub async fn connect(
         ),
     };
     let requested_after = last_event_id.or(params.after);
-    let start = open_session(&state, peer, &claims, &params.device_id, requested_after).await?;
+    let start = open_session(
+        &state,
+        client_ip,
+        &claims,
+        &params.device_id,
+        requested_after,
+    )
+    .await?;
 
     let (socket, body) = SseSocket::pair();
     let tracker = state.sessions.clone();

@@ -1,6 +1,7 @@
 //! Helpers for black-box tests: real HTTP, real WebSockets.
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod fcm_mock;
 pub mod pg;
 pub mod process;
