@@ -180,7 +180,7 @@ async fn many_client_addresses_do_not_grow_the_limiter_without_bound() {
         eventually_within(
             Duration::from_secs(5),
             "the limiter to forget full buckets",
-            || async { (tg.state.connect_limiter.len() == 0).then_some(()) },
+            || async { tg.state.connect_limiter.is_empty().then_some(()) },
         )
         .await;
     }
