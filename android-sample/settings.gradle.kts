@@ -10,6 +10,12 @@ dependencyResolutionManagement {
     repositories {
         google()
         mavenCentral()
+        // org.rustls:rustls-platform-verifier (the Kotlin part of the SDK's TLS
+        // verifier, see herald/build.gradle.kts) is published only here.
+        maven {
+            url = uri("https://github.com/rustls/rustls-platform-verifier/raw/maven-archive/android-release-support/maven/")
+            content { includeGroup("org.rustls") }
+        }
     }
 }
 rootProject.name = "herald-android-sample"

@@ -4,7 +4,8 @@
 // armeabi-v7a and x86_64 (16 KB page-aligned), both taken from the repository's
 // bindings/generated (run `bash bindings/build-android.sh` from the repository root
 // first), and depends on JNA's AAR (JNA with its Android dispatch libraries; 5.17.0 is
-// the first whose libjnidispatch.so works with 16 KB pages). Publish to ~/.m2:
+// the first whose libjnidispatch.so works with 16 KB pages) and on the Kotlin component of
+// the TLS verifier (org.rustls:rustls-platform-verifier, below). Publish to ~/.m2:
 //   cd android-sample && ./gradlew :herald:publishToMavenLocal
 // (README.md, "Add the SDK to an app").
 plugins {
@@ -33,6 +34,18 @@ val heraldVersion: String = repoRoot.resolve("Cargo.toml").readLines()
     .firstNotNullOfOrNull { Regex("^version\\s*=\\s*\"([^\"]+)\"").find(it)?.groupValues?.get(1) }
     ?: throw GradleException("no [workspace.package] version in ${repoRoot.resolve("Cargo.toml")}")
 
+// The Kotlin component of the SDK's TLS verifier (rustls-platform-verifier: Android's
+// trust manager through JNI, see HeraldAndroid.kt). Its version must be the one the Rust
+// crate was built against: the version of the rustls-platform-verifier-android crate in
+// the repository's Cargo.lock (that crate carries nothing but this version). The AAR comes
+// from the verifier project's Maven repository (settings.gradle.kts).
+val rustlsPlatformVerifierVersion: String = repoRoot.resolve("Cargo.lock").readLines().let { lines ->
+    val at = lines.indexOfFirst { it.trim() == "name = \"rustls-platform-verifier-android\"" }
+    lines.drop(at + 1).firstOrNull { it.trimStart().startsWith("version = ") }
+        ?.substringAfter('"')?.substringBefore('"')
+        ?.takeIf { at >= 0 && it.isNotEmpty() }
+} ?: throw GradleException("no rustls-platform-verifier-android in ${repoRoot.resolve("Cargo.lock")}")
+
 group = "dev.herald"
 version = heraldVersion
 
@@ -59,6 +72,7 @@ android {
 
 dependencies {
     api("net.java.dev.jna:jna:5.17.0@aar")
+    implementation("org.rustls:rustls-platform-verifier:$rustlsPlatformVerifierVersion")
 }
 
 publishing {

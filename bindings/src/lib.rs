@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use herald_sdk as sdk;
 
+#[cfg(target_os = "android")]
+mod android;
+
 uniffi::setup_scaffolding!();
 
 /// Errors of every call (Swift `HeraldError`, Kotlin `HeraldException`).

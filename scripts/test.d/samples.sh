@@ -3,6 +3,8 @@
 #   1. every .swift file of ios-sample/ parses with tree-sitter-swift;
 #   2. the plain-Kotlin core of android-sample (app/src/main/java/dev/herald/sample/core)
 #      imports no Android class and compiles with kotlinc against the generated binding;
+#      so does the :herald module's HeraldAndroid.kt (the TLS init), against a stub of
+#      the one Android class it uses (android.content.Context);
 #   3. API drift: every use of the generated binding in ios-sample/ and android-sample/
 #      (including the Android-only Kotlin that cannot be compiled here) exists in the
 #      generated Swift / Kotlin binding (scripts/lib/api_drift.py), and the check itself
@@ -52,12 +54,22 @@ step "2. the plain-Kotlin core (${#CORE_FILES[@]} files) compiles with the gener
 if grep -nE '^import +(android|androidx|com\.google)\.' "${CORE_FILES[@]}"; then
     die "$CORE_DIR must not use Android classes (it is compiled and tested on a plain JVM); move that code out of core/"
 fi
-# One kotlinc run: the binding, the core, its tests, and the API dumper for step 3.
+# One kotlinc run: the binding, the core, its tests, HeraldAndroid.kt (with a stub
+# Context: its API for step 3, not run), and the API dumper for step 3.
+HERALD_ANDROID_KT=android-sample/herald/src/main/java/dev/herald/sdk/HeraldAndroid.kt
+[[ -f "$HERALD_ANDROID_KT" ]] || die "missing $HERALD_ANDROID_KT"
+mkdir -p "$WORK/stubs"
+cat >"$WORK/stubs/Context.kt" <<'KT'
+package android.content
+// Stub of the Android class HeraldAndroid.kt uses (Java's getApplicationContext()).
+abstract class Context { abstract val applicationContext: Context }
+KT
 JAR="$WORK/sample-core.jar"
 "$KOTLINC" -nowarn -cp "$JNA_JAR:$KOTLIN_HOME/lib/kotlin-reflect.jar" -d "$JAR" "$GEN_KT" "${CORE_FILES[@]}" \
+    "$HERALD_ANDROID_KT" "$WORK/stubs/Context.kt" \
     android-sample/core-tests/CoreTest.kt bindings/kotlin-tests/src/TestKit.kt scripts/lib/KotlinApiDump.kt 2>&1 | grep -v '^warning:' || true
-[[ -f "$JAR" ]] || die "kotlinc could not compile the sample core with the generated binding (errors above)"
-echo "compiled ${CORE_FILES[*]} and android-sample/core-tests/CoreTest.kt with $GEN_KT"
+[[ -f "$JAR" ]] || die "kotlinc could not compile the sample core / HeraldAndroid.kt with the generated binding (errors above)"
+echo "compiled ${CORE_FILES[*]}, $HERALD_ANDROID_KT and android-sample/core-tests/CoreTest.kt with $GEN_KT"
 
 step "3. API drift: every binding use in the samples exists in the generated bindings"
 # tree-sitter-kotlin cannot parse all of the generated Kotlin; its API comes from reflection.
@@ -107,6 +119,8 @@ expect_drift kotlin "$KT_API" android-sample/app/src/main/java/dev/herald/sample
     's/controller.handlePush(remoteMessage.data)/controller.handlePush(remoteMessage.data)\n        HeraldException.Timeot("x")/' "Timeot"
 expect_drift kotlin "$KT_API" android-sample/app/src/main/java/dev/herald/sample/SampleApplication.kt \
     's/controller?.background()/controller?.toBackground()/' "no member 'toBackground'"
+expect_drift kotlin "$KT_API" android-sample/app/src/main/java/dev/herald/sample/SampleApplication.kt \
+    's/HeraldAndroid\.init(this)/HeraldAndroid.initialize(this)/' "no member 'initialize'"
 expect_drift kotlin "$KT_API" "$CORE_DIR/HeraldController.kt" \
     's/heraldClient\.appBackground()/heraldClient.appSuspend()/' "no member 'appSuspend'"
 

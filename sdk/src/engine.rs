@@ -433,6 +433,10 @@ impl<T: Transport> Engine<T> {
     }
 
     async fn connect(&mut self) -> Phase {
+        // Android before `HeraldAndroid.init(context)`: say so instead of retrying.
+        if let Err(e) = crate::tls::ready_for(&self.s.base) {
+            return self.terminal(e);
+        }
         self.set_state(ConnectionState::Connecting);
         let kind = self.pick_transport();
         Counters::inc(&self.counters.connect_attempts);

@@ -28,7 +28,11 @@ fn net_error(e: reqwest::Error) -> Error {
     if e.is_timeout() {
         Error::Timeout(e.to_string())
     } else if let Some(refused) = crate::tls::certificate_error(&e) {
-        Error::Certificate(refused)
+        if refused == crate::tls::NOT_INITIALIZED {
+            Error::InvalidConfig(refused)
+        } else {
+            Error::Certificate(refused)
+        }
     } else {
         Error::Network(e.to_string())
     }

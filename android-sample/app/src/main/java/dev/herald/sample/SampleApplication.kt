@@ -18,6 +18,7 @@ import dev.herald.sample.core.HeraldController
 import dev.herald.sample.core.InboxState
 import dev.herald.sample.core.SampleBackendTokenProvider
 import dev.herald.sdk.ClientConfig
+import dev.herald.sdk.HeraldAndroid
 import dev.herald.sdk.HeraldException
 import dev.herald.sdk.PushProvider
 import java.io.File
@@ -44,6 +45,9 @@ class SampleApplication : Application() {
 
     override fun onCreate() {
         super.onCreate()
+        // Before any HeraldClient connects: TLS certificates are checked by Android's
+        // trust manager, which the SDK reaches through the app's Context.
+        HeraldAndroid.init(this)
         createNotificationChannel()
         ProcessLifecycleOwner.get().lifecycle.addObserver(object : DefaultLifecycleObserver {
             override fun onStart(owner: LifecycleOwner) {
