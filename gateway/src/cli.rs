@@ -35,6 +35,16 @@ pub struct ServeArgs {
     pub listen: Option<std::net::SocketAddr>,
 }
 
+#[derive(Debug, Args)]
+pub struct HealthcheckArgs {
+    /// Base URL to ask (default: `listen`, with 0.0.0.0 / :: asked on loopback).
+    #[arg(long)]
+    pub url: Option<String>,
+    /// Ask `/readyz` (store and cluster bus reachable) instead of `/healthz`.
+    #[arg(long)]
+    pub ready: bool,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the gateway.
@@ -53,6 +63,14 @@ pub enum Command {
     Migrate,
     /// Print the OpenAPI 3.1 document of the HTTP API (what `GET /openapi.json` serves).
     Openapi,
+    /// Exit 0 when the gateway of this configuration answers `/healthz` (`--ready`:
+    /// `/readyz`) within 3 s; for container health checks (the image has no curl).
+    Healthcheck(HealthcheckArgs),
+    /// The configuration: validate it (`check`), show it (`print`), document it (`docs`).
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
     /// Moved to its own binary, `herald-demo` (the server no longer carries the client SDK).
     #[command(hide = true, disable_help_flag = true)]
     Demo {
@@ -66,6 +84,19 @@ pub enum Command {
 pub const DEMO_MOVED: &str = "`herald demo` is now its own binary, `herald-demo`: \
 build it with `cargo build --release -p herald-demo` and run `target/release/herald-demo` \
 (same options: --platform fcm|apns, --keep)";
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigAction {
+    /// Validate the configuration (defaults, then --config, then HERALD_* variables) as
+    /// `serve` would, without creating, opening or binding anything; warn about
+    /// HERALD_* variables that are not settings. Exits 1 when `serve` would refuse it.
+    Check,
+    /// Print the effective configuration as TOML, secrets redacted.
+    Print,
+    /// Print docs/configuration.md: every setting with its environment variable, type,
+    /// default and description, generated from the config types.
+    Docs,
+}
 
 #[derive(Debug, Subcommand)]
 pub enum KeysAction {
@@ -328,4 +359,97 @@ impl Banner {
         }
         println!("=================================================================\n");
     }
+}
+
+/// `herald config check|print|docs`. `check` exits 1 (through the error) when `serve`
+/// would refuse the configuration; it prints every problem, not only the first.
+pub fn run_config(cfg: &Config, action: ConfigAction) -> anyhow::Result<()> {
+    use crate::validate;
+    match action {
+        ConfigAction::Check => {
+            for w in validate::unknown_env_vars(std::env::vars().map(|(k, _)| k)) {
+                eprintln!("warning: {w}");
+            }
+            let mut problems = validate::problems(cfg);
+            let providers = match validate::push_providers(cfg) {
+                Ok(p) => p.len(),
+                Err(e) => {
+                    problems.push(format!("{e:#}"));
+                    0
+                }
+            };
+            if providers == 0 && problems.is_empty() {
+                eprintln!(
+                    "warning: no push provider configured ([push.fcm] / [push.apns]); offline \
+                     devices are reached only when they reconnect"
+                );
+            }
+            if !problems.is_empty() {
+                for p in &problems {
+                    eprintln!("error: {p}");
+                }
+                anyhow::bail!(
+                    "the configuration has {} problem{}; `herald serve` would refuse to start",
+                    problems.len(),
+                    if problems.len() == 1 { "" } else { "s" }
+                );
+            }
+            let store = match cfg.store.as_str() {
+                "sqlite" => format!("sqlite in {}", absolute(&cfg.data_dir).display()),
+                _ => format!(
+                    "postgres at {}",
+                    validate::redact_url(cfg.database_url.as_deref().unwrap_or(""))
+                ),
+            };
+            println!(
+                "configuration OK: listen {}, store {store}, bus {}, {providers} push provider(s) \
+                 (not checked: reaching the database, NATS and the JWKS URL)",
+                cfg.listen, cfg.bus
+            );
+        }
+        ConfigAction::Print => {
+            println!(
+                "# The effective Herald configuration (defaults, then --config, then HERALD_*\n\
+                 # variables); secrets are <redacted>, inline keys never printed."
+            );
+            print!("{}", validate::redacted_toml(cfg)?);
+        }
+        ConfigAction::Docs => print!(
+            "{}",
+            crate::settings::markdown().map_err(anyhow::Error::msg)?
+        ),
+    }
+    Ok(())
+}
+
+/// `herald healthcheck`: GET `/healthz` (or `/readyz`) of the local gateway.
+pub async fn run_healthcheck(cfg: &Config, args: HealthcheckArgs) -> anyhow::Result<()> {
+    let base = match args.url {
+        Some(u) => u.trim_end_matches('/').to_owned(),
+        None => {
+            let mut addr = cfg.listen;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(match addr {
+                    std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                    std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                });
+            }
+            format!("http://{addr}")
+        }
+    };
+    let url = format!("{base}/{}", if args.ready { "readyz" } else { "healthz" });
+    let response = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(3))
+        .build()?
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    if !status.is_success() {
+        anyhow::bail!("{url}: {status}: {}", body.trim());
+    }
+    println!("{url}: {}", body.trim());
+    Ok(())
 }

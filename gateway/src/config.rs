@@ -92,6 +92,7 @@ pub enum TopicPolicy {
     Open,
 }
 
+/// The NATS bus between nodes (`bus = "nats"`); see docs/operations.md.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsConfig {
@@ -148,6 +149,7 @@ impl Default for NatsConfig {
     }
 }
 
+/// Device tokens (JWTs): how they are signed and checked; see docs/security.md.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
@@ -158,10 +160,13 @@ pub struct AuthConfig {
     pub jwt_secret: Option<String>,
     /// PEM public key for RS256/ES256.
     pub jwt_public_key_file: Option<PathBuf>,
+    /// `iss` claim of minted tokens; tokens with another `iss` are refused.
     pub jwt_issuer: String,
+    /// `aud` claim of minted tokens; tokens with another `aud` are refused.
     pub jwt_audience: String,
     /// Lifetime of tokens minted by `POST /v1/tokens` and `herald token mint`.
     pub default_token_ttl_seconds: u64,
+    /// Longest lifetime a token may ask for (`ttl_seconds`, `--ttl`) or carry.
     pub max_token_ttl_seconds: u64,
     /// Which topics devices may subscribe to themselves: claims | server | open.
     pub topic_policy: TopicPolicy,
@@ -174,9 +179,11 @@ pub struct AuthConfig {
     /// How often the JWKS is fetched again; an unknown `kid` also triggers a fetch, at
     /// most once per `jwks_min_refresh_seconds`.
     pub jwks_refresh_seconds: u64,
+    /// Least time between two JWKS fetches, however many unknown `kid`s arrive.
     pub jwks_min_refresh_seconds: u64,
 }
 
+/// Live delivery over WebSockets, inbox lifetimes and housekeeping.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeliveryConfig {
@@ -184,7 +191,9 @@ pub struct DeliveryConfig {
     pub ack_timeout_ms: u64,
     /// Server heartbeat; a client silent for two of them is dropped.
     pub heartbeat_ms: u64,
+    /// Lifetime of a message published without `ttl_seconds`.
     pub default_ttl_seconds: u64,
+    /// Largest `ttl_seconds` a publish may ask for (400 past it).
     pub max_ttl_seconds: u64,
     /// Frames queued per session before it is treated as a slow consumer.
     pub session_queue: usize,
@@ -204,6 +213,7 @@ pub struct DeliveryConfig {
     pub retention_seconds: u64,
 }
 
+/// Sizes, rates, timeouts and connection caps that protect the gateway.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
@@ -224,14 +234,18 @@ pub struct LimitsConfig {
     pub ws_max_write_buffer_bytes: usize,
     /// Largest request body of other routes.
     pub max_body_bytes: usize,
-    /// Sustained publishes per second per API key, and the burst above it.
+    /// Sustained publishes per second per API key (429 past it and the burst).
     pub publish_rate_per_key: u32,
+    /// Publishes one API key may send at once above `publish_rate_per_key`.
     pub publish_burst_per_key: u32,
-    /// New WebSocket connections per second per client IP, and burst.
+    /// New WebSocket connections per second per client IP.
     pub connect_rate_per_ip: u32,
+    /// New WebSocket connections one client IP may open at once above `connect_rate_per_ip`.
     pub connect_burst_per_ip: u32,
     /// Recipients one publish may fan out to (topics).
     pub max_recipients: usize,
+    /// Longest a REST request may take; past it the answer is 408 (a `/v1/me/sync`
+    /// long-poll gets this plus its wait).
     pub request_timeout_ms: u64,
     /// A request head (request line and headers) must be complete this long after the
     /// connection is ready for it: after it opens, or after the previous response on a
@@ -256,6 +270,7 @@ pub struct LimitsConfig {
     pub max_devices_per_user: usize,
 }
 
+/// Push fallback (APNs, FCM) for devices without a live session; see docs/push.md.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PushConfig {
@@ -267,7 +282,9 @@ pub struct PushConfig {
     pub queue: usize,
     /// Attempts before a push is recorded as failed.
     pub max_attempts: u32,
+    /// Wait before the first retry of a failed push; doubles with each attempt.
     pub base_backoff_ms: u64,
+    /// Longest wait between two attempts of one push.
     pub max_backoff_ms: u64,
     /// How often the store is searched for due retries and orphaned pushes.
     pub poll_interval_ms: u64,
@@ -497,34 +514,13 @@ fn merge(base: &mut toml::Value, overlay: toml::Value) {
     }
 }
 
-/// Optional settings are absent from the serialized defaults, so a known top-level
-/// or section key counts even when it has no value yet.
+/// Optional settings are absent from the serialized defaults, so a key counts when the
+/// settings catalogue (every field of the config types) has it, even with no value yet.
 fn path_exists(value: &toml::Value, path: &[String]) -> bool {
-    const OPTIONAL: &[&str] = &[
-        "public_url",
-        "database_url",
-        "auth.jwt_secret",
-        "auth.jwt_public_key_file",
-        "auth.jwks_url",
-        "ops.listen",
-        "ops.metrics_token",
-        "webhooks.url",
-        "webhooks.secret",
-        "nats.tls_ca_file",
-        "nats.tls_cert_file",
-        "nats.tls_key_file",
-        "nats.creds_file",
-        "nats.user",
-        "nats.password",
-        "nats.token",
-    ];
-    /// Optional sections: any key below them may be set from the environment.
-    const OPTIONAL_SECTIONS: &[&str] = &["push.fcm.", "push.apns."];
-    let joined = path.join(".");
-    if OPTIONAL.contains(&joined.as_str())
-        || OPTIONAL_SECTIONS.iter().any(|p| joined.starts_with(p))
-    {
-        return true;
+    if let Ok(catalog) = crate::settings::catalog() {
+        if catalog.get(&path.join(".")).is_some() {
+            return true;
+        }
     }
     let mut cur = value;
     for key in path {

@@ -18,16 +18,17 @@ pub mod registry;
 pub mod request_id;
 pub mod server;
 pub mod session;
+pub mod settings;
 pub mod store;
 pub mod testing;
 pub mod webhooks;
+pub mod validate;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use herald_protocol::PushProviderKind;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -40,7 +41,6 @@ use crate::config::Config;
 use crate::delivery::{DeliveryRouter, DuePolling, SentRecorder};
 use crate::metrics::Metrics;
 use crate::push::dispatcher::PushDispatcher;
-use crate::push::stub::StubProvider;
 use crate::push::PushProvider;
 use crate::registry::SessionRegistry;
 use crate::session::SessionConfig;
@@ -79,20 +79,10 @@ pub struct Application {
 impl Application {
     /// Builds with the push providers the config names (stubs if `push.stub`).
     pub async fn build(config: Config) -> anyhow::Result<Application> {
-        let mut providers: Vec<Arc<dyn PushProvider>> = Vec::new();
-        if config.push.stub {
-            providers.push(Arc::new(StubProvider::new(PushProviderKind::Apns)));
-            providers.push(Arc::new(StubProvider::new(PushProviderKind::Fcm)));
-        } else {
-            if let Some(fcm) = &config.push.fcm {
-                providers.push(fcm.build()?);
-            }
-            if let Some(apns) = &config.push.apns {
-                providers.push(apns.build()?);
-            }
-            if providers.is_empty() {
-                tracing::warn!("no push provider configured ([push.fcm] / [push.apns]); offline devices are reached only when they reconnect");
-            }
+        validate::check(&config)?;
+        let providers = validate::push_providers(&config)?;
+        if providers.is_empty() {
+            tracing::warn!("no push provider configured ([push.fcm] / [push.apns]); offline devices are reached only when they reconnect");
         }
         Application::build_with(config, providers).await
     }
@@ -101,6 +91,8 @@ impl Application {
         config: Config,
         providers: Vec<Arc<dyn PushProvider>>,
     ) -> anyhow::Result<Application> {
+        // The checks `herald config check` makes, before anything is created or bound.
+        validate::check(&config)?;
         let metrics = Metrics::new();
         let store: Arc<dyn Store> = Arc::new(crate::store::timed::TimedStore::new(
             open_store(&config).await?,

@@ -1,7 +1,7 @@
 use clap::Parser;
 use herald_gateway::cli::{self, Cli, Command};
 use herald_gateway::config::LogFormat;
-use herald_gateway::{logging, Application};
+use herald_gateway::{logging, validate, Application};
 
 #[tokio::main]
 async fn main() {
@@ -35,6 +35,9 @@ async fn run(cli: Cli, format: LogFormat) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let mut cfg = config()?;
+            for warning in validate::unknown_env_vars(std::env::vars().map(|(k, _)| k)) {
+                tracing::warn!("{warning}");
+            }
             if let Some(listen) = args.listen {
                 cfg.listen = listen;
             }
@@ -63,6 +66,15 @@ async fn run(cli: Cli, format: LogFormat) -> anyhow::Result<()> {
             app.run_until_stopped(shutdown_signal()).await?;
             tracing::info!("herald stopped");
         }
+        // The docs describe the settings, not this machine's: no config is loaded.
+        Command::Config {
+            action: cli::ConfigAction::Docs,
+        } => print!(
+            "{}",
+            herald_gateway::settings::markdown().map_err(anyhow::Error::msg)?
+        ),
+        Command::Config { action } => cli::run_config(&config()?, action)?,
+        Command::Healthcheck(args) => cli::run_healthcheck(&config()?, args).await?,
         Command::Keys { action } => cli::run_keys(&config()?, action).await?,
         Command::Token { action } => cli::run_token(&config()?, action).await?,
         Command::Demo { .. } => {
