@@ -51,6 +51,13 @@ pub fn not_here(status: u16, body: &[u8]) -> bool {
     serde_json::from_slice::<herald_protocol::ErrorBody>(body).is_err()
 }
 
+/// `not_here` for the WebSocket upgrade, plus the gateway's own 400: the only 400 it
+/// gives on `GET /v1/connect` is "no upgrade headers arrived" (docs/protocol.md), which
+/// a client library that sent them only sees when something on the way stripped them.
+pub fn ws_upgrade_not_here(status: u16, body: &[u8]) -> bool {
+    status == 400 || not_here(status, body)
+}
+
 pub trait Connection: Send {
     /// Whether a `ClientFrame::Ping` is answered (WebSocket). Over SSE and long-poll
     /// it is not; liveness is the server's heartbeat comments / held polls answering.
@@ -153,7 +160,7 @@ impl WsTransport {
                     .and_then(|v| v.trim().parse::<u64>().ok())
                     .map(Duration::from_secs);
                 let body = resp.body().as_deref().unwrap_or_default();
-                if not_here(status, body) {
+                if ws_upgrade_not_here(status, body) {
                     return Err(ConnectError::NotHere(format!(
                         "the WebSocket upgrade was answered with HTTP {status} (not from the gateway)"
                     )));
@@ -299,6 +306,12 @@ mod tests {
         assert!(not_here(200, b""));
         assert!(not_here(502, b""));
         assert!(!not_here(401, b""));
+        // The gateway's 400 to an upgrade means the upgrade headers did not arrive.
+        let stripped = br#"{"error":{"code":"malformed","message":"Connection header did not include 'upgrade'"}}"#;
+        assert!(!not_here(400, stripped));
+        assert!(ws_upgrade_not_here(400, stripped));
+        assert!(!ws_upgrade_not_here(403, herald));
+        assert!(!ws_upgrade_not_here(401, b""));
         assert!(!not_here(429, b""));
     }
 }
