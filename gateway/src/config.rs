@@ -115,6 +115,7 @@ pub struct NatsConfig {
     /// `HERALD_NATS__TLS_CERT_FILE`, `HERALD_NATS__TLS_KEY_FILE`; both or neither).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_cert_file: Option<PathBuf>,
+    /// Private key (PEM) of `tls_cert_file` (env `HERALD_NATS__TLS_KEY_FILE`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_key_file: Option<PathBuf>,
     /// NATS credentials file (`.creds`: user JWT + NKey seed) for decentralized auth
@@ -124,6 +125,8 @@ pub struct NatsConfig {
     /// User and password (env `HERALD_NATS__USER`, `HERALD_NATS__PASSWORD`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// Password of `user` (env `HERALD_NATS__PASSWORD`); a secret, redacted by
+    /// `herald config print`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
     /// Authentication token (env `HERALD_NATS__TOKEN`).

@@ -21,8 +21,8 @@ pub mod session;
 pub mod settings;
 pub mod store;
 pub mod testing;
-pub mod webhooks;
 pub mod validate;
+pub mod webhooks;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -117,6 +117,7 @@ pub struct WebhooksConfig {
     /// First retry delay of a failed batch; doubles per attempt (with jitter) up to
     /// `max_backoff_ms`.
     pub base_backoff_ms: u64,
+    /// Longest wait between two attempts of one batch.
     pub max_backoff_ms: u64,
     /// Events still undelivered this long after they were queued are dropped (and
     /// counted in `herald_webhook_posts_total{result="dropped"}`).
