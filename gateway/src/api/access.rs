@@ -89,13 +89,12 @@ fn method_label(m: &Method) -> &'static str {
     }
 }
 
-/// Chooses the request id (and sets it as the request's `x-request-id`, so handlers
-/// read the chosen one), times the request, returns the id in the response.
+/// Chooses the request id (handlers read it as the request's `RequestId` extension),
+/// times the request, returns the id in the response.
 async fn request_id(State(metrics): State<Metrics>, mut req: Request, next: Next) -> Response {
     let started = Instant::now();
     let id = RequestId::from_header(req.headers().get(HEADER).map(|v| v.as_bytes()));
     let value = HeaderValue::from_str(id.as_str()).expect("request ids are visible ASCII");
-    req.headers_mut().insert(HEADER, value.clone());
     req.extensions_mut().insert(id);
     let route = route(&req).to_owned();
     let method = method_label(req.method());

@@ -5,6 +5,7 @@ use std::time::Instant;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
+use axum::Extension;
 use axum::Json;
 use herald_protocol::{
     BatchItemResult, DeviceInfo, DeviceList, MessageStatus, PublishBatchResponse, PublishRequest,
@@ -27,6 +28,7 @@ pub async fn publish(
     State(state): State<AppState>,
     auth: ServiceAuth,
     headers: HeaderMap,
+    Extension(request_id): Extension<RequestId>,
     ApiJson(req): ApiJson<PublishRequest>,
 ) -> Result<impl IntoResponse, AppError> {
     auth.require(Scope::Publish)?;
@@ -42,7 +44,6 @@ pub async fn publish(
     let msg = new_message(&state, &key.id, req, idempotency_key, now_ms())?;
     let (message_id, to) = (msg.id.clone(), msg.target.clone());
     let outcome = state.store.publish(msg).await?;
-    let request_id = request_id(&headers);
     Ok((
         StatusCode::ACCEPTED,
         Json(settle(
@@ -68,6 +69,7 @@ pub async fn publish_batch(
     State(state): State<AppState>,
     auth: ServiceAuth,
     headers: HeaderMap,
+    Extension(request_id): Extension<RequestId>,
     ApiJson(batch): ApiJson<BatchEnvelope>,
 ) -> Result<impl IntoResponse, AppError> {
     auth.require(Scope::Publish)?;
@@ -125,7 +127,6 @@ pub async fn publish_batch(
     .into_iter()
     .zip(ids);
     let committed_at = Instant::now();
-    let request_id = request_id(&headers);
     let results = prepared
         .into_iter()
         .map(|p| {
@@ -268,11 +269,6 @@ fn no_recipients_hint(to: &Target, recipients: u64) -> Option<String> {
         // An unknown device is a 404 before anything is stored.
         Target::Device(_) => None,
     }
-}
-
-/// The id `api::access` chose for this request (it sets the request's header).
-fn request_id(headers: &HeaderMap) -> RequestId {
-    RequestId::from_header(headers.get(crate::request_id::HEADER).map(|v| v.as_bytes()))
 }
 
 fn idempotency_key(headers: &HeaderMap, req: &PublishRequest) -> Result<Option<String>, AppError> {
