@@ -84,7 +84,7 @@ impl Application {
         if providers.is_empty() {
             tracing::warn!("no push provider configured ([push.fcm] / [push.apns]); offline devices are reached only when they reconnect");
         }
-        Application::build_with(config, providers).await
+        Application::build_checked(config, providers).await
     }
 
     pub async fn build_with(
@@ -93,6 +93,14 @@ impl Application {
     ) -> anyhow::Result<Application> {
         // The checks `herald config check` makes, before anything is created or bound.
         validate::check(&config)?;
+        Application::build_checked(config, providers).await
+    }
+
+    /// `build_with` once `validate::check` has passed.
+    async fn build_checked(
+        config: Config,
+        providers: Vec<Arc<dyn PushProvider>>,
+    ) -> anyhow::Result<Application> {
         let metrics = Metrics::new();
         let store: Arc<dyn Store> = Arc::new(crate::store::timed::TimedStore::new(
             open_store(&config).await?,
