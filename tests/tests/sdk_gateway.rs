@@ -57,10 +57,7 @@ async fn drops_in_the_middle_of_a_burst_lose_and_repeat_nothing() {
     .unwrap();
     client.connect();
     wait_until("connected", T, || {
-        rec.state()
-            == Some(ConnectionState::Connected {
-                transport: TransportKind::WebSocket,
-            })
+        rec.connected_over() == Some(TransportKind::WebSocket)
     })
     .await;
     for chunk in 0..5 {
@@ -118,10 +115,7 @@ async fn gateway_restart_resumes() {
     client.subscribe("news").unwrap();
     client.connect();
     wait_until("connected", T, || {
-        rec.state()
-            == Some(ConnectionState::Connected {
-                transport: TransportKind::WebSocket,
-            })
+        rec.connected_over() == Some(TransportKind::WebSocket)
     })
     .await;
     publish_n(&tg, "gw-1", 1..=5).await;
@@ -164,10 +158,7 @@ async fn app_restart_neither_repeats_nor_loses() {
         .unwrap();
         client.connect();
         wait_until("connected", T, || {
-            first.state()
-                == Some(ConnectionState::Connected {
-                    transport: TransportKind::WebSocket,
-                })
+            first.connected_over() == Some(TransportKind::WebSocket)
         })
         .await;
         publish_n(&tg, "app-1", 1..=5).await;
@@ -207,10 +198,7 @@ async fn device_owned_by_another_user_is_terminal() {
     .unwrap();
     a.connect();
     wait_until("alice connected", T, || {
-        alice.state()
-            == Some(ConnectionState::Connected {
-                transport: TransportKind::WebSocket,
-            })
+        alice.connected_over() == Some(TransportKind::WebSocket)
     })
     .await;
     a.close();
@@ -275,10 +263,7 @@ async fn rejected_and_expired_tokens_are_refreshed() {
     .unwrap();
     client.connect();
     wait_until("connected", T, || {
-        rec.state()
-            == Some(ConnectionState::Connected {
-                transport: TransportKind::WebSocket,
-            })
+        rec.connected_over() == Some(TransportKind::WebSocket)
     })
     .await;
     assert_eq!(calls.load(Ordering::SeqCst), 2, "one refetch after the 401");
@@ -286,10 +271,7 @@ async fn rejected_and_expired_tokens_are_refreshed() {
     tg.kick("tok-1");
     wait_until("third token", T, || calls.load(Ordering::SeqCst) == 3).await;
     wait_until("reconnected", T, || {
-        rec.state()
-            == Some(ConnectionState::Connected {
-                transport: TransportKind::WebSocket,
-            })
+        rec.connected_over() == Some(TransportKind::WebSocket)
     })
     .await;
     assert!(rec
@@ -352,10 +334,7 @@ async fn push_hint_is_fetched_once_and_not_delivered_again_live() {
     // Connecting does not deliver it again; new messages still flow.
     client.connect();
     wait_until("connected", T, || {
-        rec.state()
-            == Some(ConnectionState::Connected {
-                transport: TransportKind::WebSocket,
-            })
+        rec.connected_over() == Some(TransportKind::WebSocket)
     })
     .await;
     publish_n(&tg, "push-1", 2..=2).await;
@@ -506,10 +485,7 @@ async fn silent_network_drop_is_detected_and_nothing_is_lost() {
     let client = HeraldClient::new(c, rec.clone(), minter(&tg, "alice")).unwrap();
     client.connect();
     wait_until("connected", T, || {
-        rec.state()
-            == Some(ConnectionState::Connected {
-                transport: TransportKind::WebSocket,
-            })
+        rec.connected_over() == Some(TransportKind::WebSocket)
     })
     .await;
     publish_n(&tg, "freeze-1", 1..=5).await;
@@ -548,10 +524,7 @@ async fn generated_device_id_is_given_to_the_token_provider() {
     assert!(!device.is_empty());
     client.connect();
     wait_until("connected", T, || {
-        rec.state()
-            == Some(ConnectionState::Connected {
-                transport: TransportKind::WebSocket,
-            })
+        rec.connected_over() == Some(TransportKind::WebSocket)
     })
     .await;
     publish_n(&tg, &device, 1..=1).await;
