@@ -357,6 +357,7 @@ pub trait HeraldListener: Send + Sync {
     /// dies, at most the one message whose `onMessage` was running is delivered
     /// again on the next start: de-duplicate that one by `id`.
     fn on_message(&self, message: HeraldMessage);
+    /// An error; when `event.terminal`, `on_state_changed(Disconnected)` came first.
     fn on_error(&self, event: ErrorEvent);
     /// The gateway confirmed a subscribe (`subscribed`) or unsubscribe.
     fn on_subscription_changed(&self, topic: String, subscribed: bool);

@@ -129,6 +129,7 @@ pub trait Listener: Send + Sync {
     fn on_message(&self, message: InboxMessage);
     /// An error. `terminal`: the client stopped reconnecting (403, device deleted,
     /// token rejected twice, token provider failing); call `connect()` to try again.
+    /// A terminal error comes after `on_state_changed(Disconnected)`, never before.
     fn on_error(&self, error: Error, terminal: bool) {
         let _ = (error, terminal);
     }

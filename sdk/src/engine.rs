@@ -305,6 +305,9 @@ impl<T: Transport> Engine<T> {
     fn terminal(&mut self, error: Error) -> Phase {
         log!(Warn, "giving up: {error}");
         self.wanted = false;
+        // The state first: an app that reacts to a terminal error by reading the
+        // connection state (or rendering both) must see it already stopped.
+        self.set_state(ConnectionState::Disconnected);
         self.report(error, true);
         Phase::Idle
     }

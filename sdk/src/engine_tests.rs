@@ -466,6 +466,18 @@ async fn forbidden_is_terminal() {
     let errors = h.errors();
     assert_eq!(errors.len(), 1);
     assert!(matches!(errors[0], (Error::Forbidden(_), true)));
+    // Listeners see the client stopped before they hear why.
+    let disconnected = h
+        .seen
+        .iter()
+        .rposition(|e| matches!(e, Event::State(ConnectionState::Disconnected)))
+        .expect("a Disconnected state");
+    let error = h
+        .seen
+        .iter()
+        .position(|e| matches!(e, Event::Error { terminal: true, .. }))
+        .expect("the terminal error");
+    assert!(disconnected < error, "state after the error: {:?}", h.seen);
     h.close().await;
 }
 
