@@ -6,7 +6,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-step() { printf '\n==> %s\n' "$*"; }
+# Each step's wall time, printed as it ends and summed up at the end, so a slow CI run
+# says where its minutes went.
+SUITE_START=$SECONDS
+STEP_NAME="" STEP_START=$SECONDS TIMINGS=""
+end_step() {
+    [ -n "$STEP_NAME" ] || return 0
+    local took=$((SECONDS - STEP_START))
+    printf '<== %s: %ss\n' "$STEP_NAME" "$took"
+    TIMINGS+=$(printf '%6ss  %s' "$took" "$STEP_NAME")$'\n'
+}
+trap 'rc=$?; if [ $rc -ne 0 ]; then end_step; printf "\n==> FAILED (exit %s) after %ss\n%s" "$rc" "$((SECONDS - SUITE_START))" "$TIMINGS"; fi' EXIT
+step() {
+    end_step
+    STEP_NAME="$*" STEP_START=$SECONDS
+    printf '\n==> %s\n' "$*"
+}
 
 step "toolchain"
 cargo --version
@@ -37,4 +52,5 @@ for extra in scripts/test.d/*.sh; do
     bash "$extra"
 done
 
-step "all test steps passed"
+end_step
+printf '\n==> all test steps passed in %ss\n%s' "$((SECONDS - SUITE_START))" "$TIMINGS"
