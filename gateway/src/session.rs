@@ -4,10 +4,12 @@
 //! a socket. The order of operations is what makes replay → live gap-free:
 //! 1. register in the `SessionRegistry` (from now on every commit is also queued here),
 //! 2. replay the store after the client's cursor,
-//! 3. forward queued entries, skipping seqs already sent and filling any gap from the
-//!    store (two publishes can reach the queue out of seq order).
+//! 3. forward queued entries, skipping seqs already sent. Two publishes committed in
+//!    one group are routed by two tasks, so seq n+1 can reach the queue just before
+//!    seq n: an entry that arrives early waits (at most `GAP_WAIT`) for the ones before
+//!    it, and only a gap that does not fill in time is read from the store.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +24,13 @@ use crate::clock::now_ms;
 use crate::delivery::DeliveryRouter;
 use crate::registry::{KickReason, QueuedBytes, SessionEvent, SessionInbox, SessionProgress};
 use crate::store::{InboxEntry, StoreError};
+
+/// Longest an entry that arrived ahead of its predecessor waits for it before the gap
+/// is read from the store. The predecessor is normally a task switch away; reading it
+/// back instead was 15% of the gateway's CPU under batch load (BENCHMARKS.md, #12).
+const GAP_WAIT: Duration = Duration::from_millis(25);
+/// At most this many entries wait for a gap; one more reads the gap at once.
+const MAX_EARLY: usize = 256;
 
 pub struct SessionConfig {
     pub heartbeat: Duration,
@@ -91,6 +100,9 @@ struct Session<'a, S> {
     last_heard: Instant,
     /// Shared with the registry, so a due push can tell what this session wrote.
     progress: Arc<SessionProgress>,
+    /// Entries that arrived ahead of a gap, waiting for it until `gap_deadline`.
+    early: BTreeMap<i64, (InboxEntry, std::time::Instant)>,
+    gap_deadline: Option<Instant>,
 }
 
 type SessionResult = Result<(), CloseReason>;
@@ -130,6 +142,8 @@ where
         unacked: VecDeque::new(),
         last_heard: Instant::now(),
         progress: inbox.progress.clone(),
+        early: BTreeMap::new(),
+        gap_deadline: None,
     };
     let kill = inbox.kill.clone();
     let queued = inbox.queued.clone();
@@ -194,6 +208,7 @@ where
                 .unacked
                 .front()
                 .map(|(_, at)| *at + self.cfg.ack_timeout);
+            let gap_deadline = self.gap_deadline;
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
@@ -223,7 +238,11 @@ where
                             self.unacked.pop_front();
                         }
                     }
-                    Some(SessionEvent::Resync) => Box::pin(self.fill_from_store(i64::MAX)).await?,
+                    Some(SessionEvent::Resync) => Box::pin(async {
+                        self.fill_from_store(i64::MAX).await?;
+                        self.drain_early().await
+                    })
+                    .await?,
                     None => return Err(CloseReason::Kicked),
                 },
                 _ = heartbeat.tick() => {
@@ -232,7 +251,13 @@ where
                     }
                     Box::pin(self.send(Message::Ping(Default::default()))).await?;
                 }
-                _ = sleep_until_opt(ack_deadline) => {
+                // One timer for both deadlines: every idle session pays for the
+                // futures of this loop, so no second `Sleep`.
+                _ = sleep_until_opt(earliest(gap_deadline, ack_deadline)) => {
+                    if gap_deadline.is_some_and(|d| d <= Instant::now()) {
+                        Box::pin(self.fill_gap()).await?;
+                        continue;
+                    }
                     let frame = ServerFrame::Error {
                         code: "ack_timeout".into(),
                         message: format!(
@@ -358,18 +383,62 @@ where
             return Ok(()); // already sent by replay or gap fill
         }
         if entry.seq > self.last_sent + 1 {
-            // An earlier seq is committed but its notification is still on its way (or
-            // was lost to a full queue): read the gap from the store.
-            self.fill_from_store(entry.seq - 1).await?;
+            // An earlier seq is committed but its entry is still on its way: wait for it.
+            self.early.insert(entry.seq, (entry, committed_at));
+            if self.early.len() > MAX_EARLY {
+                return self.fill_gap().await;
+            }
+            self.gap_deadline
+                .get_or_insert_with(|| Instant::now() + GAP_WAIT);
+            return Ok(());
         }
-        if entry.seq == self.last_sent + 1 {
-            self.router
-                .metrics
-                .publish_to_deliver
-                .observe(committed_at.elapsed().as_secs_f64());
-            self.router.metrics.delivered_live.inc();
-            self.send_entry(entry).await?;
+        self.send_live(entry, committed_at).await?;
+        self.drain_early().await
+    }
+
+    async fn send_live(
+        &mut self,
+        entry: InboxEntry,
+        committed_at: std::time::Instant,
+    ) -> SessionResult {
+        self.router
+            .metrics
+            .publish_to_deliver
+            .observe(committed_at.elapsed().as_secs_f64());
+        self.router.metrics.delivered_live.inc();
+        self.send_entry(entry).await
+    }
+
+    /// Sends the early entries that now follow `last_sent`, forgets those already sent.
+    async fn drain_early(&mut self) -> SessionResult {
+        while let Some(first) = self.early.first_entry() {
+            let seq = *first.key();
+            if seq > self.last_sent + 1 {
+                break;
+            }
+            let (entry, committed_at) = first.remove();
+            if seq == self.last_sent + 1 {
+                self.send_live(entry, committed_at).await?;
+            }
         }
+        if self.early.is_empty() {
+            self.gap_deadline = None;
+        }
+        Ok(())
+    }
+
+    /// The gap before the early entries did not fill in time (the entry was lost to a
+    /// full queue, or offered by a node that died): read everything up to the last
+    /// early entry from the store, which has it all committed.
+    async fn fill_gap(&mut self) -> SessionResult {
+        self.gap_deadline = None;
+        let Some(&upto) = self.early.keys().next_back() else {
+            return Ok(());
+        };
+        self.fill_from_store(upto).await?;
+        // Sent from the store now, or expired in the meantime (the store no longer
+        // returns it, as a replay would not): either way settled.
+        self.early.clear();
         Ok(())
     }
 
@@ -507,6 +576,13 @@ fn read_error_reason<E: std::error::Error + 'static>(e: &E) -> CloseReason {
         cur = err.source();
     }
     CloseReason::SocketError
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {
