@@ -13,7 +13,12 @@ if [[ "${1:-}" == "--release" ]]; then
 fi
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 
-cargo build -p herald-ffi --lib --bin uniffi-bindgen "${CARGO_FLAGS[@]}"
+if [[ "$PROFILE" == release ]]; then
+    cargo build -p herald-ffi --lib --bin uniffi-bindgen --release
+else
+    # The tests' one debug build (its comment says why not `-p herald-ffi`).
+    bash "$ROOT/scripts/build-debug.sh"
+fi
 
 case "$(uname -s)" in
     Darwin) LIB="$TARGET_DIR/$PROFILE/libherald_ffi.dylib" ;;

@@ -38,7 +38,7 @@ step "services the tests use (PostgreSQL, NATS)"
 bash scripts/ensure-services.sh
 
 step "Rust tests (gateway, SDK, integration)"
-cargo build --workspace --bins
+bash scripts/build-debug.sh
 cargo nextest run --workspace --no-fail-fast
 
 step "bindings: generate Swift + Kotlin, check the Swift parses, Kotlin tests on the JVM"

@@ -78,7 +78,7 @@ ensure_bindings() {
 # caller stops it with stop_test_gateway (put that in its EXIT trap).
 start_test_gateway() {
     local dir="$1"
-    cargo build -p herald-gateway --bin herald
+    bash "$ROOT/scripts/build-debug.sh"
     local herald="$HERALD_TARGET_DIR/debug/herald"
     GW_API_KEY="$("$herald" --data-dir "$dir/gateway" keys create --name tests 2>/dev/null)"
     HERALD_PUSH__STUB=true HERALD_LOG=info \

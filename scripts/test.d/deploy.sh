@@ -120,7 +120,7 @@ cargo deb --version
 # put where cargo-deb looks for the release binary (`assets` in gateway/Cargo.toml):
 # `cargo deb -p herald-gateway` builds and packages the release binary itself.
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
-[[ -x "$TARGET/debug/herald" ]] || cargo build -p herald-gateway --bin herald
+[[ -x "$TARGET/debug/herald" ]] || bash scripts/build-debug.sh
 mkdir -p "$WORK/target/release"
 cp "$TARGET/debug/herald" "$WORK/target/release/herald"
 CARGO_TARGET_DIR="$WORK/target" timeout 300 cargo deb -p herald-gateway --no-build \

@@ -46,7 +46,7 @@ done
 cargo tree -p herald-gateway -e normal --prefix none | grep -q '^utoipa ' || die "cargo tree sees no utoipa in herald-gateway: the check above proves nothing"
 
 HERALD="$HERALD_TARGET_DIR/debug/herald"
-[[ -x "$HERALD" ]] || cargo build -p herald-gateway --bin herald
+[[ -x "$HERALD" ]] || bash scripts/build-debug.sh
 "$HERALD" openapi >"$WORK/spec.json" || die "herald openapi failed"
 
 step "docs/backend.md is generated from the spec"

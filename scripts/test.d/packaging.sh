@@ -37,7 +37,7 @@ for toml in protocol/Cargo.toml gateway/Cargo.toml sdk/Cargo.toml bindings/Cargo
     expect "$toml" '^version\.workspace = true$' "takes the workspace version"
 done
 expect Package.swift "^let version = \"$VERSION\"$" "names version $VERSION"
-cargo build -q -p herald-gateway --bin herald
+bash scripts/build-debug.sh -q
 HERALD_VERSION="$("$HERALD_TARGET_DIR/debug/herald" --version)"
 [[ "$HERALD_VERSION" == "herald $VERSION" ]] || fail "herald --version says '$HERALD_VERSION', not 'herald $VERSION'"
 expect CHANGELOG.md "^## ($VERSION|Unreleased)\$" "has a section for $VERSION or Unreleased"

@@ -100,7 +100,7 @@ done
 grep -q "cargo build --release" "$BLOCKS/build-release" || die "the build block no longer builds release binaries"
 
 step "binaries (debug build linked as target/release)"
-cargo build -p herald-gateway -p herald-device
+bash scripts/build-debug.sh
 mkdir -p "$WORK/run/target"
 ln -s "$HERALD_TARGET_DIR/debug" "$WORK/run/target/release"
 PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"

@@ -25,8 +25,8 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/webhooks-verify.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 
 HERALD_WEBHOOK_FIXTURE_DIR="$WORK/fixture" timeout 600 \
-    cargo nextest run -p herald-gateway --test webhooks --no-fail-fast \
-    -E 'test(a_real_signed_post_for_the_docs_snippets)' \
+    cargo nextest run --workspace --no-fail-fast \
+    -E 'binary_id(herald-gateway::webhooks) & test(a_real_signed_post_for_the_docs_snippets)' \
     || die "the fixture test failed"
 for f in body.json signature.txt secret.txt; do
     [[ -s "$WORK/fixture/$f" ]] || die "the fixture test wrote no $f"
