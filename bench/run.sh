@@ -37,9 +37,11 @@ if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt 4096 ]; then
     exit 1
 fi
 
-cargo_flags=()
-[ "$profile" = release ] && cargo_flags=(--release)
-cargo build "${cargo_flags[@]}" -q -p herald-gateway --bin herald -p herald-bench --bin loadgen --bin floor
+if [ "$profile" = release ]; then
+    cargo build --release -q -p herald-gateway --bin herald -p herald-bench --bin loadgen --bin floor
+else
+    bash scripts/build-debug.sh -q # the tests' build (bench-smoke): nothing compiled twice
+fi
 bin="target/$profile"
 
 work=$(mktemp -d /tmp/herald-bench.XXXXXX)
@@ -191,4 +193,23 @@ env "${loadgen_env[@]}" timeout --signal=KILL $((max_seconds + 30)) \
     "$bin/loadgen" --target "$target" --url "http://127.0.0.1:$port" --server-pid "$server_pid" \
     --max-seconds "$max_seconds" --out "$report" "${loadgen_args[@]}" ${BENCH_LOADGEN_ARGS:-} \
     "$scenario" "$@"
+# Herald's own counters of the run (live deliveries against re-reads from the store,
+# queue kicks, pushes) go into the report beside the load generator's figures.
+if [ "$target" = herald ] && [ -f "$report" ]; then
+    if metrics=$(curl -fsS --max-time 5 "http://127.0.0.1:$port/metrics" 2>/dev/null); then
+        printf '%s\n' "$metrics" | python3 -c '
+import json, re, sys
+report = sys.argv[1]
+counters = {}
+for line in sys.stdin:
+    m = re.match(r"^(herald_[a-z_]+_total)(\{[^}]*\})? ([0-9.e+]+)$", line.strip())
+    if m:
+        key = m.group(1) + (m.group(2) or "")
+        counters[key] = float(m.group(3))
+r = json.load(open(report))
+r["server_counters"] = counters
+json.dump(r, open(report, "w"), indent=2)
+' "$report" || echo "bench/run.sh: could not add the server counters to the report" >&2
+    fi
+fi
 echo "bench/run.sh: report written to $report" >&2
