@@ -15,12 +15,14 @@
 #   BENCH_TAG=name                appended to the report's file name
 #   BENCH_MAX_SECONDS=N           hard bound of the load generator (default 300)
 #   BENCH_LOADGEN_ARGS="…"        extra loadgen flags (before the scenario)
+#   BENCH_HERALD_BIN=path         the herald binary to run (default target/PROFILE/herald),
+#                                 e.g. two builds side by side in one run
 #   HERALD_*                      passed to the gateway (e.g. HERALD_LIMITS__WS_READ_BUFFER_BYTES)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ $# -lt 2 ]; then
-    sed -n '2,17p' "$0" >&2
+    sed -n '2,19p' "$0" >&2
     exit 2
 fi
 target=$1 scenario=$2
@@ -43,6 +45,7 @@ else
     bash scripts/build-debug.sh -q # the tests' build (bench-smoke): nothing compiled twice
 fi
 bin="target/$profile"
+herald_bin=$(realpath -m "${BENCH_HERALD_BIN:-$bin/herald}")
 
 work=$(mktemp -d /tmp/herald-bench.XXXXXX)
 server_pid=
@@ -99,8 +102,8 @@ herald)
     export HERALD_LIMITS__CONNECT_RATE_PER_IP=${HERALD_LIMITS__CONNECT_RATE_PER_IP:-100000}
     export HERALD_LIMITS__CONNECT_BURST_PER_IP=${HERALD_LIMITS__CONNECT_BURST_PER_IP:-100000}
     export HERALD_LOG=${HERALD_LOG:-warn}
-    key=$("$bin/herald" keys create --name bench --data-dir "$work/data" 2>/dev/null)
-    "$bin/herald" serve --listen "127.0.0.1:$port" --data-dir "$work/data" >"$work/server.log" 2>&1 &
+    key=$("$herald_bin" keys create --name bench --data-dir "$work/data" 2>/dev/null)
+    "$herald_bin" serve --listen "127.0.0.1:$port" --data-dir "$work/data" >"$work/server.log" 2>&1 &
     server_pid=$!
     echo "$server_pid" >"$work/server.pid"
     # `loadgen reconnect --restart` runs this: SIGTERM (graceful shutdown), wait until the
@@ -117,7 +120,7 @@ for _ in \$(seq 1 600); do
     sleep 0.05
 done
 case "\$(ps -o stat= -p "\$pid" 2>/dev/null || true)" in ""|Z*) ;; *) echo "restart: \$pid did not stop" >&2; exit 1 ;; esac
-setsid "$PWD/$bin/herald" serve --listen "127.0.0.1:$port" --data-dir "$work/data" >>"$work/server.log" 2>&1 </dev/null &
+setsid "$herald_bin" serve --listen "127.0.0.1:$port" --data-dir "$work/data" >>"$work/server.log" 2>&1 </dev/null &
 new=\$!
 echo "\$new" >"$work/server.pid"
 for _ in \$(seq 1 200); do
