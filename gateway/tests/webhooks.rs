@@ -51,6 +51,9 @@ struct RecvState {
     posts: Vec<Post>,
     /// POSTs that arrived, answered or not yet.
     arrived: usize,
+    /// Every POST as it arrived (unix ms, body), including those the sender gave up on
+    /// (its handler is dropped when the sender closes the connection).
+    arrivals: Vec<(i64, String)>,
     /// Statuses to answer, first in first out; 200 once exhausted (or `always`).
     script: VecDeque<u16>,
     always: Option<u16>,
@@ -73,6 +76,7 @@ async fn receive(
     let (status, delay) = {
         let mut s = state.lock().unwrap();
         s.arrived += 1;
+        s.arrivals.push((at_ms, body.clone()));
         let status = s.always.or_else(|| s.script.pop_front()).unwrap_or(200);
         (status, s.delay)
     };
@@ -268,6 +272,8 @@ both_stores!(
     batches_hold_at_most_100_events_and_leave_within_a_second,
     a_failing_receiver_gets_the_same_events_again_until_it_accepts,
     a_receiver_that_hangs_does_not_slow_publish_or_delivery,
+    a_post_that_times_out_is_sent_again_with_the_same_event_ids,
+    events_older_than_max_age_are_dropped_and_counted_not_retried,
 );
 
 fn is_rfc3339(s: &Value) -> bool {
@@ -607,6 +613,122 @@ async fn a_receiver_that_hangs_does_not_slow_publish_or_delivery(kind: Kind) {
         (depth >= 200).then_some(())
     })
     .await;
+    f.drop_db().await;
+}
+
+async fn metrics_text(tg: &TestGateway) -> String {
+    reqwest::get(format!("{}/metrics", tg.base_url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// One delivered + acked message: two events.
+async fn deliver_and_ack(tg: &TestGateway) {
+    let mut live = connect(tg, "alice", "phone", None).await;
+    publish(
+        tg,
+        json!({"to": {"device": "phone"}, "data": {}, "push": "never"}),
+    )
+    .await;
+    let msg = live.msg().await;
+    live.ack(msg.seq).await;
+}
+
+/// `webhooks.timeout_ms`: a receiver that takes longer has not accepted the batch, so
+/// the same events (same ids: the receiver de-duplicates) are posted again.
+async fn a_post_that_times_out_is_sent_again_with_the_same_event_ids(kind: Kind) {
+    let rx = Receiver::start().await;
+    rx.delay(Duration::from_secs(2));
+    let f = gateway(kind, None, &rx, |c| {
+        c.webhooks.batch_delay_ms = 10;
+        c.webhooks.timeout_ms = 300;
+    })
+    .await;
+    let tg = &f.tg;
+    deliver_and_ack(tg).await;
+    eventually_within(LONG, "a second POST while the first still hangs", || {
+        let arrived = rx.state.lock().unwrap().arrived;
+        async move { (arrived >= 2).then_some(()) }
+    })
+    .await;
+    rx.delay(Duration::ZERO);
+    let arrivals = rx.state.lock().unwrap().arrivals.clone();
+    let ids = |body: &str| -> HashSet<String> {
+        let v: Value = serde_json::from_str(body).unwrap();
+        v["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let timed_out = ids(&arrivals[0].1);
+    // Sent again only after the timeout, not while the POST could still succeed.
+    assert!(arrivals[1].0 - arrivals[0].0 >= 300, "{arrivals:?}");
+    // Once the receiver answers in time, the events of the POST that timed out are
+    // accepted under the same ids.
+    eventually_within(LONG, "the timed-out events accepted", || {
+        let accepted: HashSet<String> = rx
+            .accepted()
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_owned())
+            .collect();
+        let done = timed_out.is_subset(&accepted);
+        async move { done.then_some(()) }
+    })
+    .await;
+    let metrics = eventually_within(LONG, "the queue drained", || async {
+        let text = metrics_text(tg).await;
+        text.contains("herald_webhook_queue_depth 0")
+            .then_some(text)
+    })
+    .await;
+    let retries = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("herald_webhook_posts_total{result=\"retry\"} "))
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(retries.is_some_and(|n| n >= 1), "{metrics}");
+    assert_all_signed(&rx);
+    f.drop_db().await;
+}
+
+/// `webhooks.max_age_hours`: events that are still undelivered that long after they were
+/// queued are dropped (and counted) at their next failure, not retried forever. With 0
+/// every event is past its age at its first failure.
+async fn events_older_than_max_age_are_dropped_and_counted_not_retried(kind: Kind) {
+    let rx = Receiver::start().await;
+    rx.always(Some(500));
+    let f = gateway(kind, None, &rx, |c| {
+        c.webhooks.batch_delay_ms = 10;
+        c.webhooks.max_age_hours = 0;
+    })
+    .await;
+    let tg = &f.tg;
+    deliver_and_ack(tg).await;
+    let metrics = eventually_within(LONG, "both events dropped", || async {
+        let text = metrics_text(tg).await;
+        text.contains("herald_webhook_events_dropped_total 2")
+            .then_some(text)
+    })
+    .await;
+    assert!(
+        metrics.contains("herald_webhook_queue_depth 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("herald_webhook_posts_total{result=\"retry\"} 0"),
+        "{metrics}"
+    );
+    let (depth, _) = tg.state.store.webhook_queue_stats().await.unwrap();
+    assert_eq!(depth, 0, "nothing left to retry");
+    // Several backoffs (100–400 ms) later, nothing was posted again.
+    let posted = rx.posts().len();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(rx.posts().len(), posted, "a dropped event was posted again");
+    assert_all_signed(&rx);
     f.drop_db().await;
 }
 
