@@ -36,6 +36,8 @@ impl JsonHerald {
             .env("HERALD_LOG_FORMAT", "json")
             .env("HERALD_LOG", "info,herald_gateway=debug")
             .env("HERALD_PUSH__STUB", "true")
+            // This test's requests come from loopback: as if through a local proxy.
+            .env("HERALD_SERVER__TRUSTED_PROXIES", "127.0.0.1/32")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -198,6 +200,21 @@ async fn json_logs_access_log_and_request_id_through_delivery_and_push() {
     assert_eq!(access["span"]["method"], "POST");
     assert_eq!(access["fields"]["status"], 202);
     assert!(access["fields"]["latency_ms"].as_f64().unwrap() >= 0.0);
+    assert_eq!(access["span"]["client_ip"], "127.0.0.1", "{access}");
+
+    // Behind a trusted proxy the access line names the client it forwarded.
+    let r = http
+        .get(format!("{}/healthz", gw.base))
+        .header("x-request-id", "via-proxy-1")
+        .header("x-forwarded-for", "203.0.113.7")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let access = gw
+        .wait_for("request", |v| v["span"]["request_id"] == "via-proxy-1")
+        .await;
+    assert_eq!(access["span"]["client_ip"], "203.0.113.7", "{access}");
 
     // A malformed id is replaced by a generated one; ids in paths become the template.
     let r = http

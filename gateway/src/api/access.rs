@@ -1,14 +1,17 @@
 //! Every HTTP request: a request id (`x-request-id`, see `crate::request_id`), an
-//! access log line (tower-http `TraceLayer`) and
+//! access log line (tower-http `TraceLayer`: method, route, request id, the client's IP
+//! as `server.trusted_proxies` resolves it, status, latency) and
 //! `herald_http_request_duration_seconds{route,method,status}`.
 //!
 //! The access log names the matched route template (`/v1/devices/{id}`), never the
 //! raw path or query: ids, `access_token` query parameters and headers (API keys,
 //! device tokens) stay out of the logs.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::Response;
@@ -18,25 +21,35 @@ use tower_http::trace::TraceLayer;
 use tracing::Span;
 
 use crate::metrics::Metrics;
+use crate::proxy::TrustedProxies;
 use crate::request_id::{RequestId, HEADER};
 
 /// Wraps `router` (whose routes are all added) with request ids, the access log and
 /// the HTTP metrics.
-pub fn layer(router: Router, metrics: Metrics) -> Router {
+pub fn layer(router: Router, metrics: Metrics, proxies: TrustedProxies) -> Router {
+    let proxies = Arc::new(proxies);
     router
         .layer(
             TraceLayer::new_for_http()
-                .make_span_with(|req: &Request| {
+                .make_span_with(move |req: &Request| {
                     let id = req
                         .extensions()
                         .get::<RequestId>()
                         .map(|r| r.as_str().to_owned())
+                        .unwrap_or_default();
+                    // Behind a load balancer the TCP peer is the balancer: log whom
+                    // the rate limits see.
+                    let client_ip = req
+                        .extensions()
+                        .get::<ConnectInfo<SocketAddr>>()
+                        .map(|c| proxies.client_ip(c.0.ip(), req.headers()).to_string())
                         .unwrap_or_default();
                     tracing::info_span!(
                         "http",
                         method = %req.method(),
                         route = route(req),
                         request_id = %id,
+                        client_ip = %client_ip,
                     )
                 })
                 .on_request(())

@@ -117,16 +117,18 @@ pub fn app(state: AppState) -> Router {
         router = router.route("/metrics", get(ops::metrics));
     }
     let metrics = state.metrics.clone();
+    let proxies = state.config.server.trusted_proxies.clone();
     let router = router
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
         .with_state(state);
-    access::layer(router, metrics)
+    access::layer(router, metrics, proxies)
 }
 
 /// The `ops.listen` listener: health, readiness and metrics only.
 pub fn ops_app(state: AppState) -> Router {
     let metrics = state.metrics.clone();
+    let proxies = state.config.server.trusted_proxies.clone();
     let router = Router::new()
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
@@ -134,7 +136,7 @@ pub fn ops_app(state: AppState) -> Router {
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
         .with_state(state);
-    access::layer(router, metrics)
+    access::layer(router, metrics, proxies)
 }
 
 pub use herald_protocol::validate_id;
