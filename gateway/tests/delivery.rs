@@ -810,6 +810,15 @@ async fn commit_unrouted(tg: &TestGateway, device: &str, n: u32) -> InboxEntry {
     }
 }
 
+/// Connects and waits until the session's initial replay is done (it answers pings
+/// only then), so what follows is live delivery.
+async fn connect_after_replay(tg: &TestGateway, user: &str, device: &str) -> Device {
+    let mut dev = connect(tg, user, device, None).await;
+    dev.send(&ClientFrame::Ping).await;
+    assert_eq!(dev.frame().await, Some(ServerFrame::Pong));
+    dev
+}
+
 fn offer(tg: &TestGateway, entry: InboxEntry) {
     let handle = tg
         .state
@@ -826,9 +835,7 @@ fn offer(tg: &TestGateway, entry: InboxEntry) {
 #[tokio::test]
 async fn entries_routed_out_of_seq_order_are_sent_in_order_without_a_store_read() {
     let tg = TestGateway::start().await;
-    let mut dev = connect(&tg, "alice", "phone", None).await;
-    dev.send(&ClientFrame::Ping).await;
-    assert_eq!(dev.frame().await, Some(ServerFrame::Pong));
+    let mut dev = connect_after_replay(&tg, "alice", "phone").await;
     let first = commit_unrouted(&tg, "phone", 1).await;
     let second = commit_unrouted(&tg, "phone", 2).await;
     assert_eq!((first.seq, second.seq), (1, 2));
@@ -853,9 +860,7 @@ async fn entries_routed_out_of_seq_order_are_sent_in_order_without_a_store_read(
 #[tokio::test]
 async fn a_gap_that_does_not_fill_is_read_from_the_store_in_order() {
     let tg = TestGateway::start().await;
-    let mut dev = connect(&tg, "alice", "phone", None).await;
-    dev.send(&ClientFrame::Ping).await;
-    assert_eq!(dev.frame().await, Some(ServerFrame::Pong));
+    let mut dev = connect_after_replay(&tg, "alice", "phone").await;
     let _never_routed = commit_unrouted(&tg, "phone", 1).await;
     let second = commit_unrouted(&tg, "phone", 2).await;
     offer(&tg, second);

@@ -543,12 +543,7 @@ async fn a_failing_receiver_gets_the_same_events_again_until_it_accepts(kind: Ki
     assert!(posts[1].at_ms - posts[0].at_ms >= 50, "{posts:?}");
 
     let metrics = eventually_within(LONG, "queue drained in the metrics", || async {
-        let text = reqwest::get(format!("{}/metrics", tg.base_url))
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+        let text = metrics_text(tg).await;
         text.contains("herald_webhook_queue_depth 0")
             .then_some(text)
     })
