@@ -20,37 +20,46 @@ use tower_http::classify::ServerErrorsFailureClass;
 use tower_http::trace::TraceLayer;
 use tracing::Span;
 
+use super::ClientIp;
 use crate::metrics::Metrics;
 use crate::proxy::TrustedProxies;
 use crate::request_id::{RequestId, HEADER};
 
+/// What the outermost middleware needs: the metrics it records and the proxies whose
+/// forwarded addresses it believes.
+#[derive(Clone)]
+struct AccessState {
+    metrics: Metrics,
+    proxies: Arc<TrustedProxies>,
+}
+
 /// Wraps `router` (whose routes are all added) with request ids, the access log and
 /// the HTTP metrics.
 pub fn layer(router: Router, metrics: Metrics, proxies: TrustedProxies) -> Router {
-    let proxies = Arc::new(proxies);
+    let state = AccessState {
+        metrics,
+        proxies: Arc::new(proxies),
+    };
     router
         .layer(
             TraceLayer::new_for_http()
-                .make_span_with(move |req: &Request| {
+                .make_span_with(|req: &Request| {
                     let id = req
                         .extensions()
                         .get::<RequestId>()
-                        .map(|r| r.as_str().to_owned())
+                        .map(RequestId::as_str)
                         .unwrap_or_default();
-                    // Behind a load balancer the TCP peer is the balancer: log whom
-                    // the rate limits see.
-                    let client_ip = req
-                        .extensions()
-                        .get::<ConnectInfo<SocketAddr>>()
-                        .map(|c| proxies.client_ip(c.0.ip(), req.headers()).to_string())
-                        .unwrap_or_default();
-                    tracing::info_span!(
+                    let span = tracing::info_span!(
                         "http",
                         method = %req.method(),
                         route = route(req),
                         request_id = %id,
-                        client_ip = %client_ip,
-                    )
+                        client_ip = tracing::field::Empty,
+                    );
+                    if let Some(ClientIp(ip)) = req.extensions().get::<ClientIp>() {
+                        span.record("client_ip", tracing::field::display(ip));
+                    }
+                    span
                 })
                 .on_request(())
                 .on_response(|res: &Response, latency: Duration, _span: &Span| {
@@ -76,7 +85,7 @@ pub fn layer(router: Router, metrics: Metrics, proxies: TrustedProxies) -> Route
                     },
                 ),
         )
-        .layer(axum::middleware::from_fn_with_state(metrics, request_id))
+        .layer(axum::middleware::from_fn_with_state(state, request_id))
 }
 
 /// The route template the router matched, or `unmatched` (a 404 of the router), so
@@ -102,13 +111,24 @@ fn method_label(m: &Method) -> &'static str {
     }
 }
 
-/// Chooses the request id (handlers read it as the request's `RequestId` extension),
-/// times the request, returns the id in the response.
-async fn request_id(State(metrics): State<Metrics>, mut req: Request, next: Next) -> Response {
+/// Chooses the request id and resolves the client's IP once (the access log and the
+/// handlers read them as the request's `RequestId` / `ClientIp` extensions), times the
+/// request, returns the id in the response.
+async fn request_id(
+    State(AccessState { metrics, proxies }): State<AccessState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let started = Instant::now();
     let id = RequestId::from_header(req.headers().get(HEADER).map(|v| v.as_bytes()));
     let value = HeaderValue::from_str(id.as_str()).expect("request ids are visible ASCII");
     req.extensions_mut().insert(id);
+    // Behind a load balancer the TCP peer is the balancer: the client is whom it
+    // forwarded, for the rate limits and the log alike.
+    if let Some(peer) = req.extensions().get::<ConnectInfo<SocketAddr>>() {
+        let ip = proxies.client_ip(peer.0.ip(), req.headers());
+        req.extensions_mut().insert(ClientIp(ip));
+    }
     let route = route(&req).to_owned();
     let method = method_label(req.method());
     let mut res = next.run(req).await;

@@ -8,13 +8,13 @@ pub mod ops;
 pub mod service;
 pub mod sse;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::path::ErrorKind;
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts, Request};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::routing::{delete, get, post, put};
@@ -432,26 +432,19 @@ where
 
 /// The client's IP address: the TCP peer's, or, when the peer is one of
 /// `server.trusted_proxies`, the address it forwarded (`X-Forwarded-For`, `Forwarded`).
-/// Per-IP rate limits and logs use it.
+/// Resolved once per request by `access::layer`; per-IP rate limits and logs use it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientIp(pub IpAddr);
 
 impl FromRequestParts<AppState> for ClientIp {
     type Rejection = AppError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
-        let peer = parts
+    async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, AppError> {
+        parts
             .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.ip())
-            .ok_or_else(|| AppError::Internal(anyhow::anyhow!("no peer address on the request")))?;
-        Ok(ClientIp(
-            state
-                .config
-                .server
-                .trusted_proxies
-                .client_ip(peer, &parts.headers),
-        ))
+            .get::<ClientIp>()
+            .copied()
+            .ok_or_else(|| AppError::Internal(anyhow::anyhow!("no peer address on the request")))
     }
 }
 
