@@ -542,12 +542,7 @@ async fn a_failing_receiver_gets_the_same_events_again_until_it_accepts(kind: Ki
     // Each retry waited for its backoff (base 100 ms, so at least 50 ms with jitter).
     assert!(posts[1].at_ms - posts[0].at_ms >= 50, "{posts:?}");
 
-    let metrics = eventually_within(LONG, "queue drained in the metrics", || async {
-        let text = metrics_text(tg).await;
-        text.contains("herald_webhook_queue_depth 0")
-            .then_some(text)
-    })
-    .await;
+    let metrics = metrics_once_they_show(tg, "herald_webhook_queue_depth 0").await;
     assert!(
         metrics.contains("herald_webhook_posts_total{result=\"retry\"} 2"),
         "{metrics}"
@@ -620,6 +615,15 @@ async fn metrics_text(tg: &TestGateway) -> String {
         .unwrap()
 }
 
+/// The gateway's metrics, once they contain `line` (e.g. a counter at its value).
+async fn metrics_once_they_show(tg: &TestGateway, line: &str) -> String {
+    eventually_within(LONG, &format!("{line} in the metrics"), || async {
+        let text = metrics_text(tg).await;
+        text.contains(line).then_some(text)
+    })
+    .await
+}
+
 /// One delivered + acked message: two events.
 async fn deliver_and_ack(tg: &TestGateway) {
     let mut live = connect(tg, "alice", "phone", None).await;
@@ -675,12 +679,7 @@ async fn a_post_that_times_out_is_sent_again_with_the_same_event_ids(kind: Kind)
         async move { done.then_some(()) }
     })
     .await;
-    let metrics = eventually_within(LONG, "the queue drained", || async {
-        let text = metrics_text(tg).await;
-        text.contains("herald_webhook_queue_depth 0")
-            .then_some(text)
-    })
-    .await;
+    let metrics = metrics_once_they_show(tg, "herald_webhook_queue_depth 0").await;
     let retries = metrics
         .lines()
         .find_map(|l| l.strip_prefix("herald_webhook_posts_total{result=\"retry\"} "))
@@ -703,12 +702,7 @@ async fn events_older_than_max_age_are_dropped_and_counted_not_retried(kind: Kin
     .await;
     let tg = &f.tg;
     deliver_and_ack(tg).await;
-    let metrics = eventually_within(LONG, "both events dropped", || async {
-        let text = metrics_text(tg).await;
-        text.contains("herald_webhook_events_dropped_total 2")
-            .then_some(text)
-    })
-    .await;
+    let metrics = metrics_once_they_show(tg, "herald_webhook_events_dropped_total 2").await;
     assert!(
         metrics.contains("herald_webhook_queue_depth 0"),
         "{metrics}"
