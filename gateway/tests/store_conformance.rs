@@ -1620,3 +1620,103 @@ mod two_nodes {
         .await
     }
 }
+
+/// SQLite migration 0006 rewrites the inbox table into insertion order: what a
+/// database of the older layout held is still there afterwards, in order, still one
+/// row per (device, seq), and seqs go on from where they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_inbox_written_before_migration_0006_survives_it() {
+    use herald_gateway::store::migrations::{migrator, SQLITE};
+    use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
+    use std::str::FromStr;
+
+    let tmp = TempDir::new("herald-migrate-0006");
+    let path = tmp.0.join(herald_gateway::store::sqlite::SQLITE_FILE);
+    let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
+        .unwrap()
+        .create_if_missing(true);
+    let before: Vec<(&str, &str)> = SQLITE
+        .iter()
+        .copied()
+        .filter(|(name, _)| *name < "0006")
+        .collect();
+    assert_eq!(before.len(), SQLITE.len() - 1, "0006 is the last migration");
+    {
+        let pool = SqlitePool::connect_with(opts.clone()).await.unwrap();
+        migrator(&before).run(&pool).await.unwrap();
+        let ddl: String =
+            sqlx::query_scalar("SELECT sql FROM sqlite_master WHERE name = 'deliveries'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert!(ddl.contains("WITHOUT ROWID"), "the old layout: {ddl}");
+        sqlx::query(
+            "INSERT INTO devices (id, user_id, last_seq, created_at) VALUES ('dev-a', 'u1', 2, ?)",
+        )
+        .bind(T0)
+        .execute(&pool)
+        .await
+        .unwrap();
+        let body = serde_json::to_string(&payload(PushPolicy::Never)).unwrap();
+        // Inserted out of seq order, as no real inbox is: order comes from the index.
+        for seq in [2i64, 1] {
+            let id = format!("msg_before_0006_{seq}");
+            sqlx::query(
+                "INSERT INTO messages (id, api_key_id, target_kind, target, payload, recipients, created_at, expires_at)
+                 VALUES (?, 'key1', 'device', 'dev-a', ?, 1, ?, ?)",
+            )
+            .bind(&id)
+            .bind(&body)
+            .bind(T0)
+            .bind(T0 + DAY)
+            .execute(&pool)
+            .await
+            .unwrap();
+            sqlx::query(
+                "INSERT INTO deliveries (device_id, seq, message_id, expires_at) VALUES ('dev-a', ?, ?, ?)",
+            )
+            .bind(seq)
+            .bind(&id)
+            .bind(T0 + DAY)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        pool.close().await;
+    }
+
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&tmp.0).await.expect("migrate"));
+    let old = store.fetch_after("dev-a", 0, 10, T0).await.unwrap();
+    let seen: Vec<(i64, &str)> = old.iter().map(|e| (e.seq, e.message.id.as_str())).collect();
+    assert_eq!(
+        seen,
+        [(1, "msg_before_0006_1"), (2, "msg_before_0006_2")],
+        "the inbox survives the rewrite, in seq order"
+    );
+    assert_eq!(
+        old[0].message.payload.data.get(),
+        payload(PushPolicy::Never).data.get()
+    );
+    let new = publish_ok(&store, new_msg(to_device("dev-a"), T0)).await;
+    assert_eq!(new[0].seq, 3, "seqs go on after the rewrite");
+    let all = store.fetch_after("dev-a", 0, 10, T0).await.unwrap();
+    assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3]);
+    drop(store);
+
+    let pool = SqlitePool::connect_with(opts).await.unwrap();
+    let ddl: String = sqlx::query_scalar("SELECT sql FROM sqlite_master WHERE name = 'deliveries'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(
+        !ddl.contains("WITHOUT ROWID"),
+        "rows in insertion order: {ddl}"
+    );
+    let duplicate = sqlx::query(
+        "INSERT INTO deliveries (device_id, seq, message_id, expires_at) VALUES ('dev-a', 1, 'x', 0)",
+    )
+    .execute(&pool)
+    .await;
+    let err = duplicate.expect_err("still one row per (device, seq)");
+    assert!(err.to_string().contains("UNIQUE"), "{err}");
+}

@@ -17,8 +17,12 @@ macro_rules! embed {
     };
 }
 
-pub const SQLITE: &[(&str, &str)] =
-    embed!("sqlite": "0001_init.sql", "0004_security.sql", "0005_webhooks.sql");
+pub const SQLITE: &[(&str, &str)] = embed!(
+    "sqlite": "0001_init.sql",
+    "0004_security.sql",
+    "0005_webhooks.sql",
+    "0006_inbox_in_insertion_order.sql",
+);
 pub const POSTGRES: &[(&str, &str)] =
     embed!("postgres": "0001_init.sql", "0004_security.sql", "0005_webhooks.sql");
 

@@ -5,7 +5,8 @@
 //! committed and survive a crash. Implementations: `sqlite` (embedded default) and
 //! `postgres` (shared by several gateway nodes).
 
-mod migrations;
+/// Public so bench/'s SQLite micro-benchmark runs against the real schema.
+pub mod migrations;
 pub mod postgres;
 mod postgres_group;
 pub mod sqlite;

@@ -70,6 +70,7 @@ impl SqliteStore {
             .max_connections(1)
             .connect_with(opts.clone())
             .await?;
+        announce_pending_migrations(&write, &path).await;
         MIGRATOR
             .run(&write)
             .await
@@ -109,6 +110,30 @@ impl SqliteStore {
             hot,
             events,
         })
+    }
+}
+
+/// Says which migrations an existing database is about to get: some rewrite a table
+/// (0006 copies the inbox once), which takes a while on a large store, and the
+/// operator should know why the start is slow. Silent on a new database.
+async fn announce_pending_migrations(write: &sqlx::SqlitePool, path: &Path) {
+    let Ok(applied) = sqlx::query_scalar::<_, i64>("SELECT version FROM _sqlx_migrations")
+        .fetch_all(write)
+        .await
+    else {
+        return; // a new database: no migrations table yet
+    };
+    let pending: Vec<String> = MIGRATOR
+        .iter()
+        .filter(|m| !applied.contains(&m.version))
+        .map(|m| format!("{:04} {}", m.version, m.description))
+        .collect();
+    if !applied.is_empty() && !pending.is_empty() {
+        tracing::info!(
+            db = %path.display(),
+            ?pending,
+            "applying schema migrations before starting (a migration that rewrites a table takes a while on a large store)"
+        );
     }
 }
 
