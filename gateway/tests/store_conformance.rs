@@ -116,6 +116,7 @@ conformance!(
     retry_push_is_due_later_with_attempts,
     orphaned_claim_fails_and_is_never_resent,
     ack_cancels_scheduled_pushes,
+    ack_leaves_always_pushes_due,
     taking_due_pushes_leases_them,
     concurrent_takes_are_disjoint,
     concurrent_batch_claims_push_once,
@@ -987,11 +988,46 @@ async fn orphaned_claim_fails_and_is_never_resent(store: Arc<dyn Store>) {
         .is_empty());
 }
 
+/// `push: "always"` pushes as well as delivering live: an ack, however early, cancels
+/// neither the first attempt nor a retry (it does cancel `fallback` pushes, above).
+async fn ack_leaves_always_pushes_due(store: Arc<dyn Store>) {
+    device(&store, "d1", "alice").await;
+    // Acked before any worker claimed it (a device faster than the push queue).
+    let first = one_entry(&store, "d1", PushPolicy::Always, T0).await;
+    // Acked while waiting for a retry.
+    let retried = one_entry(&store, "d1", PushPolicy::Always, T0).await;
+    assert!(store.claim_push("d1", retried.seq, T0 + 1).await.unwrap());
+    store
+        .retry_push("d1", retried.seq, T0 + 2, "503")
+        .await
+        .unwrap();
+    store.ack("d1", retried.seq, T0 + 3).await.unwrap();
+    assert_eq!(
+        delivery_state(&store, &first.message.id, "d1", T0 + 4).await,
+        DeliveryState::Acked
+    );
+    let due = store
+        .take_due_pushes(T0 + DAY - 1, T0 + DAY, 10)
+        .await
+        .unwrap();
+    let mut seqs: Vec<i64> = due.iter().map(|e| e.seq).collect();
+    seqs.sort_unstable();
+    assert_eq!(
+        seqs,
+        [first.seq, retried.seq],
+        "both still due after the ack"
+    );
+    assert!(store.claim_push("d1", first.seq, T0 + 5).await.unwrap());
+    assert!(store.claim_push("d1", retried.seq, T0 + 5).await.unwrap());
+    // Claimed once only, as every push.
+    assert!(!store.claim_push("d1", first.seq, T0 + 6).await.unwrap());
+}
+
 async fn ack_cancels_scheduled_pushes(store: Arc<dyn Store>) {
     device(&store, "d1", "alice").await;
     let acked = one_entry(&store, "d1", PushPolicy::Fallback, T0).await;
     let sending = one_entry(&store, "d1", PushPolicy::Fallback, T0).await;
-    let retried = one_entry(&store, "d1", PushPolicy::Always, T0).await;
+    let retried = one_entry(&store, "d1", PushPolicy::Fallback, T0).await;
     let later = one_entry(&store, "d1", PushPolicy::Fallback, T0).await;
     assert!(store.claim_push("d1", sending.seq, T0 + 1).await.unwrap());
     assert!(store.claim_push("d1", retried.seq, T0 + 1).await.unwrap());
@@ -1657,10 +1693,17 @@ async fn sqlite_inbox_written_before_migration_0006_survives_it() {
         .execute(&pool)
         .await
         .unwrap();
-        let body = serde_json::to_string(&payload(PushPolicy::Never)).unwrap();
         // Inserted out of seq order, as no real inbox is: order comes from the index.
+        // Seq 1 waits for its `always` push, which the rewrite must mark as such.
         for seq in [2i64, 1] {
             let id = format!("msg_before_0006_{seq}");
+            let policy = if seq == 1 {
+                PushPolicy::Always
+            } else {
+                PushPolicy::Never
+            };
+            let body = serde_json::to_string(&payload(policy)).unwrap();
+            let push_state = (seq == 1).then_some("pending");
             sqlx::query(
                 "INSERT INTO messages (id, api_key_id, target_kind, target, payload, recipients, created_at, expires_at)
                  VALUES (?, 'key1', 'device', 'dev-a', ?, 1, ?, ?)",
@@ -1673,11 +1716,14 @@ async fn sqlite_inbox_written_before_migration_0006_survives_it() {
             .await
             .unwrap();
             sqlx::query(
-                "INSERT INTO deliveries (device_id, seq, message_id, expires_at) VALUES ('dev-a', ?, ?, ?)",
+                "INSERT INTO deliveries (device_id, seq, message_id, expires_at, push_state, push_due_at)
+                 VALUES ('dev-a', ?, ?, ?, ?, ?)",
             )
             .bind(seq)
             .bind(&id)
             .bind(T0 + DAY)
+            .bind(push_state)
+            .bind(push_state.map(|_| T0))
             .execute(&pool)
             .await
             .unwrap();
@@ -1701,6 +1747,10 @@ async fn sqlite_inbox_written_before_migration_0006_survives_it() {
     assert_eq!(new[0].seq, 3, "seqs go on after the rewrite");
     let all = store.fetch_after("dev-a", 0, 10, T0).await.unwrap();
     assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3]);
+    // The `always` push of seq 1 outlives an ack, as one written after 0006 would.
+    store.ack("dev-a", 2, T0 + 1).await.unwrap();
+    let due = store.take_due_pushes(T0 + 2, T0 + 3, 10).await.unwrap();
+    assert_eq!(due.iter().map(|e| e.seq).collect::<Vec<_>>(), [1]);
     drop(store);
 
     let pool = SqlitePool::connect_with(opts).await.unwrap();

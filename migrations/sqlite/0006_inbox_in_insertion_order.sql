@@ -5,7 +5,8 @@
 -- the same 256 pages again: each commit wrote a page image per device to the WAL.
 -- As a rowid table the rows of one group sit together, so the group's inserts, and
 -- the sent marks and acks that follow, dirty a few adjacent pages; only the small
--- (device_id, seq) index stays scattered. Same columns, same uniqueness, same indexes.
+-- (device_id, seq) index stays scattered. Same columns, same uniqueness, same indexes,
+-- and one more: `push_always`.
 CREATE TABLE deliveries_in_order (
     device_id     TEXT NOT NULL REFERENCES devices (id) ON DELETE CASCADE,
     seq           INTEGER NOT NULL,
@@ -20,14 +21,22 @@ CREATE TABLE deliveries_in_order (
     push_attempts INTEGER NOT NULL DEFAULT 0,
     push_at       INTEGER,
     push_provider TEXT,
-    reason        TEXT
+    reason        TEXT,
+    -- 1 for a `push: "always"` entry: an ack does not cancel its push (it is sent as
+    -- well as the live delivery), where it cancels a `fallback` one.
+    push_always   INTEGER NOT NULL DEFAULT 0
 );
 
 INSERT INTO deliveries_in_order
     (device_id, seq, message_id, expires_at, sent_at, acked_at, push_state, push_due_at,
-     push_attempts, push_at, push_provider, reason)
+     push_attempts, push_at, push_provider, reason, push_always)
 SELECT device_id, seq, message_id, expires_at, sent_at, acked_at, push_state, push_due_at,
-       push_attempts, push_at, push_provider, reason
+       push_attempts, push_at, push_provider, reason,
+       -- Only an unsettled push still needs to know.
+       CASE WHEN push_state IN ('pending', 'sending')
+             AND (SELECT json_extract(m.payload, '$.push') FROM messages m
+                  WHERE m.id = deliveries.message_id) = 'always'
+            THEN 1 ELSE 0 END
 FROM deliveries;
 
 DROP TABLE deliveries;

@@ -85,6 +85,7 @@ const CLUSTERED_DELIVERIES: &str = "
         push_at       INTEGER,
         push_provider TEXT,
         reason        TEXT,
+        push_always   INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (device_id, seq)
     ) WITHOUT ROWID;
     CREATE INDEX deliveries_by_message ON deliveries (message_id);
@@ -363,8 +364,8 @@ mod per_row {
             if target > acked {
                 tx.prepare_cached(
                     "UPDATE deliveries SET acked_at = ?1,
-                            push_state = CASE WHEN push_state = 'pending' THEN NULL ELSE push_state END,
-                            push_due_at = CASE WHEN push_state = 'pending' THEN NULL ELSE push_due_at END
+                            push_state = CASE WHEN push_state = 'pending' AND NOT push_always THEN NULL ELSE push_state END,
+                            push_due_at = CASE WHEN push_state = 'pending' AND NOT push_always THEN NULL ELSE push_due_at END
                      WHERE device_id = ?2 AND seq > ?3 AND seq <= ?4 AND acked_at IS NULL",
                 )?
                 .execute(params![now, e.device, acked, target])?;
@@ -586,8 +587,8 @@ mod set_based {
                 |v| {
                     with_now(format!(
                     "UPDATE deliveries SET acked_at = ?NOW,
-                            push_state = CASE WHEN push_state = 'pending' THEN NULL ELSE push_state END,
-                            push_due_at = CASE WHEN push_state = 'pending' THEN NULL ELSE push_due_at END
+                            push_state = CASE WHEN push_state = 'pending' AND NOT push_always THEN NULL ELSE push_state END,
+                            push_due_at = CASE WHEN push_state = 'pending' AND NOT push_always THEN NULL ELSE push_due_at END
                      FROM (VALUES {v}) AS a JOIN devices v ON v.id = a.column1
                      WHERE deliveries.device_id = a.column1 AND deliveries.seq > v.acked_seq
                        AND deliveries.seq <= min(a.column2, v.last_seq) AND deliveries.acked_at IS NULL"

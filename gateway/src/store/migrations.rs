@@ -23,8 +23,12 @@ pub const SQLITE: &[(&str, &str)] = embed!(
     "0005_webhooks.sql",
     "0006_inbox_in_insertion_order.sql",
 );
-pub const POSTGRES: &[(&str, &str)] =
-    embed!("postgres": "0001_init.sql", "0004_security.sql", "0005_webhooks.sql");
+pub const POSTGRES: &[(&str, &str)] = embed!(
+    "postgres": "0001_init.sql",
+    "0004_security.sql",
+    "0005_webhooks.sql",
+    "0006_push_always.sql",
+);
 
 /// A migrator over `files` (`NNNN_description.sql`, in version order).
 pub fn migrator(files: &[(&'static str, &'static str)]) -> Migrator {

@@ -549,7 +549,8 @@ impl Store for PostgresStore {
                  SELECT d.device_id, d.seq FROM deliveries d
                  JOIN unnest($2::TEXT[], $3::BIGINT[]) AS r(device_id, seq)
                    ON d.device_id = r.device_id AND d.seq = r.seq
-                 WHERE d.push_state = 'pending' AND d.acked_at IS NULL AND d.expires_at > $1
+                 WHERE d.push_state = 'pending' AND (d.acked_at IS NULL OR d.push_always)
+                   AND d.expires_at > $1
                  FOR UPDATE OF d SKIP LOCKED)
              UPDATE deliveries d SET push_state = 'sending', push_at = $1
              FROM wanted w WHERE d.device_id = w.device_id AND d.seq = w.seq
@@ -719,7 +720,7 @@ impl Store for PostgresStore {
                  WHERE (d.device_id, d.seq) IN (
                      SELECT device_id, seq FROM deliveries
                      WHERE push_state = 'pending' AND push_due_at <= $1 AND expires_at > $1
-                       AND acked_at IS NULL
+                       AND (acked_at IS NULL OR push_always)
                      ORDER BY push_due_at LIMIT $3
                      FOR UPDATE SKIP LOCKED)
                  RETURNING d.device_id, d.seq, d.push_attempts, d.message_id)

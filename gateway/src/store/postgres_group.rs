@@ -28,7 +28,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use herald_protocol::Target;
+use herald_protocol::{PushPolicy, Target};
 use sqlx::{PgConnection, PgPool, Row};
 use tokio::sync::{mpsc, oneshot};
 
@@ -574,6 +574,7 @@ async fn run_group(
     let mut results: Vec<Option<StoreResult<PublishOutcome>>> = Vec::with_capacity(pubs.len());
     let (mut del_dev, mut del_seq, mut del_msg, mut del_exp, mut del_state, mut del_due) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let mut del_always: Vec<bool> = vec![];
     for (i, plan) in plans.into_iter().enumerate() {
         results.push(Some(match plan {
             Plan::Refused(e) => Err(e),
@@ -613,6 +614,7 @@ async fn run_group(
                     del_exp.push(m.expires_at);
                     del_state.push(m.push_due_at.map(|_| "pending"));
                     del_due.push(m.push_due_at);
+                    del_always.push(m.payload.push == PushPolicy::Always);
                     entries.push(InboxEntry {
                         device_id,
                         seq: d.last_seq,
@@ -692,8 +694,8 @@ async fn run_group(
     // The inbox entries, one statement.
     if !del_dev.is_empty() {
         sqlx::query(
-            "INSERT INTO deliveries (device_id, seq, message_id, expires_at, push_state, push_due_at)
-             SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $3::TEXT[], $4::BIGINT[], $5::TEXT[], $6::BIGINT[])",
+            "INSERT INTO deliveries (device_id, seq, message_id, expires_at, push_state, push_due_at, push_always)
+             SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $3::TEXT[], $4::BIGINT[], $5::TEXT[], $6::BIGINT[], $7::BOOLEAN[])",
         )
         .bind(&del_dev)
         .bind(&del_seq)
@@ -701,6 +703,7 @@ async fn run_group(
         .bind(&del_exp)
         .bind(&del_state)
         .bind(&del_due)
+        .bind(&del_always)
         .execute(&mut *conn)
         .await?;
     }
@@ -758,12 +761,12 @@ async fn run_group(
         .await?;
     }
     if !ack_dev.is_empty() {
-        // The ack cancels the entries' scheduled pushes; pushes already being sent or
-        // settled keep their record.
+        // The ack cancels the entries' scheduled fallback pushes; `always` pushes, and
+        // pushes already being sent or settled, keep theirs.
         sqlx::query(
             "UPDATE deliveries d SET acked_at = r.now,
-                    push_state = CASE WHEN d.push_state = 'pending' THEN NULL ELSE d.push_state END,
-                    push_due_at = CASE WHEN d.push_state = 'pending' THEN NULL ELSE d.push_due_at END
+                    push_state = CASE WHEN d.push_state = 'pending' AND NOT d.push_always THEN NULL ELSE d.push_state END,
+                    push_due_at = CASE WHEN d.push_state = 'pending' AND NOT d.push_always THEN NULL ELSE d.push_due_at END
              FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[]) AS r(device_id, lo, hi, now)
              WHERE d.device_id = r.device_id AND d.seq >= r.lo AND d.seq <= r.hi AND d.acked_at IS NULL",
         )

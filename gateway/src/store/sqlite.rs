@@ -517,7 +517,8 @@ impl Store for SqliteStore {
             "UPDATE deliveries SET push_due_at = ?
              WHERE (device_id, seq) IN (
                  SELECT device_id, seq FROM deliveries
-                 WHERE push_state = 'pending' AND push_due_at <= ? AND expires_at > ? AND acked_at IS NULL
+                 WHERE push_state = 'pending' AND push_due_at <= ? AND expires_at > ?
+                   AND (acked_at IS NULL OR push_always)
                  ORDER BY push_due_at LIMIT ?)
              RETURNING device_id, seq, push_attempts, message_id",
         )
@@ -616,8 +617,8 @@ impl Store for SqliteStore {
             .run(move |conn| {
                 let mut stmt = conn.prepare_cached(
                     "UPDATE deliveries SET push_state = 'sending', push_at = ?1
-                     WHERE device_id = ?2 AND seq = ?3 AND acked_at IS NULL AND expires_at > ?1
-                       AND push_state = 'pending'",
+                     WHERE device_id = ?2 AND seq = ?3 AND (acked_at IS NULL OR push_always)
+                       AND expires_at > ?1 AND push_state = 'pending'",
                 )?;
                 let mut out = Vec::with_capacity(items.len());
                 for (device_id, seq) in &items {

@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use herald_protocol::{ApnsEnvironment, Platform, PushProviderKind, PushTokenState, Target};
+use herald_protocol::{
+    ApnsEnvironment, Platform, PushPolicy, PushProviderKind, PushTokenState, Target,
+};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
@@ -419,12 +421,13 @@ fn ack_one(
                 now,
             )?;
         }
-        // The ack cancels the entries' scheduled pushes (and keeps them out of the
-        // push-due index); pushes already being sent or settled keep their record.
+        // The ack cancels the entries' scheduled fallback pushes (and keeps them out of
+        // the push-due index); `always` pushes, and pushes already being sent or
+        // settled, keep theirs.
         conn.prepare_cached(
             "UPDATE deliveries SET acked_at = ?1,
-                    push_state = CASE WHEN push_state = 'pending' THEN NULL ELSE push_state END,
-                    push_due_at = CASE WHEN push_state = 'pending' THEN NULL ELSE push_due_at END
+                    push_state = CASE WHEN push_state = 'pending' AND NOT push_always THEN NULL ELSE push_state END,
+                    push_due_at = CASE WHEN push_state = 'pending' AND NOT push_always THEN NULL ELSE push_due_at END
              WHERE device_id = ?2 AND seq > ?3 AND seq <= ?4 AND acked_at IS NULL",
         )?
         .execute(params![now, device_id, acked, target])?;
@@ -547,8 +550,8 @@ fn publish_one(conn: &Connection, msg: &NewMessage) -> WriteResult<PublishOutcom
         "UPDATE devices SET last_seq = last_seq + 1 WHERE id = ?1 RETURNING last_seq",
     )?;
     let mut insert = conn.prepare_cached(
-        "INSERT INTO deliveries (device_id, seq, message_id, expires_at, push_state, push_due_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT INTO deliveries (device_id, seq, message_id, expires_at, push_state, push_due_at, push_always)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?;
     let mut entries = Vec::with_capacity(devices.len());
     for device_id in devices {
@@ -560,7 +563,8 @@ fn publish_one(conn: &Connection, msg: &NewMessage) -> WriteResult<PublishOutcom
             msg.id,
             msg.expires_at,
             push_state,
-            push_due_at
+            push_due_at,
+            msg.payload.push == PushPolicy::Always
         ])?;
         entries.push(InboxEntry {
             device_id,
