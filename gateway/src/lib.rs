@@ -33,7 +33,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::api::{AppState, RateLimiter};
+use crate::api::{AppContext, AppState, RateLimiter};
 use crate::auth::DeviceTokens;
 use crate::clock::now_ms;
 use crate::cluster::ClusterBus;
@@ -163,7 +163,7 @@ impl Application {
             max_topics: config.limits.max_topics_per_device,
         };
         let l = &config.limits;
-        let state = AppState {
+        let state = AppState::new(AppContext {
             publish_limiter: Arc::new(RateLimiter::new(
                 l.publish_rate_per_key,
                 l.publish_burst_per_key,
@@ -181,7 +181,7 @@ impl Application {
             session_cfg: Arc::new(session_cfg),
             shutdown,
             sessions: TaskTracker::new(),
-        };
+        });
         state.publish_limiter.spawn_cleanup(state.shutdown.clone());
         state.connect_limiter.spawn_cleanup(state.shutdown.clone());
         spawn_sweeper(&state);

@@ -33,9 +33,26 @@ use crate::registry::SessionRegistry;
 use crate::session::SessionConfig;
 use crate::store::{ApiKeyRecord, Store};
 
-/// Everything a handler may need; cheap to clone.
+/// Everything a handler may need. Cloned by every request's `State` extractor, so it
+/// is one `Arc`: one reference count instead of one per metric, limiter and handle.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppContext>);
+
+impl AppState {
+    pub fn new(context: AppContext) -> AppState {
+        AppState(Arc::new(context))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppContext;
+    fn deref(&self) -> &AppContext {
+        &self.0
+    }
+}
+
+/// What `AppState` shares.
+pub struct AppContext {
     pub config: Arc<Config>,
     pub store: Arc<dyn Store>,
     pub tokens: DeviceTokens,
@@ -51,7 +68,7 @@ pub struct AppState {
     pub sessions: TaskTracker,
 }
 
-impl AppState {
+impl AppContext {
     /// Presence: a live session on this node or, in cluster mode, on any other.
     pub async fn is_online(&self, device_id: &str) -> bool {
         self.registry.is_online(device_id) || self.router.cluster.is_live_remote(device_id).await
