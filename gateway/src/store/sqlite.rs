@@ -234,12 +234,12 @@ impl Store for SqliteStore {
         Ok(res.rows_affected())
     }
 
+    /// Runs on every API request, so it takes the rusqlite reader (one blocking-pool
+    /// hop) rather than sqlx, whose worker round trips were 14% of the gateway's CPU
+    /// with one publish per request (BENCHMARKS.md, v4). Not cached: a revocation, by
+    /// this process, the CLI or another node, holds from the next request.
     async fn api_key_by_hash(&self, hash: &[u8]) -> StoreResult<Option<ApiKeyRecord>> {
-        let row = sqlx::query("SELECT * FROM api_keys WHERE hash = ?")
-            .bind(hash)
-            .fetch_optional(&self.read)
-            .await?;
-        Ok(row.as_ref().map(key_from_row))
+        self.hot.api_key_by_hash(hash.to_vec()).await
     }
 
     async fn claim_device(&self, device_id: &str, user: &str, now: i64) -> StoreResult<Device> {
@@ -396,23 +396,23 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    // This read and the next two run on every connect: on the rusqlite readers (one
+    // blocking-pool hop) rather than sqlx's per-statement worker round trips.
     async fn device_topics(&self, device_id: &str) -> StoreResult<Vec<String>> {
-        Ok(
-            sqlx::query_scalar(
-                "SELECT topic FROM subscriptions WHERE device_id = ? ORDER BY topic",
+        self.hot
+            .column(
+                "SELECT topic FROM subscriptions WHERE device_id = ?1 ORDER BY topic",
+                device_id,
             )
-            .bind(device_id)
-            .fetch_all(&self.read)
-            .await?,
-        )
+            .await
     }
 
     async fn count_user_devices(&self, user: &str) -> StoreResult<u64> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM devices WHERE user_id = ?")
-            .bind(user)
-            .fetch_one(&self.read)
+        let n: Vec<i64> = self
+            .hot
+            .column("SELECT COUNT(*) FROM devices WHERE user_id = ?1", user)
             .await?;
-        Ok(n as u64)
+        Ok(n.first().copied().unwrap_or(0) as u64)
     }
 
     async fn revoke_user_tokens(&self, user: &str, before: i64) -> StoreResult<()> {
@@ -428,12 +428,14 @@ impl Store for SqliteStore {
     }
 
     async fn tokens_revoked_before(&self, user: &str) -> StoreResult<Option<i64>> {
-        Ok(
-            sqlx::query_scalar("SELECT revoked_before FROM token_revocations WHERE user_id = ?")
-                .bind(user)
-                .fetch_optional(&self.read)
-                .await?,
-        )
+        let before: Vec<i64> = self
+            .hot
+            .column(
+                "SELECT revoked_before FROM token_revocations WHERE user_id = ?1",
+                user,
+            )
+            .await?;
+        Ok(before.first().copied())
     }
 
     async fn publish(&self, msg: NewMessage) -> StoreResult<PublishOutcome> {

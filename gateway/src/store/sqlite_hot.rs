@@ -22,8 +22,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::webhooks::{EventSet, EventType};
 
 use super::{
-    Device, InboxEntry, MessagePayload, NewMessage, PublishOutcome, StoreError, StoreResult,
-    StoredMessage,
+    ApiKeyRecord, Device, InboxEntry, MessagePayload, NewMessage, PublishOutcome, StoreError,
+    StoreResult, StoredMessage,
 };
 
 /// Writes committed in one transaction at most.
@@ -196,6 +196,7 @@ impl Hot {
             readers: Arc::new(Readers {
                 path: path.to_owned(),
                 idle: Mutex::new(Vec::new()),
+                permits: Arc::new(tokio::sync::Semaphore::new(MAX_READERS)),
             }),
         })
     }
@@ -231,7 +232,17 @@ impl Hot {
         f: impl FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
     ) -> StoreResult<T> {
         let readers = self.readers.clone();
+        // Held by the blocking task, so a caller that gives up does not free a slot
+        // whose connection is still in use.
+        let permit = self
+            .readers
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the reader semaphore is never closed");
         tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let conn = readers.take()?;
             let out = f(&conn);
             readers.put(conn);
@@ -247,6 +258,45 @@ impl Hot {
             .await
     }
 
+    /// The first column of every row `sql` returns for one text parameter.
+    pub(super) async fn column<T: rusqlite::types::FromSql + Send + 'static>(
+        &self,
+        sql: &'static str,
+        param: &str,
+    ) -> StoreResult<Vec<T>> {
+        let param = param.to_owned();
+        self.read(move |conn| {
+            conn.prepare_cached(sql)
+                .and_then(|mut stmt| stmt.query_map(params![param], |r| r.get(0))?.collect())
+                .map_err(db_err)
+        })
+        .await
+    }
+
+    pub(super) async fn api_key_by_hash(&self, hash: Vec<u8>) -> StoreResult<Option<ApiKeyRecord>> {
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT id, name, prefix, hash, created_at, revoked_at, scopes FROM api_keys WHERE hash = ?1",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_row(params![hash], |r| {
+                    Ok(ApiKeyRecord {
+                        id: r.get(0)?,
+                        name: r.get(1)?,
+                        prefix: r.get(2)?,
+                        hash: r.get(3)?,
+                        created_at: r.get(4)?,
+                        revoked_at: r.get(5)?,
+                        scopes: super::scopes_from_text(&r.get::<_, String>(6)?),
+                    })
+                })
+                .optional()
+            })
+            .map_err(db_err)
+        })
+        .await
+    }
+
     pub(super) async fn fetch_after(
         &self,
         device_id: &str,
@@ -260,11 +310,19 @@ impl Hot {
     }
 }
 
-/// Reader connections, opened on demand and kept for reuse. At most as many exist as
-/// reads ever ran at once (bounded by tokio's blocking pool).
+/// Reads that may run at once, hence reader connections that may exist. Unbounded
+/// (up to tokio's 512 blocking threads), a storm of 20,000 connecting devices, four
+/// reads each, opened hundreds of connections and threads that then contended for
+/// SQLite's shared WAL index: 460 connects/s with timeouts instead of 1,740
+/// (BENCHMARKS.md, v4). Each read is an indexed lookup of microseconds, so a few
+/// connections keep both cores busy.
+const MAX_READERS: usize = 4;
+
+/// Reader connections, opened on demand and kept for reuse; at most `MAX_READERS`.
 struct Readers {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
+    permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl Readers {
@@ -491,21 +549,28 @@ fn publish_one(conn: &Connection, msg: &NewMessage) -> WriteResult<PublishOutcom
         }
     }
 
+    let mut next_seq = conn.prepare_cached(
+        "UPDATE devices SET last_seq = last_seq + 1 WHERE id = ?1 RETURNING last_seq",
+    )?;
+    // A device target's seq is taken first: the update doubles as the existence check
+    // (one statement instead of a lookup and an update), and it matches no row, so
+    // writes nothing, when the device is unknown.
+    let mut first_seq: Option<i64> = None;
     let devices: Vec<String> = match &msg.target {
-        Target::Device(d) => {
-            let found = conn
-                .prepare_cached("SELECT id FROM devices WHERE id = ?1")?
-                .query_row(params![d], |r| r.get::<_, String>(0))
-                .optional()?;
-            match found {
-                Some(id) => vec![id],
-                None => {
-                    return Ok(Err(StoreError::NotFound(format!(
-                        "device {d} is not registered"
-                    ))))
-                }
-            }
+        Target::Device(_) if msg.max_recipients < 1 => {
+            return Ok(Err(StoreError::TooManyRecipients(1)))
         }
+        Target::Device(d) => match next_seq.query_row(params![d], |r| r.get(0)).optional()? {
+            Some(seq) => {
+                first_seq = Some(seq);
+                vec![d.clone()]
+            }
+            None => {
+                return Ok(Err(StoreError::NotFound(format!(
+                    "device {d} is not registered"
+                ))))
+            }
+        },
         Target::User(u) => conn
             .prepare_cached("SELECT id FROM devices WHERE user_id = ?1 ORDER BY id")?
             .query_map(params![u], |r| r.get(0))?
@@ -546,16 +611,16 @@ fn publish_one(conn: &Connection, msg: &NewMessage) -> WriteResult<PublishOutcom
         msg.created_at,
         msg.expires_at,
     ));
-    let mut next_seq = conn.prepare_cached(
-        "UPDATE devices SET last_seq = last_seq + 1 WHERE id = ?1 RETURNING last_seq",
-    )?;
     let mut insert = conn.prepare_cached(
         "INSERT INTO deliveries (device_id, seq, message_id, expires_at, push_state, push_due_at, push_always)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?;
     let mut entries = Vec::with_capacity(devices.len());
     for device_id in devices {
-        let seq: i64 = next_seq.query_row(params![device_id], |r| r.get(0))?;
+        let seq: i64 = match first_seq.take() {
+            Some(seq) => seq,
+            None => next_seq.query_row(params![device_id], |r| r.get(0))?,
+        };
         let (push_state, push_due_at) = push_at_publish(msg);
         insert.execute(params![
             device_id,
