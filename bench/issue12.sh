@@ -11,12 +11,12 @@ run() { echo "--- $(cut -d' ' -f1-3 /proc/loadavg) ${BENCH_TAG:+BENCH_TAG=$BENCH
 
 if [ "${1:-}" = profile ]; then
     out=${2:-/tmp/herald-perf.data}
-    BENCH_TAG=v2-profile BENCH_LOADGEN_ARGS="--batch 100" \
+    BENCH_TAG=${BENCH_TAG:-v2-profile} BENCH_LOADGEN_ARGS="--batch 100" \
         bash bench/run.sh herald throughput --connections 1000 --messages 100000 --rate 1000000 >/dev/null &
     runner=$!
     pid=
     for _ in $(seq 1 400); do
-        pid=$(pgrep -f "target/release/herald serve --listen 127.0.0.1:${BENCH_HERALD_PORT:-18080}" | head -1 || true)
+        pid=$(pgrep -f "herald[^ ]* serve --listen 127.0.0.1:${BENCH_HERALD_PORT:-18080}" | head -1 || true)
         [ -n "$pid" ] && break
         sleep 0.05
     done
