@@ -160,18 +160,6 @@ fn device_from_row(row: &sqlx::sqlite::SqliteRow) -> Device {
     }
 }
 
-fn key_from_row(row: &sqlx::sqlite::SqliteRow) -> ApiKeyRecord {
-    ApiKeyRecord {
-        id: row.get("id"),
-        name: row.get("name"),
-        prefix: row.get("prefix"),
-        hash: row.get("hash"),
-        created_at: row.get("created_at"),
-        revoked_at: row.get("revoked_at"),
-        scopes: super::scopes_from_text(row.get("scopes")),
-    }
-}
-
 const DEVICE_COLUMNS: &str = "id, user_id, platform, push_provider, push_token, apns_environment, token_state, token_error, last_seq, acked_seq, last_seen";
 
 #[async_trait]
@@ -216,10 +204,7 @@ impl Store for SqliteStore {
     }
 
     async fn api_keys(&self) -> StoreResult<Vec<ApiKeyRecord>> {
-        let rows = sqlx::query("SELECT * FROM api_keys ORDER BY created_at, id")
-            .fetch_all(&self.read)
-            .await?;
-        Ok(rows.iter().map(key_from_row).collect())
+        self.hot.api_keys().await
     }
 
     async fn revoke_api_key(&self, id_or_prefix: &str, now: i64) -> StoreResult<u64> {

@@ -278,20 +278,19 @@ impl Hot {
             conn.prepare_cached(
                 "SELECT id, name, prefix, hash, created_at, revoked_at, scopes FROM api_keys WHERE hash = ?1",
             )
-            .and_then(|mut stmt| {
-                stmt.query_row(params![hash], |r| {
-                    Ok(ApiKeyRecord {
-                        id: r.get(0)?,
-                        name: r.get(1)?,
-                        prefix: r.get(2)?,
-                        hash: r.get(3)?,
-                        created_at: r.get(4)?,
-                        revoked_at: r.get(5)?,
-                        scopes: super::scopes_from_text(&r.get::<_, String>(6)?),
-                    })
-                })
-                .optional()
-            })
+            .and_then(|mut stmt| stmt.query_row(params![hash], api_key_from_row).optional())
+            .map_err(db_err)
+        })
+        .await
+    }
+
+    /// Every API key, oldest first (`herald keys list`).
+    pub(super) async fn api_keys(&self) -> StoreResult<Vec<ApiKeyRecord>> {
+        self.read(|conn| {
+            conn.prepare_cached(
+                "SELECT id, name, prefix, hash, created_at, revoked_at, scopes FROM api_keys ORDER BY created_at, id",
+            )
+            .and_then(|mut stmt| stmt.query_map([], api_key_from_row)?.collect())
             .map_err(db_err)
         })
         .await
@@ -308,6 +307,19 @@ impl Hot {
         self.read(move |conn| fetch_after(conn, &id, after, limit, now))
             .await
     }
+}
+
+/// A row of `SELECT id, name, prefix, hash, created_at, revoked_at, scopes FROM api_keys`.
+fn api_key_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ApiKeyRecord> {
+    Ok(ApiKeyRecord {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        prefix: r.get(2)?,
+        hash: r.get(3)?,
+        created_at: r.get(4)?,
+        revoked_at: r.get(5)?,
+        scopes: super::scopes_from_text(&r.get::<_, String>(6)?),
+    })
 }
 
 /// Reads that may run at once, hence reader connections that may exist. Unbounded
