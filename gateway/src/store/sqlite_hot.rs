@@ -252,9 +252,31 @@ impl Hot {
         .map_err(|e| StoreError::Other(anyhow::anyhow!("store reader failed: {e}")))?
     }
 
+    /// Runs a point read (an indexed lookup of a row or a few) on the calling worker
+    /// when a reader connection is idle, else like `read`. Such a read takes a few
+    /// microseconds; handing it to the blocking pool cost more than the read itself: at
+    /// one publish per request, the API key lookup's thread hop and the pool's futex
+    /// wakeups were a third of the gateway's CPU (BENCHMARKS.md, v5). Only an idle
+    /// connection is used, so a point read never opens one or waits for one here.
+    pub(super) async fn read_point<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        if let Ok(permit) = self.readers.permits.clone().try_acquire_owned() {
+            let idle = self.readers.idle.lock().expect("reader pool").pop();
+            if let Some(conn) = idle {
+                let out = f(&conn);
+                self.readers.put(conn);
+                drop(permit);
+                return out;
+            }
+        }
+        self.read(f).await
+    }
+
     pub(super) async fn device(&self, device_id: &str) -> StoreResult<Option<Device>> {
         let id = device_id.to_owned();
-        self.read(move |conn| device_by_id(conn, &id).map_err(db_err))
+        self.read_point(move |conn| device_by_id(conn, &id).map_err(db_err))
             .await
     }
 
@@ -265,7 +287,7 @@ impl Hot {
         param: &str,
     ) -> StoreResult<Vec<T>> {
         let param = param.to_owned();
-        self.read(move |conn| {
+        self.read_point(move |conn| {
             conn.prepare_cached(sql)
                 .and_then(|mut stmt| stmt.query_map(params![param], |r| r.get(0))?.collect())
                 .map_err(db_err)
@@ -274,7 +296,7 @@ impl Hot {
     }
 
     pub(super) async fn api_key_by_hash(&self, hash: Vec<u8>) -> StoreResult<Option<ApiKeyRecord>> {
-        self.read(move |conn| {
+        self.read_point(move |conn| {
             conn.prepare_cached(
                 "SELECT id, name, prefix, hash, created_at, revoked_at, scopes FROM api_keys WHERE hash = ?1",
             )
