@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Makes sure the services the test suite needs are running on this machine:
 #   - PostgreSQL on 127.0.0.1:5432, reachable as postgres://postgres@127.0.0.1:5432/test
-#     (gateway/tests/store_conformance.rs; override with HERALD_TEST_DATABASE_URL, in
+#     (gateway/tests/system/store_conformance.rs; override with HERALD_TEST_DATABASE_URL, in
 #     which case only that URL is checked and no local server is managed);
 #   - NATS (with JetStream) on 127.0.0.1:4222.
 # Starts what is installed but stopped, installs what is missing (apt-get), and exits

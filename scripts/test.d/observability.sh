@@ -5,7 +5,7 @@
 #      `promtool test rules` (Debian `prometheus`, installed here when missing);
 #   2. docs/grafana/herald.json is an importable dashboard (JSON, panels with queries);
 #   3. the `otel` feature compiles (`cargo check … --features herald-gateway/otel`).
-# gateway/tests/observability.rs (JSON logs of the real binary, request ids through
+# gateway/tests/system/observability.rs (JSON logs of the real binary, request ids through
 # publish -> delivery -> push, the access log, the new metrics after real traffic, every
 # metric the dashboard and the alerts use exported) runs with the workspace's tests.
 set -euo pipefail

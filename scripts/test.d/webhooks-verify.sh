@@ -2,7 +2,7 @@
 # Runs docs/webhooks.md's Python and Node signature-verification snippets, extracted
 # from the page (the first ```python and the first ```js block; nothing is retyped
 # here), against a webhook POST the gateway really signed: the test
-# `a_real_signed_post_for_the_docs_snippets` (gateway/tests/webhooks.rs) writes its body,
+# `a_real_signed_post_for_the_docs_snippets` (gateway/tests/system/webhooks.rs) writes its body,
 # Herald-Signature header and secret to $HERALD_WEBHOOK_FIXTURE_DIR. Each snippet must
 # accept it and refuse a tampered body and a wrong secret. Bounded: about 10 s once the
 # test binary is built (the suite built it already).
@@ -26,7 +26,7 @@ trap 'rm -rf "$WORK"' EXIT
 
 HERALD_WEBHOOK_FIXTURE_DIR="$WORK/fixture" timeout 600 \
     cargo nextest run --workspace --no-fail-fast \
-    -E 'binary_id(herald-gateway::webhooks) & test(a_real_signed_post_for_the_docs_snippets)' \
+    -E 'binary_id(herald-gateway::system) & test(webhooks::a_real_signed_post_for_the_docs_snippets)' \
     || die "the fixture test failed"
 for f in body.json signature.txt secret.txt; do
     [[ -s "$WORK/fixture/$f" ]] || die "the fixture test wrote no $f"

@@ -4,7 +4,7 @@
 //! One stub per operation below says which types and errors a route has; the handlers
 //! stay in `service.rs`, `device.rs`, `sse.rs` and `ops.rs`. A unit test compares the
 //! routes of `app()` with the spec's paths, so a route without an entry fails the build's
-//! tests, and gateway/tests/openapi.rs validates real answers against these schemas.
+//! tests, and gateway/tests/system/openapi.rs validates real answers against these schemas.
 //! `herald openapi` prints the same document.
 
 use axum::http::header;

@@ -1,7 +1,7 @@
 //! Auth failures and bad input: a clear JSON error with the right status, and nothing
 //! changed.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

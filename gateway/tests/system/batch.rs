@@ -2,7 +2,7 @@
 //! per-item results in request order, envelope errors that write nothing, delivery,
 //! and rate limiting by items.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

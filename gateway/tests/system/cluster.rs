@@ -6,7 +6,7 @@
 //! its own. PostgreSQL: a fresh database per test (see `common::pg`). Missing services
 //! fail the tests (never skip): `scripts/ensure-services.sh` starts them.
 
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;

@@ -4,7 +4,7 @@
 //! `HERALD_*` variables are warned about; `print` never shows a secret; `serve` refuses
 //! what `check` refuses, also before creating anything.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};

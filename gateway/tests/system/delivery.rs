@@ -1,7 +1,7 @@
 //! The delivery model against the real server: live, replay, fan-out, acks, TTL,
 //! idempotency, ack timeout → push, slow consumers.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

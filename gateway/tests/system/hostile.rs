@@ -1,7 +1,7 @@
 //! Hostile and broken clients on real sockets: a cursor from another inbox, frames too
 //! large, a client that stops reading. Each loses nothing and stops nothing.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

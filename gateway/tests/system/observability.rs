@@ -1,7 +1,7 @@
 //! Logs, request ids and metrics, black-box: the real `herald` binary with
 //! `HERALD_LOG_FORMAT=json`, and a real gateway scraped after real traffic.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

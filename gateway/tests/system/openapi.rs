@@ -3,7 +3,7 @@
 //! route and status (JSON Schema 2020-12, the `jsonschema` crate). A body, status or
 //! content type that drifts from `/openapi.json` fails here.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::sync::Mutex;

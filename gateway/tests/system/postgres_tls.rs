@@ -7,7 +7,7 @@
 //! `scripts/ensure-services.sh`, or `HERALD_TEST_PG_BIN`); without them the test fails,
 //! it never skips. As root, the cluster runs as the `postgres` user (`runuser`).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

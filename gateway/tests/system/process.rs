@@ -1,7 +1,7 @@
 //! The real `herald` binary: first start, CLI, graceful shutdown, and kill -9 during a
 //! publish burst losing nothing that was answered 202.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

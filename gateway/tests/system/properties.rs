@@ -4,7 +4,7 @@
 //! Each property runs a fixed number of cases, so CI spends seconds here; a failure
 //! prints the minimal input proptest shrank it to.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

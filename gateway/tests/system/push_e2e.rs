@@ -1,7 +1,7 @@
 //! The push route end to end: the real gateway, its FCM HTTP v1 client, and a mock FCM
 //! + OAuth server speaking the real protocol.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -13,7 +13,7 @@ use herald_gateway::push::{PushOutcome, PushProvider, PushRequest};
 use herald_protocol::{Notification, Priority, PushContent, PushProviderKind};
 use serde_json::{json, Value};
 
-mod common;
+use crate::common;
 use common::fcm_mock::*;
 
 fn now() -> i64 {

@@ -3,7 +3,7 @@
 //! endpoints and JWKS rotation. Every rule runs on SQLite and on PostgreSQL, and every
 //! refusal is checked for what it leaves behind: nothing.
 
-mod common;
+use crate::common;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,7 +1,7 @@
 //! SIGTERM on the real binary finishes within `limits.shutdown_drain_ms` and exits 0,
 //! whatever clients hold open and whatever happened to the log output.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::net::TcpStream;

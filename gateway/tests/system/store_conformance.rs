@@ -7,7 +7,7 @@
 //! server is unreachable the PostgreSQL tests fail (never skip): start it with
 //! `scripts/ensure-services.sh`.
 
-mod common;
+use crate::common;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! Transports beyond WebSocket, against the real server: Server-Sent Events
 //! (`GET /v1/connect/sse`) and long-poll (`GET /v1/me/sync?wait=S`).
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

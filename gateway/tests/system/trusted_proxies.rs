@@ -3,7 +3,7 @@
 //! those headers from anyone else. Every request here comes from 127.0.0.1: the test
 //! plays the proxy.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -5,7 +5,7 @@
 //! Every POST the receiver gets is checked against the documented signature with an
 //! independent HMAC (ring), not the gateway's own code.
 
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
