@@ -874,3 +874,69 @@ async fn a_gap_that_does_not_fill_is_read_from_the_store_in_order() {
     dev.quiet_for(Duration::from_millis(100)).await;
     dev.ack(2).await;
 }
+
+/// The store writes of one counter, from the gateway's `/metrics`.
+async fn store_op_count(tg: &TestGateway, op: &str) -> u64 {
+    let metrics = common::http()
+        .get(format!("{}/metrics", tg.base_url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let prefix = format!("herald_store_op_duration_seconds_count{{op=\"{op}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+#[tokio::test]
+async fn buffered_acks_are_one_store_write_and_frames_after_them_still_answer() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let tg = TestGateway::start().await;
+    let mut dev = connect(&tg, "fold", "fold-1", None).await;
+    dev.send(&ClientFrame::Ping).await;
+    assert_eq!(dev.frame().await, Some(ServerFrame::Pong));
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let r = publish(&tg, json!({"to": {"device": "fold-1"}, "data": {"n": i}})).await;
+        ids.push(r["message_id"].as_str().unwrap().to_owned());
+    }
+    for seq in 1..=40 {
+        assert_eq!(dev.msg().await.seq, seq);
+    }
+    let before = store_op_count(&tg, "ack").await;
+    // 40 acks, an app-level ping and an ack beyond what was sent, in one TCP write:
+    // the server finds them buffered together.
+    let text = |f: &ClientFrame| Message::Text(serde_json::to_string(f).unwrap().into());
+    for seq in 1..=40 {
+        dev.ws.feed(text(&ClientFrame::Ack { seq })).await.unwrap();
+    }
+    dev.ws.feed(text(&ClientFrame::Ping)).await.unwrap();
+    dev.ws
+        .feed(text(&ClientFrame::Ack { seq: 99 }))
+        .await
+        .unwrap();
+    dev.ws.flush().await.unwrap();
+    // The frames after the acks are answered, in order.
+    assert_eq!(dev.frame().await, Some(ServerFrame::Pong));
+    assert!(
+        matches!(dev.frame().await, Some(ServerFrame::Error { code, .. }) if code == "bad_ack")
+    );
+    // Every entry is acked, through far fewer than 40 store writes (one per ack
+    // before acks were folded).
+    let (_, device) = get(&tg, "/v1/devices/fold-1", &tg.api_key).await;
+    assert_eq!(device["acked_seq"], 40);
+    for id in [&ids[0], &ids[19], &ids[39]] {
+        let (_, v) = get(&tg, &format!("/v1/messages/{id}"), &tg.api_key).await;
+        assert_eq!(v["deliveries"][0]["state"], "acked", "{v}");
+    }
+    let writes = store_op_count(&tg, "ack").await - before;
+    assert!((1..=3).contains(&writes), "{writes} ack writes for 40 acks");
+    // The session goes on as before.
+    publish(&tg, json!({"to": {"device": "fold-1"}, "data": {"n": 40}})).await;
+    assert_eq!(dev.msg().await.seq, 41);
+}
