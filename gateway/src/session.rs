@@ -207,7 +207,12 @@ where
         // as the connection, and its size is the largest state it can be in, paid by
         // every idle connection (see BENCHMARKS.md).
         Box::pin(self.send_frame(&welcome)).await?;
-        Box::pin(self.fill_from_store(i64::MAX)).await?;
+        // The first page asks for what the welcome's `last_seq` says is there (one
+        // more, to tell a full page): most sessions start caught up or a few entries
+        // behind, and the store serves so small a page as a point read.
+        let expected = (self.welcome_last_seq - self.last_sent).max(0) as u64 + 1;
+        let first_page = expected.min(self.cfg.replay_batch as u64) as u32;
+        Box::pin(self.fill_from_store(i64::MAX, first_page)).await?;
 
         let mut heartbeat = interval_at(Instant::now() + self.cfg.heartbeat, self.cfg.heartbeat);
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -248,7 +253,7 @@ where
                         }
                     }
                     Some(SessionEvent::Resync) => Box::pin(async {
-                        self.fill_from_store(i64::MAX).await?;
+                        self.fill_from_store(i64::MAX, self.cfg.replay_batch).await?;
                         self.drain_early().await
                     })
                     .await?,
@@ -487,7 +492,7 @@ where
         let Some(&upto) = self.early.keys().next_back() else {
             return Ok(());
         };
-        self.fill_from_store(upto).await?;
+        self.fill_from_store(upto, self.cfg.replay_batch).await?;
         // Sent from the store now, or expired in the meantime (the store no longer
         // returns it, as a replay would not): either way settled.
         self.early.clear();
@@ -495,20 +500,19 @@ where
     }
 
     /// Sends stored entries after `last_sent` up to `upto` (inclusive).
-    async fn fill_from_store(&mut self, upto: i64) -> SessionResult {
+    /// Sends the stored entries after `last_sent` up to `upto`, `first_page` entries
+    /// in the first read and `delivery.replay_batch` in each one after it.
+    async fn fill_from_store(&mut self, upto: i64, first_page: u32) -> SessionResult {
+        let mut limit = first_page;
         loop {
             let page = self
                 .router
                 .store
-                .fetch_after(
-                    &self.device_id,
-                    self.last_sent,
-                    self.cfg.replay_batch,
-                    now_ms(),
-                )
+                .fetch_after(&self.device_id, self.last_sent, limit, now_ms())
                 .await
                 .map_err(|e| self.store_error("fetch_after", e))?;
-            let full = page.len() == self.cfg.replay_batch as usize;
+            let full = page.len() == limit as usize;
+            limit = self.cfg.replay_batch;
             let mut sent_any = false;
             for entry in page {
                 if entry.seq > upto {

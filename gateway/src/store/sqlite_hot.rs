@@ -326,8 +326,12 @@ impl Hot {
         now: i64,
     ) -> StoreResult<Vec<InboxEntry>> {
         let id = device_id.to_owned();
-        self.read(move |conn| fetch_after(conn, &id, after, limit, now))
-            .await
+        let read = move |conn: &Connection| fetch_after(conn, &id, after, limit, now);
+        if limit <= SMALL_PAGE {
+            self.read_point(read).await
+        } else {
+            self.read(read).await
+        }
     }
 }
 
@@ -343,6 +347,12 @@ fn api_key_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ApiKeyRecord> {
         scopes: super::scopes_from_text(&r.get::<_, String>(6)?),
     })
 }
+
+/// An inbox page of at most this many entries is read like a point read: a session
+/// that starts caught up or a few entries behind (most of them) asks for so few
+/// (`Session::run`), and a connect storm's pages were most of the blocking pool's
+/// work (BENCHMARKS.md, v5).
+const SMALL_PAGE: u32 = 16;
 
 /// Reads that may run at once, hence reader connections that may exist. Unbounded
 /// (up to tokio's 512 blocking threads), a storm of 20,000 connecting devices, four
