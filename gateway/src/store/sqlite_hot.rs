@@ -252,26 +252,29 @@ impl Hot {
         .map_err(|e| StoreError::Other(anyhow::anyhow!("store reader failed: {e}")))?
     }
 
-    /// Runs a point read (an indexed lookup of a row or a few) on the calling worker
-    /// when a reader connection is idle, else like `read`. Such a read takes a few
-    /// microseconds; handing it to the blocking pool cost more than the read itself: at
-    /// one publish per request, the API key lookup's thread hop and the pool's futex
-    /// wakeups were a third of the gateway's CPU (BENCHMARKS.md, v5). Only an idle
-    /// connection is used, so a point read never opens one or waits for one here.
-    pub(super) async fn read_point<T: Send + 'static>(
+    /// Runs a point read (an indexed lookup of a row or a few) on the calling worker,
+    /// under the same `MAX_READERS` bound as `read`. Such a read takes microseconds;
+    /// handing it to the blocking pool cost more than the read itself: at one publish
+    /// per request the API key lookup's thread hop and the pool's futex wakeups were a
+    /// third of the gateway's CPU (BENCHMARKS.md, v5). It never falls back to the pool
+    /// when every reader is busy: in a connect storm that fallback fed itself (pool
+    /// reads hold their connections for a thread hop, so more reads found none idle)
+    /// and some runs stayed at 230 µs per connect instead of 90.
+    pub(super) async fn read_point<T>(
         &self,
-        f: impl FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+        f: impl FnOnce(&Connection) -> StoreResult<T>,
     ) -> StoreResult<T> {
-        if let Ok(permit) = self.readers.permits.clone().try_acquire_owned() {
-            let idle = self.readers.idle.lock().expect("reader pool").pop();
-            if let Some(conn) = idle {
-                let out = f(&conn);
-                self.readers.put(conn);
-                drop(permit);
-                return out;
-            }
-        }
-        self.read(f).await
+        let _permit = self
+            .readers
+            .permits
+            .acquire()
+            .await
+            .expect("the reader semaphore is never closed");
+        // Nothing below awaits: a caller that gives up cannot leave a read half done.
+        let conn = self.readers.take()?;
+        let out = f(&conn);
+        self.readers.put(conn);
+        out
     }
 
     pub(super) async fn device(&self, device_id: &str) -> StoreResult<Option<Device>> {
