@@ -11,8 +11,10 @@ run() { echo "--- $(cut -d' ' -f1-3 /proc/loadavg) ${BENCH_TAG:+BENCH_TAG=$BENCH
 
 if [ "${1:-}" = profile ]; then
     out=${2:-/tmp/herald-perf.data}
-    BENCH_TAG=${BENCH_TAG:-v2-profile} BENCH_LOADGEN_ARGS="--batch 100" \
-        bash bench/run.sh herald throughput --connections 1000 --messages 100000 --rate 1000000 >/dev/null &
+    # BENCH_LOADGEN_ARGS="" BENCH_PROFILE_MESSAGES=40000 profiles one message per request.
+    BENCH_TAG=${BENCH_TAG:-v2-profile} BENCH_LOADGEN_ARGS=${BENCH_LOADGEN_ARGS---batch 100} \
+        bash bench/run.sh herald throughput --connections 1000 \
+        --messages "${BENCH_PROFILE_MESSAGES:-100000}" --rate 1000000 >/dev/null &
     runner=$!
     pid=
     for _ in $(seq 1 400); do
