@@ -44,14 +44,7 @@ async fn live_delivery_then_ack_is_recorded() {
     let (_, device) = get(&tg, "/v1/devices/phone", &tg.api_key).await;
     assert_eq!(device["online"], true);
     assert_eq!(device["acked_seq"], 1);
-    let metrics = common::http()
-        .get(format!("{}/metrics", tg.base_url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&tg).await;
     assert!(
         metrics.contains("herald_delivered_live_total 1"),
         "{metrics}"
@@ -379,14 +372,7 @@ async fn slow_consumer_is_disconnected_and_catches_up_by_replay() {
     let big = "x".repeat(32 * 1024);
     let mut n = 0;
     let closed_slow = || async {
-        let text = common::http()
-            .get(format!("{}/metrics", tg.base_url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = metrics_text(&tg).await;
         text.contains("herald_sessions_closed_total{reason=\"slow_consumer\"} 1")
     };
     while n < 400 && !closed_slow().await {
@@ -875,22 +861,7 @@ async fn a_gap_that_does_not_fill_is_read_from_the_store_in_order() {
     dev.ack(2).await;
 }
 
-/// The store writes of one counter, from the gateway's `/metrics`.
-async fn store_op_count(tg: &TestGateway, op: &str) -> u64 {
-    let metrics = common::http()
-        .get(format!("{}/metrics", tg.base_url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let prefix = format!("herald_store_op_duration_seconds_count{{op=\"{op}\"}} ");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map_or(0, |v| v.trim().parse().unwrap())
-}
+const ACK_WRITES: &str = "herald_store_op_duration_seconds_count{op=\"ack\"}";
 
 #[tokio::test]
 async fn buffered_acks_are_one_store_write_and_frames_after_them_still_answer() {
@@ -908,7 +879,7 @@ async fn buffered_acks_are_one_store_write_and_frames_after_them_still_answer() 
     for seq in 1..=40 {
         assert_eq!(dev.msg().await.seq, seq);
     }
-    let before = store_op_count(&tg, "ack").await;
+    let before = metric(&tg, ACK_WRITES).await;
     // 40 acks, an app-level ping and an ack beyond what was sent, in one TCP write:
     // the server finds them buffered together.
     let text = |f: &ClientFrame| Message::Text(serde_json::to_string(f).unwrap().into());
@@ -934,7 +905,7 @@ async fn buffered_acks_are_one_store_write_and_frames_after_them_still_answer() 
         let (_, v) = get(&tg, &format!("/v1/messages/{id}"), &tg.api_key).await;
         assert_eq!(v["deliveries"][0]["state"], "acked", "{v}");
     }
-    let writes = store_op_count(&tg, "ack").await - before;
+    let writes = metric(&tg, ACK_WRITES).await - before;
     assert!((1..=3).contains(&writes), "{writes} ack writes for 40 acks");
     // The session goes on as before.
     publish(&tg, json!({"to": {"device": "fold-1"}, "data": {"n": 40}})).await;

@@ -113,17 +113,6 @@ fn frame_header(fin: bool, opcode: u8, len: u64) -> Vec<u8> {
     h
 }
 
-async fn metrics_text(tg: &TestGateway) -> String {
-    http()
-        .get(format!("{}/metrics", tg.base_url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 /// The value of the sample whose line starts with `prefix` (0 when absent).
 fn metric(metrics: &str, prefix: &str) -> u64 {
     metrics

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::process::BIN;
-use common::{connect, connect_with_token, http, publish, register, WAIT};
+use common::{connect, connect_with_token, http, metrics_text, publish, register, WAIT};
 use herald_gateway::testing::{TempDir, TestGateway};
 use serde_json::{json, Value};
 
@@ -301,14 +301,7 @@ async fn metrics_by_route_store_op_and_push_lag_after_real_traffic() {
     let _again = connect(&tg, "m-user", "m-online", Some(0)).await;
 
     let text = common::eventually("store ops and the push lag observed", || async {
-        let text = http()
-            .get(format!("{}/metrics", tg.base_url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = metrics_text(&tg).await;
         let have = |op: &str| {
             series_value(
                 &text,

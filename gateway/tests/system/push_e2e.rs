@@ -69,14 +69,7 @@ async fn offline_device_gets_exactly_one_push_with_the_v1_body() {
     assert_eq!(m["android"]["collapse_key"], "c1");
     assert_eq!(mock.token_requests(), 1);
     mock.assert_no_problems();
-    let metrics = http()
-        .get(format!("{}/metrics", tg.base_url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&tg).await;
     assert!(
         metrics.contains("herald_pushes_total{outcome=\"delivered\",provider=\"fcm\"} 1"),
         "{metrics}"
@@ -258,21 +251,6 @@ async fn a_slow_provider_blocks_neither_publishing_nor_live_delivery() {
     );
 }
 
-/// A counter from `/metrics`.
-async fn counter(tg: &TestGateway, name: &str) -> u64 {
-    let text = http()
-        .get(format!("{}/metrics", tg.base_url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test]
 async fn a_socket_that_stops_draining_still_gets_its_fallback_pushes() {
     let mock = MockFcm::start(3600).await;
@@ -319,10 +297,10 @@ async fn a_socket_that_stops_draining_still_gets_its_fallback_pushes() {
         )
         .await;
         ids.push(r["message_id"].as_str().unwrap().to_owned());
-        let written = counter(&tg, "herald_delivered_live_total").await;
+        let written = metric(&tg, "herald_delivered_live_total").await;
         if written + 2 <= ids.len() as u64 {
             tokio::time::sleep(Duration::from_millis(1000)).await;
-            if counter(&tg, "herald_delivered_live_total").await == written {
+            if metric(&tg, "herald_delivered_live_total").await == written {
                 break;
             }
         }

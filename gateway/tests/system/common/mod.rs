@@ -113,6 +113,33 @@ impl Device {
     }
 }
 
+/// The gateway's `/metrics` text.
+pub async fn metrics_text(tg: &TestGateway) -> String {
+    http()
+        .get(format!("{}/metrics", tg.base_url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// One series of `/metrics`, named with its labels (`herald_x_total{op="ack"}`); 0
+/// when the gateway has not reported it.
+pub async fn metric(tg: &TestGateway, series: &str) -> u64 {
+    metrics_text(tg)
+        .await
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(0, |v| v as u64)
+}
+
 pub async fn post(tg: &TestGateway, path: &str, bearer: &str, body: Value) -> (u16, Value) {
     let resp = http()
         .post(format!("{}{path}", tg.base_url))
