@@ -163,7 +163,12 @@ fn open(path: &Path, flags: OpenFlags) -> rusqlite::Result<Connection> {
     conn.busy_timeout(Duration::from_secs(10))?;
     // FULL: a 202 means the commit reached the disk, not just the OS cache.
     conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.pragma_update(None, "foreign_keys", true)?;
+    // Off on the hot connections: their only writes to a child table are inbox rows,
+    // each after the `UPDATE devices … RETURNING` of the same transaction found its
+    // device, so the parent check repeated that lookup (−8% CPU per message with
+    // batches, BENCHMARKS.md v5). Devices are deleted with their inbox and
+    // subscriptions on the sqlx pool, where foreign keys stay on.
+    conn.pragma_update(None, "foreign_keys", false)?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }
