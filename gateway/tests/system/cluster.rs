@@ -192,6 +192,24 @@ impl Cluster {
         }
     }
 
+    /// Waits until `node`'s `/readyz` says 200. A node listens before its NATS
+    /// connection is made (it is retried in the background, and `/readyz` says
+    /// "NATS pending" meanwhile); over TLS on a loaded machine that takes a moment.
+    async fn wait_ready(&self, node: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (status, body) = self.readyz(node).await;
+            if status == 200 {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node {node} not ready within 10 s: {status} {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Pushes the FCM mock received, as (device, message id) pairs.
     fn pushes(&self) -> Vec<(String, String)> {
         self.fcm
@@ -860,7 +878,7 @@ async fn a_node_that_loses_postgres_goes_unready_and_recovers_by_itself() {
     let c = Cluster::start_via(1, &machine_nats_url(), "", Some(&proxied), "").await;
     let token = c.token("cy", "cy-phone").await;
     c.register(0, &token, "cy-phone", "fcm-cy").await;
-    assert_eq!(c.readyz(0).await.0, 200);
+    c.wait_ready(0).await;
 
     partition.cut();
     let (_, body) = eventually("not ready without PostgreSQL", || async {
@@ -1158,8 +1176,7 @@ async fn nodes_reach_each_other_through_nats_over_mutual_tls_with_a_password() {
     );
     let c = Cluster::start_via(2, &nats.url(), "", None, &nats_toml).await;
     for node in 0..2 {
-        let (s, body) = c.readyz(node).await;
-        assert_eq!(s, 200, "node {node}: {body}");
+        c.wait_ready(node).await;
     }
 
     // Published on node 0, delivered live on node 1: the doorbell went through NATS.
@@ -1304,8 +1321,7 @@ async fn nodes_authenticate_to_nats_with_a_creds_file() {
     let nats_toml = format!("creds_file = {}", toml_string(creds.to_str().unwrap()));
     let c = Cluster::start_via(2, &nats.url(), "", None, &nats_toml).await;
     for node in 0..2 {
-        let (s, body) = c.readyz(node).await;
-        assert_eq!(s, 200, "node {node}: {body}");
+        c.wait_ready(node).await;
     }
     let token = c.token("cy", "cy-phone").await;
     c.register(1, &token, "cy-phone", "fcm-cy").await;
