@@ -206,7 +206,8 @@ pub struct DeliveryConfig {
     /// Longest one WebSocket write may wait for the client to read; past it the
     /// session is closed (1008) and its unacked entries fall back to push.
     pub write_timeout_ms: u64,
-    /// Entries per replay page on connect and max `limit` of `/v1/me/sync`.
+    /// Most entries per replay page on connect (the first page asks only for what the
+    /// device's `last_seq` says is missing) and max `limit` of `/v1/me/sync`.
     pub replay_batch: u32,
     /// `reconnect.after_ms` sent to clients on graceful shutdown.
     pub shutdown_reconnect_ms: u64,

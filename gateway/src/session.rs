@@ -217,17 +217,17 @@ where
         let mut heartbeat = interval_at(Instant::now() + self.cfg.heartbeat, self.cfg.heartbeat);
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
-            let ack_deadline = self
-                .unacked
-                .front()
-                .map(|(_, at)| *at + self.cfg.ack_timeout);
-            let gap_deadline = self.gap_deadline;
             if let Some(frame) = self.held.take() {
                 if Box::pin(self.on_frame(*frame)).await? {
                     return Ok(());
                 }
                 continue;
             }
+            let ack_deadline = self
+                .unacked
+                .front()
+                .map(|(_, at)| *at + self.cfg.ack_timeout);
+            let gap_deadline = self.gap_deadline;
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
@@ -499,9 +499,9 @@ where
         Ok(())
     }
 
-    /// Sends stored entries after `last_sent` up to `upto` (inclusive).
-    /// Sends the stored entries after `last_sent` up to `upto`, `first_page` entries
-    /// in the first read and `delivery.replay_batch` in each one after it.
+    /// Sends the stored entries after `last_sent` up to `upto` (inclusive),
+    /// `first_page` entries in the first read and `delivery.replay_batch` in each one
+    /// after it.
     async fn fill_from_store(&mut self, upto: i64, first_page: u32) -> SessionResult {
         let mut limit = first_page;
         loop {
