@@ -14,7 +14,7 @@ use crate::clock::now_ms;
 use crate::cluster::{ClusterBus, Reach};
 use crate::metrics::Metrics;
 use crate::push::dispatcher::PushDispatcher;
-use crate::registry::{entry_weight, Offer, SessionRegistry};
+use crate::registry::{entry_weight, Offer, SessionProgress, SessionRegistry};
 use crate::store::{InboxEntry, Store};
 
 #[derive(Clone)]
@@ -170,33 +170,132 @@ impl DeliveryRouter {
     }
 }
 
+/// How long a sent mark waits before it is written, at least (and at most twice
+/// this): long enough for the usual ack to come first, since an ack from the session
+/// that wrote the entries records them as sent in its own store write
+/// (`Store::ack(.., wrote_live)`), and the mark is then dropped unwritten.
+pub const SENT_MARK_DELAY: Duration = Duration::from_millis(100);
+
+/// Most marks held back at once; beyond this they are written without waiting.
+const MAX_HELD_MARKS: usize = 65_536;
+
+/// One "written to a live session" mark: entries `from..=to` of a device, and the
+/// writing session's progress when it acks over the same connection.
+type SentMark = (String, i64, i64, Option<Arc<SessionProgress>>);
+
 /// Coalesces "written to a live session" marks into few store writes, so live
-/// delivery does not pay one database write per message.
+/// delivery does not pay one database write per message: a mark waits
+/// `SENT_MARK_DELAY`, is dropped if its session's ack has recorded it meanwhile, and
+/// the rest are merged per device into one range each.
 #[derive(Clone)]
 pub struct SentRecorder {
-    tx: mpsc::Sender<(String, i64, i64)>,
+    tx: mpsc::Sender<SentMark>,
 }
 
 impl SentRecorder {
     pub fn start(store: Arc<dyn Store>) -> SentRecorder {
-        let (tx, mut rx) = mpsc::channel::<(String, i64, i64)>(65_536);
+        let (tx, mut rx) = mpsc::channel::<SentMark>(MAX_HELD_MARKS);
         tokio::spawn(async move {
-            let mut batch = Vec::with_capacity(1024);
-            while rx.recv_many(&mut batch, 1024).await > 0 {
-                if let Err(e) = store.mark_sent(&batch, now_ms()).await {
-                    tracing::warn!(error = %e, "cannot record sent marks");
+            // `waiting` has waited at least one tick; `young` arrived since the last.
+            let (mut young, mut waiting) = (Vec::new(), Vec::new());
+            let mut tick = tokio::time::interval(SENT_MARK_DELAY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    n = rx.recv_many(&mut young, 4096) => {
+                        if n == 0 {
+                            waiting.append(&mut young);
+                            write_sent_marks(&*store, &mut waiting).await;
+                            return;
+                        }
+                        if young.len() + waiting.len() < MAX_HELD_MARKS {
+                            continue;
+                        }
+                        waiting.append(&mut young);
+                    }
+                    _ = tick.tick() => {}
                 }
-                batch.clear();
-                // Let marks accumulate a little between writes under load.
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                write_sent_marks(&*store, &mut waiting).await;
+                std::mem::swap(&mut young, &mut waiting);
             }
         });
         SentRecorder { tx }
     }
 
     /// Best effort: `sent_at` is informational (the ack is what counts), so under
-    /// extreme load a mark is dropped rather than queued without bound.
-    pub fn record(&self, device_id: &str, from: i64, to: i64) {
-        let _ = self.tx.try_send((device_id.to_owned(), from, to));
+    /// extreme load a mark is dropped rather than queued without bound. `acks` is the
+    /// writing session's progress if its acks record what they cover as sent.
+    pub fn record(&self, device_id: &str, from: i64, to: i64, acks: Option<Arc<SessionProgress>>) {
+        let _ = self.tx.try_send((device_id.to_owned(), from, to, acks));
+    }
+}
+
+/// Writes what is left of `marks` once acks are taken off, one range per run of a
+/// device's consecutive entries, and empties it.
+async fn write_sent_marks(store: &dyn Store, marks: &mut Vec<SentMark>) {
+    let ranges = unacked_ranges(marks);
+    marks.clear();
+    if ranges.is_empty() {
+        return;
+    }
+    if let Err(e) = store.mark_sent(&ranges, now_ms()).await {
+        tracing::warn!(error = %e, "cannot record sent marks");
+    }
+}
+
+/// The parts of `marks` their sessions have not acked, merged per device (a stable
+/// sort keeps each device's marks in the order they were written).
+fn unacked_ranges(marks: &mut [SentMark]) -> Vec<(String, i64, i64)> {
+    marks.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut out: Vec<(String, i64, i64)> = Vec::new();
+    for (device_id, from, to, acks) in marks.iter_mut() {
+        let from = match acks {
+            Some(p) => (*from).max(p.acked_through() + 1),
+            None => *from,
+        };
+        if from > *to {
+            continue;
+        }
+        match out.last_mut() {
+            Some(last) if last.0 == *device_id && last.2 + 1 >= from => last.2 = last.2.max(*to),
+            _ => out.push((std::mem::take(device_id), from, *to)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn acked_through(seq: i64) -> Option<Arc<SessionProgress>> {
+        let p = Arc::new(SessionProgress::default());
+        p.acked(seq);
+        Some(p)
+    }
+
+    #[test]
+    fn marks_lose_what_their_session_acked_and_merge_per_device() {
+        let a = acked_through(3);
+        let mut marks: Vec<SentMark> = vec![
+            ("a".into(), 1, 1, a.clone()),
+            ("b".into(), 1, 1, None),
+            ("a".into(), 2, 2, a.clone()),
+            ("b".into(), 2, 4, None),
+            ("a".into(), 3, 5, a.clone()),
+            ("a".into(), 6, 6, a.clone()),
+            // Not adjacent: a separate range.
+            ("b".into(), 9, 9, None),
+            // Wholly acked by its session.
+            ("c".into(), 1, 2, acked_through(2)),
+        ];
+        assert_eq!(
+            unacked_ranges(&mut marks),
+            [
+                ("a".to_owned(), 4, 6),
+                ("b".to_owned(), 1, 4),
+                ("b".to_owned(), 9, 9)
+            ]
+        );
     }
 }

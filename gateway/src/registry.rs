@@ -101,12 +101,24 @@ pub struct SessionProgress {
     queued: AtomicI64,
     /// Highest seq the session wrote to its socket (live or by replay).
     written: AtomicI64,
+    /// Highest seq the session's own acks stored (with the entries' sent marks).
+    acked: AtomicI64,
 }
 
 impl SessionProgress {
     /// Called by the session after each entry it wrote.
     pub fn wrote(&self, seq: i64) {
         self.written.fetch_max(seq, Ordering::Relaxed);
+    }
+
+    /// Called by the session after its ack write, with the acked seq it returned.
+    pub fn acked(&self, seq: i64) {
+        self.acked.fetch_max(seq, Ordering::Relaxed);
+    }
+
+    /// Entries up to here need no separate sent mark: the session's ack recorded them.
+    pub fn acked_through(&self) -> i64 {
+        self.acked.load(Ordering::Relaxed)
     }
 
     fn had(&self, seq: i64) -> bool {

@@ -393,11 +393,16 @@ where
             n += 1;
         }
         self.router.metrics.acked.inc_by(n);
-        self.router
+        // Every entry this ack covers was written by this session (its acks cannot go
+        // past `last_sent`, and it started after the cursor it was given), so the ack
+        // also records them as sent and the sent marks of them are dropped.
+        let acked = self
+            .router
             .store
-            .ack(&self.device_id, seq, now_ms())
+            .ack(&self.device_id, seq, now_ms(), true)
             .await
             .map_err(|e| self.store_error("ack", e))?;
+        self.progress.acked(acked);
         Ok(())
     }
 
@@ -538,9 +543,12 @@ where
             request_id = crate::request_id::field(&entry.message.id),
             "delivered"
         );
-        self.router
-            .sent
-            .record(&self.device_id, self.last_sent + 1, entry.seq);
+        self.router.sent.record(
+            &self.device_id,
+            self.last_sent + 1,
+            entry.seq,
+            Some(self.progress.clone()),
+        );
         self.last_sent = entry.seq;
         self.progress.wrote(entry.seq);
         self.unacked.push_back((entry, Instant::now()));

@@ -144,7 +144,7 @@ pub(super) async fn open_session(
     };
     if after > device.acked_seq {
         // The client holds everything up to `after`: that is an ack.
-        state.store.ack(&device.id, after, now).await?;
+        state.store.ack(&device.id, after, now, false).await?;
     }
     Ok(SessionStart {
         device_id: device.id,
@@ -341,7 +341,10 @@ pub async fn sync(
         // A long-poll client loops with its cursor, so `after` acknowledges what it
         // already has, as on the WebSocket; otherwise an entry it holds but never
         // acked would be offered to every following poll instead of being pushed.
-        state.store.ack(&device.id, params.after, now_ms()).await?;
+        state
+            .store
+            .ack(&device.id, params.after, now_ms(), false)
+            .await?;
     }
     let mut entries = state
         .store
@@ -425,7 +428,10 @@ async fn hold_for_entries(
     let _ = state.store.touch_device(device_id, now_ms()).await;
     if let Ok(entries) = &result {
         if let (Some(first), Some(last)) = (entries.first(), entries.last()) {
-            state.router.sent.record(device_id, first.seq, last.seq);
+            state
+                .router
+                .sent
+                .record(device_id, first.seq, last.seq, None);
         }
     }
     result
@@ -446,7 +452,10 @@ pub async fn ack(
             format!("is beyond the last assigned seq {}", device.last_seq),
         ));
     }
-    let acked_seq = state.store.ack(&device.id, req.seq, now_ms()).await?;
+    let acked_seq = state
+        .store
+        .ack(&device.id, req.seq, now_ms(), false)
+        .await?;
     // A live session must not push (after its ack timeout) what was acked here.
     if let Some(session) = state.registry.get(&device.id) {
         let _ = session

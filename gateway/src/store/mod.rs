@@ -398,7 +398,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Vec<InboxEntry>>;
     /// Cumulative ack; returns the device's acked seq afterwards (never decreases). The
     /// entries it acks lose their pending push: an ack before the due time cancels it.
-    async fn ack(&self, device_id: &str, seq: i64, now: i64) -> StoreResult<i64>;
+    ///
+    /// `wrote_live`: every entry the ack covers beyond the stored ack was written to
+    /// the live session sending it; the ack then also records them as sent (with
+    /// their `delivered` events) if no sent mark has yet, so that mark need not be
+    /// written at all (`SentRecorder`).
+    async fn ack(&self, device_id: &str, seq: i64, now: i64, wrote_live: bool) -> StoreResult<i64>;
     /// Records that entries `(device, from..=to)` were written to a live session.
     async fn mark_sent(&self, ranges: &[(String, i64, i64)], now: i64) -> StoreResult<()>;
     /// Claims a pending push for sending: true for exactly one caller, never once the

@@ -510,12 +510,13 @@ impl Store for PostgresStore {
         Ok(out)
     }
 
-    async fn ack(&self, device_id: &str, seq: i64, now: i64) -> StoreResult<i64> {
+    async fn ack(&self, device_id: &str, seq: i64, now: i64, wrote_live: bool) -> StoreResult<i64> {
         self.group
             .write(|reply| Write::Ack {
                 device_id: device_id.to_owned(),
                 seq,
                 now,
+                wrote_live,
                 reply,
             })
             .await

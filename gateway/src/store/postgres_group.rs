@@ -58,6 +58,8 @@ pub(super) enum Write {
         device_id: String,
         seq: i64,
         now: i64,
+        /// The entries were written to the acking session (`Store::ack`).
+        wrote_live: bool,
         reply: Reply<i64>,
     },
     MarkSent {
@@ -629,6 +631,7 @@ async fn run_group(
     }
 
     let (mut ack_dev, mut ack_lo, mut ack_hi, mut ack_now) = (vec![], vec![], vec![], vec![]);
+    let mut ack_live: Vec<bool> = vec![];
     let mut ack_results: Vec<StoreResult<i64>> = Vec::new();
     for w in batch {
         match w {
@@ -636,6 +639,7 @@ async fn run_group(
                 device_id,
                 seq,
                 now,
+                wrote_live,
                 ..
             } => ack_results.push(match locked.get_mut(device_id) {
                 None => Err(StoreError::NotFound(format!(
@@ -650,6 +654,7 @@ async fn run_group(
                         ack_lo.push(d.acked_seq + 1);
                         ack_hi.push(target);
                         ack_now.push(*now);
+                        ack_live.push(*wrote_live);
                         d.acked_seq = target;
                         d.seen = d.seen.max(Some(*now));
                     }
@@ -751,12 +756,19 @@ async fn run_group(
         )
         .await?;
     }
-    if !sent_dev.is_empty() && events.contains(EventType::Delivered) {
+    // An ack from the session that wrote its entries records them as sent too.
+    let (dlv_dev, dlv_lo, dlv_hi, dlv_now) = (
+        [sent_dev.clone(), zip_live(&ack_dev, &ack_live)].concat(),
+        [sent_lo.clone(), zip_live(&ack_lo, &ack_live)].concat(),
+        [sent_hi.clone(), zip_live(&ack_hi, &ack_live)].concat(),
+        [sent_now.clone(), zip_live(&ack_now, &ack_live)].concat(),
+    );
+    if !dlv_dev.is_empty() && events.contains(EventType::Delivered) {
         queue_range_events(
             conn,
             EventType::Delivered,
             "d.sent_at IS NULL",
-            (&sent_dev, &sent_lo, &sent_hi, &sent_now),
+            (&dlv_dev, &dlv_lo, &dlv_hi, &dlv_now),
         )
         .await?;
     }
@@ -765,15 +777,17 @@ async fn run_group(
         // pushes already being sent or settled, keep theirs.
         sqlx::query(
             "UPDATE deliveries d SET acked_at = r.now,
+                    sent_at = CASE WHEN r.live THEN coalesce(d.sent_at, r.now) ELSE d.sent_at END,
                     push_state = CASE WHEN d.push_state = 'pending' AND NOT d.push_always THEN NULL ELSE d.push_state END,
                     push_due_at = CASE WHEN d.push_state = 'pending' AND NOT d.push_always THEN NULL ELSE d.push_due_at END
-             FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[]) AS r(device_id, lo, hi, now)
+             FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[], $5::BOOLEAN[]) AS r(device_id, lo, hi, now, live)
              WHERE d.device_id = r.device_id AND d.seq >= r.lo AND d.seq <= r.hi AND d.acked_at IS NULL",
         )
         .bind(&ack_dev)
         .bind(&ack_lo)
         .bind(&ack_hi)
         .bind(&ack_now)
+        .bind(&ack_live)
         .execute(&mut *conn)
         .await?;
     }
@@ -825,6 +839,15 @@ pub(super) const EVENT_ID_SQL: &str = "'evt_' || replace(gen_random_uuid()::text
 
 /// Queues a `kind` event for every entry in the ranges `(device, lo..=hi)` that
 /// matches `cond` (on `deliveries d`); an entry in two ranges gets one event.
+/// The items of `v` whose ack was sent by the session that wrote the entries.
+fn zip_live<T: Copy>(v: &[T], live: &[bool]) -> Vec<T> {
+    v.iter()
+        .zip(live)
+        .filter(|(_, &l)| l)
+        .map(|(x, _)| *x)
+        .collect()
+}
+
 async fn queue_range_events(
     conn: &mut PgConnection,
     kind: EventType,

@@ -448,12 +448,13 @@ impl Store for SqliteStore {
         self.hot.fetch_after(device_id, after, limit, now).await
     }
 
-    async fn ack(&self, device_id: &str, seq: i64, now: i64) -> StoreResult<i64> {
+    async fn ack(&self, device_id: &str, seq: i64, now: i64, wrote_live: bool) -> StoreResult<i64> {
         self.hot
             .write(|reply| Write::Ack {
                 device_id: device_id.to_owned(),
                 seq,
                 now,
+                wrote_live,
                 reply,
             })
             .await

@@ -44,6 +44,8 @@ pub(super) enum Write {
         device_id: String,
         seq: i64,
         now: i64,
+        /// The entries were written to the acking session (`Store::ack`).
+        wrote_live: bool,
         reply: Reply<i64>,
     },
     MarkSent {
@@ -445,8 +447,9 @@ fn commit_group(
                 device_id,
                 seq,
                 now,
+                wrote_live,
                 ..
-            } => Outcome::Ack(ack_one(&tx, device_id, *seq, *now, events)?),
+            } => Outcome::Ack(ack_one(&tx, device_id, *seq, *now, *wrote_live, events)?),
             Write::MarkSent { ranges, now, .. } => {
                 let mut stmt = tx.prepare_cached(
                     "UPDATE deliveries SET sent_at = ?1 WHERE device_id = ?2 AND seq >= ?3 AND seq <= ?4 AND sent_at IS NULL",
@@ -503,6 +506,7 @@ fn ack_one(
     device_id: &str,
     seq: i64,
     now: i64,
+    wrote_live: bool,
     events: EventSet,
 ) -> WriteResult<i64> {
     let row = conn
@@ -531,16 +535,28 @@ fn ack_one(
                 now,
             )?;
         }
+        if wrote_live && events.contains(EventType::Delivered) {
+            queue_entry_events(
+                conn,
+                EventType::Delivered,
+                "d.sent_at IS NULL",
+                device_id,
+                acked + 1,
+                target,
+                now,
+            )?;
+        }
         // The ack cancels the entries' scheduled fallback pushes (and keeps them out of
         // the push-due index); `always` pushes, and pushes already being sent or
         // settled, keep theirs.
         conn.prepare_cached(
             "UPDATE deliveries SET acked_at = ?1,
+                    sent_at = CASE WHEN ?5 THEN coalesce(sent_at, ?1) ELSE sent_at END,
                     push_state = CASE WHEN push_state = 'pending' AND NOT push_always THEN NULL ELSE push_state END,
                     push_due_at = CASE WHEN push_state = 'pending' AND NOT push_always THEN NULL ELSE push_due_at END
              WHERE device_id = ?2 AND seq > ?3 AND seq <= ?4 AND acked_at IS NULL",
         )?
-        .execute(params![now, device_id, acked, target])?;
+        .execute(params![now, device_id, acked, target, wrote_live])?;
         conn.prepare_cached("UPDATE devices SET acked_seq = ?1, last_seen = ?2 WHERE id = ?3")?
             .execute(params![target, now, device_id])?;
     }

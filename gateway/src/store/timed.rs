@@ -128,8 +128,9 @@ impl Store for TimedStore {
         )
         .await
     }
-    async fn ack(&self, device_id: &str, seq: i64, now: i64) -> StoreResult<i64> {
-        self.timed("ack", self.inner.ack(device_id, seq, now)).await
+    async fn ack(&self, device_id: &str, seq: i64, now: i64, wrote_live: bool) -> StoreResult<i64> {
+        self.timed("ack", self.inner.ack(device_id, seq, now, wrote_live))
+            .await
     }
     async fn mark_sent(&self, ranges: &[(String, i64, i64)], now: i64) -> StoreResult<()> {
         self.timed("mark_sent", self.inner.mark_sent(ranges, now))

@@ -124,6 +124,7 @@ conformance!(
     delete_device_removes_inbox,
     sweep_deletes_old_entries,
     message_status_rows,
+    ack_from_the_writing_session_records_sent,
     concurrent_writes_with_refused_items_commit_the_others,
 );
 
@@ -563,11 +564,11 @@ async fn ack_is_clamped_and_monotonic(store: Arc<dyn Store>) {
     for _ in 0..3 {
         publish_ok(&store, new_msg(to_device("d1"), T0)).await;
     }
-    assert_eq!(store.ack("d1", 2, T0 + 1).await.unwrap(), 2);
+    assert_eq!(store.ack("d1", 2, T0 + 1, false).await.unwrap(), 2);
     // Backwards: ignored.
-    assert_eq!(store.ack("d1", 1, T0 + 2).await.unwrap(), 2);
+    assert_eq!(store.ack("d1", 1, T0 + 2, false).await.unwrap(), 2);
     // Beyond the last assigned seq: clamped.
-    assert_eq!(store.ack("d1", 99, T0 + 3).await.unwrap(), 3);
+    assert_eq!(store.ack("d1", 99, T0 + 3, false).await.unwrap(), 3);
     let d = store.device("d1").await.unwrap().unwrap();
     assert_eq!((d.acked_seq, d.last_seq), (3, 3));
     assert_eq!(d.last_seen, Some(T0 + 3));
@@ -578,9 +579,9 @@ async fn ack_is_clamped_and_monotonic(store: Arc<dyn Store>) {
         delivery_state(&store, &e[0].message.id, "d1", T0 + 4).await,
         DeliveryState::Queued
     );
-    assert_eq!(store.ack("d1", 0, T0 + 4).await.unwrap(), 3);
+    assert_eq!(store.ack("d1", 0, T0 + 4, false).await.unwrap(), 3);
     assert!(matches!(
-        store.ack("nope", 1, T0).await,
+        store.ack("nope", 1, T0, false).await,
         Err(StoreError::NotFound(_))
     ));
 }
@@ -851,7 +852,7 @@ async fn concurrent_claims_push_once(store: Arc<dyn Store>) {
 async fn no_claim_after_ack_or_expiry(store: Arc<dyn Store>) {
     device(&store, "d1", "alice").await;
     let a = one_entry(&store, "d1", PushPolicy::Fallback, T0).await;
-    store.ack("d1", a.seq, T0 + 1).await.unwrap();
+    store.ack("d1", a.seq, T0 + 1, false).await.unwrap();
     assert!(!store.claim_push("d1", a.seq, T0 + 2).await.unwrap());
 
     let b = one_entry(&store, "d1", PushPolicy::Fallback, T0).await;
@@ -1001,7 +1002,7 @@ async fn ack_leaves_always_pushes_due(store: Arc<dyn Store>) {
         .retry_push("d1", retried.seq, T0 + 2, "503")
         .await
         .unwrap();
-    store.ack("d1", retried.seq, T0 + 3).await.unwrap();
+    store.ack("d1", retried.seq, T0 + 3, false).await.unwrap();
     assert_eq!(
         delivery_state(&store, &first.message.id, "d1", T0 + 4).await,
         DeliveryState::Acked
@@ -1037,7 +1038,7 @@ async fn ack_cancels_scheduled_pushes(store: Arc<dyn Store>) {
         .unwrap();
     // Acked before the due time: the scheduled pushes are gone (not due, not
     // claimable); the one a worker is sending keeps its claim.
-    store.ack("d1", retried.seq, T0 + 3).await.unwrap();
+    store.ack("d1", retried.seq, T0 + 3, false).await.unwrap();
     let due = store
         .take_due_pushes(T0 + DAY - 1, T0 + DAY, 10)
         .await
@@ -1195,7 +1196,7 @@ async fn finish_push_shows_in_delivery_state(store: Arc<dyn Store>) {
     assert_eq!(w.reason.as_deref(), Some("UNREGISTERED"));
 
     // A late ack wins over the push outcome.
-    store.ack("d1", bad.seq, T0 + 5).await.unwrap();
+    store.ack("d1", bad.seq, T0 + 5, false).await.unwrap();
     assert_eq!(
         delivery_state(&store, &bad.message.id, "d1", T0 + 6).await,
         DeliveryState::Acked
@@ -1290,7 +1291,7 @@ async fn message_status_rows(store: Arc<dyn Store>) {
         .await
         .unwrap();
     store.mark_sent(&[], T0 + 20).await.unwrap();
-    store.ack("a", 1, T0 + 30).await.unwrap();
+    store.ack("a", 1, T0 + 30, false).await.unwrap();
     assert!(store.claim_push("c", 1, T0 + 40).await.unwrap());
     store
         .finish_push("c", 1, PushMark::Pushed, Some("fcm"), None, T0 + 50)
@@ -1320,6 +1321,47 @@ async fn message_status_rows(store: Arc<dyn Store>) {
     assert_eq!(rows[3].push_state.as_deref(), Some("pending"));
     assert_eq!(rows[3].to_wire(T0 + DAY).state, DeliveryState::Expired);
     assert!(store.message("missing").await.unwrap().is_none());
+}
+
+/// An ack from the session that wrote the entries (`wrote_live`) records them as sent
+/// when no sent mark has yet, so that mark need not be written; an earlier mark keeps
+/// its time; an ack from anywhere else (HTTP, a resume cursor) records nothing as sent.
+async fn ack_from_the_writing_session_records_sent(store: Arc<dyn Store>) {
+    for d in ["live", "marked", "http"] {
+        device(&store, d, "alice").await;
+    }
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let m = new_msg(Target::User("alice".into()), T0 + i);
+        ids.push(m.id.clone());
+        publish_ok(&store, m).await;
+    }
+    store
+        .mark_sent(&[("marked".into(), 1, 1)], T0 + 10)
+        .await
+        .unwrap();
+    // seqs 1 and 2 of each device; seq 3 is neither acked nor marked.
+    assert_eq!(store.ack("live", 2, T0 + 30, true).await.unwrap(), 2);
+    assert_eq!(store.ack("marked", 2, T0 + 30, true).await.unwrap(), 2);
+    assert_eq!(store.ack("http", 2, T0 + 30, false).await.unwrap(), 2);
+    // A repeated live ack changes nothing.
+    assert_eq!(store.ack("live", 2, T0 + 40, true).await.unwrap(), 2);
+
+    let sent = |rows: &[herald_gateway::store::DeliveryRow], d: &str| {
+        let r = rows.iter().find(|r| r.device_id == d).unwrap();
+        (r.sent_at, r.acked_at)
+    };
+    let (_, first) = store.message(&ids[0]).await.unwrap().unwrap();
+    assert_eq!(sent(&first, "live"), (Some(T0 + 30), Some(T0 + 30)));
+    assert_eq!(sent(&first, "marked"), (Some(T0 + 10), Some(T0 + 30)));
+    assert_eq!(sent(&first, "http"), (None, Some(T0 + 30)));
+    let (_, second) = store.message(&ids[1]).await.unwrap().unwrap();
+    assert_eq!(sent(&second, "live"), (Some(T0 + 30), Some(T0 + 30)));
+    assert_eq!(sent(&second, "marked"), (Some(T0 + 30), Some(T0 + 30)));
+    let (_, third) = store.message(&ids[2]).await.unwrap().unwrap();
+    assert!(third
+        .iter()
+        .all(|r| r.sent_at.is_none() && r.acked_at.is_none()));
 }
 
 /// Many writes at once (so they share commit groups), some of them refused: the
@@ -1352,7 +1394,7 @@ async fn concurrent_writes_with_refused_items_commit_the_others(store: Arc<dyn S
     // Acks of an unknown device in the middle of it.
     let ghost_ack = {
         let store = store.clone();
-        tokio::spawn(async move { store.ack("ghost", 1, T0).await })
+        tokio::spawn(async move { store.ack("ghost", 1, T0, false).await })
     };
     let mut per_device: std::collections::HashMap<String, Vec<i64>> = Default::default();
     for t in tasks {
@@ -1501,7 +1543,7 @@ mod two_nodes {
                         }
                         // Sometimes beyond what exists: clamped, never past last_seq.
                         let want = if turn % 3 == 0 { last + 5 } else { last };
-                        let now = store.ack(&id, want, T0 + 2).await.unwrap();
+                        let now = store.ack(&id, want, T0 + 2, false).await.unwrap();
                         assert!(now >= acked, "{id}: ack went back from {acked} to {now}");
                         let after = store.device(&id).await.unwrap().unwrap();
                         assert!(
@@ -1748,7 +1790,7 @@ async fn sqlite_inbox_written_before_migration_0006_survives_it() {
     let all = store.fetch_after("dev-a", 0, 10, T0).await.unwrap();
     assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3]);
     // The `always` push of seq 1 outlives an ack, as one written after 0006 would.
-    store.ack("dev-a", 2, T0 + 1).await.unwrap();
+    store.ack("dev-a", 2, T0 + 1, false).await.unwrap();
     let due = store.take_due_pushes(T0 + 2, T0 + 3, 10).await.unwrap();
     assert_eq!(due.iter().map(|e| e.seq).collect::<Vec<_>>(), [1]);
     drop(store);

@@ -274,6 +274,7 @@ both_stores!(
     a_receiver_that_hangs_does_not_slow_publish_or_delivery,
     a_post_that_times_out_is_sent_again_with_the_same_event_ids,
     events_older_than_max_age_are_dropped_and_counted_not_retried,
+    entries_acked_at_once_are_delivered_once_and_shown_sent,
 );
 
 fn is_rfc3339(s: &Value) -> bool {
@@ -479,6 +480,60 @@ async fn batches_hold_at_most_100_events_and_leave_within_a_second(kind: Kind) {
         "posted {waited} ms after it was queued (batch_delay 1000 ms)"
     );
     assert_all_signed(&rx);
+    f.drop_db().await;
+}
+
+/// A device that acks each message as it arrives: its acks record the entries as sent
+/// (`SentRecorder` drops the sent marks they cover), so each entry still gets exactly
+/// one `delivered` event, never after its `acked` one, and shows `sent_at`.
+async fn entries_acked_at_once_are_delivered_once_and_shown_sent(kind: Kind) {
+    let rx = Receiver::start().await;
+    let f = gateway(kind, None, &rx, |c| c.webhooks.batch_delay_ms = 100).await;
+    let tg = &f.tg;
+    let mut live = connect(tg, "alice", "phone", None).await;
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let m = publish(
+            tg,
+            json!({"to": {"device": "phone"}, "data": {"i": i}, "push": "never"}),
+        )
+        .await;
+        let msg = live.msg().await;
+        live.ack(msg.seq).await;
+        ids.push(m["message_id"].as_str().unwrap().to_owned());
+    }
+    // One more, never acked: its sent mark is written after the hold-back.
+    let last = publish(
+        tg,
+        json!({"to": {"device": "phone"}, "data": {}, "push": "never"}),
+    )
+    .await;
+    live.msg().await;
+    rx.event("delivered", last["message_id"].as_str(), "phone")
+        .await;
+    for id in &ids {
+        let acked = rx.event("acked", Some(id), "phone").await;
+        let all = rx.accepted();
+        let delivered: Vec<&Value> = all
+            .iter()
+            .filter(|e| e["type"] == "delivered" && e["message_id"] == id.as_str())
+            .collect();
+        assert_eq!(delivered.len(), 1, "{id}: {delivered:?}");
+        let at = |e: &Value| parse_rfc3339_ms(e["at"].as_str().unwrap());
+        assert!(at(delivered[0]) <= at(&acked), "{delivered:?} {acked}");
+        let (status, body) = common::get(tg, &format!("/v1/messages/{id}"), &tg.api_key).await;
+        assert_eq!(status, 200);
+        let d = &body["deliveries"][0];
+        assert_eq!(d["state"], "acked", "{body}");
+        assert!(is_rfc3339(&d["sent_at"]), "{body}");
+    }
+    let (_, body) = common::get(
+        tg,
+        &format!("/v1/messages/{}", last["message_id"].as_str().unwrap()),
+        &tg.api_key,
+    )
+    .await;
+    assert_eq!(body["deliveries"][0]["state"], "sent", "{body}");
     f.drop_db().await;
 }
 
