@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use herald_protocol::{
@@ -617,42 +617,61 @@ fn publish_one(conn: &Connection, msg: &NewMessage) -> WriteResult<PublishOutcom
         }
     }
 
-    let mut next_seq = conn.prepare_cached(
-        "UPDATE devices SET last_seq = last_seq + 1 WHERE id = ?1 RETURNING last_seq",
-    )?;
-    // A device target's seq is taken first: the update doubles as the existence check
-    // (one statement instead of a lookup and an update), and it matches no row, so
-    // writes nothing, when the device is unknown.
-    let mut first_seq: Option<i64> = None;
-    let devices: Vec<String> = match &msg.target {
+    // Each recipient's next seq, `(device, seq)`. A user's or a topic's recipients are
+    // counted first, so a refused publish writes nothing, then all of them get their
+    // seq in one statement: one per recipient was half of a large fan-out's time.
+    let recipients: Vec<(String, i64)> = match &msg.target {
         Target::Device(_) if msg.max_recipients < 1 => {
             return Ok(Err(StoreError::TooManyRecipients(1)))
         }
-        Target::Device(d) => match next_seq.query_row(params![d], |r| r.get(0)).optional()? {
-            Some(seq) => {
-                first_seq = Some(seq);
-                vec![d.clone()]
-            }
+        // The update doubles as the existence check (one statement instead of a
+        // lookup and an update), and writes nothing when the device is unknown.
+        Target::Device(d) => match conn
+            .prepare_cached(
+                "UPDATE devices SET last_seq = last_seq + 1 WHERE id = ?1 RETURNING last_seq",
+            )?
+            .query_row(params![d], |r| r.get(0))
+            .optional()?
+        {
+            Some(seq) => vec![(d.clone(), seq)],
             None => {
                 return Ok(Err(StoreError::NotFound(format!(
                     "device {d} is not registered"
                 ))))
             }
         },
-        Target::User(u) => conn
-            .prepare_cached("SELECT id FROM devices WHERE user_id = ?1 ORDER BY id")?
-            .query_map(params![u], |r| r.get(0))?
-            .collect::<rusqlite::Result<_>>()?,
-        Target::Topic(t) => conn
-            .prepare_cached(
-                "SELECT device_id FROM subscriptions WHERE topic = ?1 ORDER BY device_id",
-            )?
-            .query_map(params![t], |r| r.get(0))?
-            .collect::<rusqlite::Result<_>>()?,
+        Target::User(_) | Target::Topic(_) => {
+            let (count_sql, assign_sql) = match &msg.target {
+                Target::User(_) => (
+                    "SELECT count(*) FROM devices WHERE user_id = ?1",
+                    "UPDATE devices SET last_seq = last_seq + 1 WHERE user_id = ?1 RETURNING id, last_seq",
+                ),
+                _ => (
+                    "SELECT count(*) FROM subscriptions WHERE topic = ?1",
+                    "UPDATE devices SET last_seq = last_seq + 1
+                     WHERE id IN (SELECT device_id FROM subscriptions WHERE topic = ?1)
+                     RETURNING id, last_seq",
+                ),
+            };
+            let key = msg.target.value();
+            let count: i64 = conn
+                .prepare_cached(count_sql)?
+                .query_row(params![key], |r| r.get(0))?;
+            if count as usize > msg.max_recipients {
+                return Ok(Err(StoreError::TooManyRecipients(count as usize)));
+            }
+            let mut assigned = Vec::with_capacity(count as usize);
+            let mut stmt = conn.prepare_cached(assign_sql)?;
+            let mut rows = stmt.query(params![key])?;
+            while let Some(r) = rows.next()? {
+                assigned.push((r.get::<_, String>(0)?, r.get::<_, i64>(1)?));
+            }
+            // RETURNING has no order; the inbox index takes them best in key order.
+            assigned.sort_unstable();
+            assigned
+        }
     };
-    if devices.len() > msg.max_recipients {
-        return Ok(Err(StoreError::TooManyRecipients(devices.len())));
-    }
+    let devices_len = recipients.len();
 
     let payload = serde_json::to_string(&msg.payload)
         .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
@@ -666,7 +685,7 @@ fn publish_one(conn: &Connection, msg: &NewMessage) -> WriteResult<PublishOutcom
         msg.target.kind(),
         msg.target.value(),
         payload,
-        devices.len() as i64,
+        devices_len as i64,
         msg.created_at,
         msg.expires_at,
         msg.idempotency_key,
@@ -679,17 +698,30 @@ fn publish_one(conn: &Connection, msg: &NewMessage) -> WriteResult<PublishOutcom
         msg.created_at,
         msg.expires_at,
     ));
-    let mut insert = conn.prepare_cached(
-        "INSERT INTO deliveries (device_id, seq, message_id, expires_at, push_state, push_due_at, push_always)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-    )?;
-    let mut entries = Vec::with_capacity(devices.len());
-    for device_id in devices {
-        let seq: i64 = match first_seq.take() {
-            Some(seq) => seq,
-            None => next_seq.query_row(params![device_id], |r| r.get(0))?,
-        };
-        let (push_state, push_due_at) = push_at_publish(msg);
+    let (push_state, push_due_at) = push_at_publish(msg);
+    let always = msg.payload.push == PushPolicy::Always;
+    // Many rows per INSERT: the statement's fixed cost is paid once per chunk.
+    let mut chunks = recipients.chunks_exact(INSERT_CHUNK);
+    if devices_len >= INSERT_CHUNK {
+        static SQL: LazyLock<String> = LazyLock::new(|| insert_deliveries_sql(INSERT_CHUNK));
+        let mut insert = conn.prepare_cached(&SQL)?;
+        for chunk in chunks.by_ref() {
+            for (i, (device_id, seq)) in chunk.iter().enumerate() {
+                let at = i * 7;
+                insert.raw_bind_parameter(at + 1, device_id)?;
+                insert.raw_bind_parameter(at + 2, seq)?;
+                insert.raw_bind_parameter(at + 3, &msg.id)?;
+                insert.raw_bind_parameter(at + 4, msg.expires_at)?;
+                insert.raw_bind_parameter(at + 5, push_state)?;
+                insert.raw_bind_parameter(at + 6, push_due_at)?;
+                insert.raw_bind_parameter(at + 7, always)?;
+            }
+            insert.raw_execute()?;
+        }
+    }
+    static ONE_ROW_SQL: LazyLock<String> = LazyLock::new(|| insert_deliveries_sql(1));
+    let mut insert = conn.prepare_cached(&ONE_ROW_SQL)?;
+    for (device_id, seq) in chunks.remainder() {
         insert.execute(params![
             device_id,
             seq,
@@ -697,17 +729,47 @@ fn publish_one(conn: &Connection, msg: &NewMessage) -> WriteResult<PublishOutcom
             msg.expires_at,
             push_state,
             push_due_at,
-            msg.payload.push == PushPolicy::Always
+            always
         ])?;
-        entries.push(InboxEntry {
+    }
+    let entries = recipients
+        .into_iter()
+        .map(|(device_id, seq)| InboxEntry {
             device_id,
             seq,
             message: stored.clone(),
             push_pending: push_state.is_some(),
             push_attempts: 0,
-        });
-    }
+        })
+        .collect();
     Ok(Ok(PublishOutcome::Created { entries }))
+}
+
+/// Inbox rows per multi-row INSERT of a large publish (7 parameters each).
+const INSERT_CHUNK: usize = 64;
+
+/// `INSERT INTO deliveries … VALUES (…), …` with `rows` rows of parameters.
+fn insert_deliveries_sql(rows: usize) -> String {
+    let mut sql = String::from(
+        "INSERT INTO deliveries (device_id, seq, message_id, expires_at, push_state, push_due_at, push_always) VALUES ",
+    );
+    for i in 0..rows {
+        if i > 0 {
+            sql.push(',');
+        }
+        let at = i * 7;
+        sql.push_str(&format!(
+            "(?{},?{},?{},?{},?{},?{},?{})",
+            at + 1,
+            at + 2,
+            at + 3,
+            at + 4,
+            at + 5,
+            at + 6,
+            at + 7
+        ));
+    }
+    sql
 }
 
 /// The push columns (`push_state`, `push_due_at`) a new inbox entry starts with.

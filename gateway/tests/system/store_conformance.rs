@@ -107,6 +107,7 @@ conformance!(
     concurrent_idempotency_key_creates_once,
     idempotency_key_expires_after_window,
     too_many_recipients_writes_nothing,
+    large_user_and_topic_publishes_give_each_recipient_its_next_seq,
     unknown_device_is_not_found_and_writes_nothing,
     batch_publish_answers_each_item_in_order,
     publish_schedules_push_by_policy,
@@ -695,6 +696,56 @@ async fn too_many_recipients_writes_nothing(store: Arc<dyn Store>) {
     let mut m = new_msg(Target::User("alice".into()), T0);
     m.idempotency_key = Some("k".into());
     assert_eq!(publish_ok(&store, m).await.len(), 3);
+}
+
+/// A publish to many devices (more than one multi-row insert's worth, and a rest):
+/// every recipient, and only a recipient, gets one entry at its own next seq.
+async fn large_user_and_topic_publishes_give_each_recipient_its_next_seq(store: Arc<dyn Store>) {
+    const N: usize = 150;
+    let ids: Vec<String> = (0..N).map(|i| format!("crowd-{i:03}")).collect();
+    for (i, d) in ids.iter().enumerate() {
+        device(&store, d, "crowd").await;
+        // Every third device is not subscribed; every fifth has an entry already.
+        if i % 3 != 0 {
+            store.subscribe(d, "news").await.unwrap();
+        }
+        if i % 5 == 0 {
+            publish_ok(&store, new_msg(to_device(d), T0)).await;
+        }
+    }
+    device(&store, "bystander", "someone-else").await;
+    let before = |i: usize| i64::from(i.is_multiple_of(5));
+
+    let topic = new_msg(Target::Topic("news".into()), T0 + 1);
+    let topic_id = topic.id.clone();
+    let entries = publish_ok(&store, topic).await;
+    assert_eq!(entries.len(), (0..N).filter(|i| i % 3 != 0).count());
+    let user = new_msg(Target::User("crowd".into()), T0 + 2);
+    let user_id = user.id.clone();
+    assert_eq!(publish_ok(&store, user).await.len(), N);
+
+    for (i, d) in ids.iter().enumerate() {
+        let got = store.fetch_after(d, 0, 10, T0 + 3).await.unwrap();
+        let mut want = Vec::new();
+        if i % 3 != 0 {
+            want.push((before(i) + 1, topic_id.clone()));
+        }
+        want.push((before(i) + want.len() as i64 + 1, user_id.clone()));
+        let got: Vec<(i64, String)> = got
+            .iter()
+            .filter(|e| e.message.created_at > T0)
+            .map(|e| (e.seq, e.message.id.clone()))
+            .collect();
+        assert_eq!(got, want, "{d}");
+        assert_eq!(
+            store.device(d).await.unwrap().unwrap().last_seq,
+            want.last().unwrap().0
+        );
+    }
+    assert_eq!(
+        store.device("bystander").await.unwrap().unwrap().last_seq,
+        0
+    );
 }
 
 async fn unknown_device_is_not_found_and_writes_nothing(store: Arc<dyn Store>) {
