@@ -22,12 +22,14 @@ pub const SQLITE: &[(&str, &str)] = embed!(
     "0004_security.sql",
     "0005_webhooks.sql",
     "0006_inbox_in_insertion_order.sql",
+    "0007_push_sending_index.sql",
 );
 pub const POSTGRES: &[(&str, &str)] = embed!(
     "postgres": "0001_init.sql",
     "0004_security.sql",
     "0005_webhooks.sql",
     "0006_push_always.sql",
+    "0007_push_sending_index.sql",
 );
 
 /// A migrator over `files` (`NNNN_description.sql`, in version order).

@@ -32,6 +32,34 @@ use crate::webhooks::{EventSet, EventType, QueuedEvent};
 static MIGRATOR: std::sync::LazyLock<sqlx::migrate::Migrator> =
     std::sync::LazyLock::new(|| super::migrations::migrator(super::migrations::SQLITE));
 
+/// Takes due pushes, leasing them until `?1` (the due poller, every poll): through
+/// the partial index of pending pushes, which SQLite uses only when the query repeats
+/// its condition verbatim (without it this scanned every unexpired inbox entry).
+const TAKE_DUE_SQL: &str = "UPDATE deliveries SET push_due_at = ?1
+     WHERE (device_id, seq) IN (
+         SELECT device_id, seq FROM deliveries
+         WHERE push_state = 'pending' AND push_due_at <= ?2 AND expires_at > ?3
+           AND push_state IN ('pending', 'sending')
+           AND (acked_at IS NULL OR push_always)
+         ORDER BY push_due_at LIMIT ?4)
+     RETURNING device_id, seq, push_attempts, message_id";
+
+/// The `push_failed` events of `FAIL_ORPHANS_SQL`'s entries, queued just before it.
+static ORPHAN_EVENTS_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "INSERT INTO webhook_events (event_id, type, message_id, device_id, user_id, seq, provider, error, at, queued_at, next_attempt_at)
+         SELECT {EVENT_ID_SQL}, 'push_failed', d.message_id, d.device_id, v.user_id, d.seq, COALESCE(d.push_provider, v.push_provider), ?1, ?2, ?2, ?2
+         FROM deliveries d JOIN devices v ON v.id = d.device_id
+         WHERE d.push_state = 'sending' AND d.push_at < ?3 ORDER BY d.device_id, d.seq"
+    )
+});
+
+/// Records pushes a dead sender left claimed as failed (every poll): through the
+/// index of pushes in flight (migration 0007).
+const FAIL_ORPHANS_SQL: &str =
+    "UPDATE deliveries SET push_state = 'failed', push_at = ?1, reason = ?2
+     WHERE push_state = 'sending' AND push_at < ?3";
+
 pub struct SqliteStore {
     read: SqlitePool,
     write: SqlitePool,
@@ -500,56 +528,62 @@ impl Store for SqliteStore {
         lease_until: i64,
         limit: u32,
     ) -> StoreResult<Vec<InboxEntry>> {
-        let mut tx = self.write.begin().await?;
-        let taken = sqlx::query(
-            "UPDATE deliveries SET push_due_at = ?
-             WHERE (device_id, seq) IN (
-                 SELECT device_id, seq FROM deliveries
-                 WHERE push_state = 'pending' AND push_due_at <= ? AND expires_at > ?
-                   AND (acked_at IS NULL OR push_always)
-                 ORDER BY push_due_at LIMIT ?)
-             RETURNING device_id, seq, push_attempts, message_id",
-        )
-        .bind(lease_until)
-        .bind(now)
-        .bind(now)
-        .bind(limit as i64)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut messages: HashMap<String, Arc<StoredMessage>> = HashMap::new();
-        let mut out = Vec::with_capacity(taken.len());
-        for row in taken {
-            let id: String = row.get("message_id");
-            let message = match messages.get(&id) {
-                Some(m) => m.clone(),
-                None => {
-                    let m = sqlx::query(
-                        "SELECT id, target_kind, target, payload, created_at, expires_at FROM messages WHERE id = ?",
-                    )
-                    .bind(&id)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                    let m = Arc::new(message_from_parts(
-                        m.get("id"),
-                        m.get("target_kind"),
-                        m.get("target"),
-                        m.get("payload"),
-                        m.get("created_at"),
-                        m.get("expires_at"),
-                    )?);
-                    messages.insert(id, m.clone());
-                    m
+        // On the writer thread like every hot write: through sqlx it raced the writer
+        // for the database lock (and lost under load, its deferred transaction's
+        // snapshot going stale).
+        let mut out = self
+            .hot
+            .run(move |conn| {
+                let mut stmt = conn.prepare_cached(TAKE_DUE_SQL)?;
+                let taken = stmt
+                    .query_map(params![lease_until, now, now, limit as i64], |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, i64>(1)?,
+                            r.get::<_, i64>(2)?,
+                            r.get::<_, String>(3)?,
+                        ))
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                let mut messages: HashMap<String, Arc<StoredMessage>> = HashMap::new();
+                let mut out = Vec::with_capacity(taken.len());
+                for (device_id, seq, attempts, message_id) in taken {
+                    let message = match messages.get(&message_id) {
+                        Some(m) => m.clone(),
+                        None => {
+                            let m = conn
+                                .prepare_cached(
+                                    "SELECT id, target_kind, target, payload, created_at, expires_at FROM messages WHERE id = ?1",
+                                )?
+                                .query_row(params![message_id], |r| {
+                                    Ok((
+                                        r.get::<_, String>(0)?,
+                                        r.get::<_, String>(1)?,
+                                        r.get::<_, String>(2)?,
+                                        r.get::<_, String>(3)?,
+                                        r.get::<_, i64>(4)?,
+                                        r.get::<_, i64>(5)?,
+                                    ))
+                                })?;
+                            let m = match message_from_parts(m.0, &m.1, m.2, &m.3, m.4, m.5) {
+                                Ok(m) => Arc::new(m),
+                                Err(e) => return Ok(Err(e)),
+                            };
+                            messages.insert(message_id, m.clone());
+                            m
+                        }
+                    };
+                    out.push(InboxEntry {
+                        device_id,
+                        seq,
+                        message,
+                        push_pending: true,
+                        push_attempts: attempts as u32,
+                    });
                 }
-            };
-            out.push(InboxEntry {
-                device_id: row.get("device_id"),
-                seq: row.get("seq"),
-                message,
-                push_pending: true,
-                push_attempts: row.get::<i64, _>("push_attempts") as u32,
-            });
-        }
-        tx.commit().await?;
+                Ok(Ok(out))
+            })
+            .await?;
         // RETURNING gives no order; settle the oldest first.
         out.sort_by_key(|e| (e.message.created_at, e.seq));
         Ok(out)
@@ -560,20 +594,17 @@ impl Store for SqliteStore {
         self.hot
             .run(move |conn| {
                 if events.contains(EventType::PushFailed) {
-                    conn.prepare_cached(&format!(
-                        "INSERT INTO webhook_events (event_id, type, message_id, device_id, user_id, seq, provider, error, at, queued_at, next_attempt_at)
-                         SELECT {EVENT_ID_SQL}, 'push_failed', d.message_id, d.device_id, v.user_id, d.seq, COALESCE(d.push_provider, v.push_provider), ?1, ?2, ?2, ?2
-                         FROM deliveries d JOIN devices v ON v.id = d.device_id
-                         WHERE d.push_state = 'sending' AND d.push_at < ?3 ORDER BY d.device_id, d.seq"
-                    ))?
-                    .execute(params![super::ORPHANED_PUSH_REASON, now, stale_before])?;
+                    conn.prepare_cached(&ORPHAN_EVENTS_SQL)?.execute(params![
+                        super::ORPHANED_PUSH_REASON,
+                        now,
+                        stale_before
+                    ])?;
                 }
-                let n = conn
-                    .prepare_cached(
-                        "UPDATE deliveries SET push_state = 'failed', push_at = ?1, reason = ?2
-                         WHERE push_state = 'sending' AND push_at < ?3",
-                    )?
-                    .execute(params![now, super::ORPHANED_PUSH_REASON, stale_before])?;
+                let n = conn.prepare_cached(FAIL_ORPHANS_SQL)?.execute(params![
+                    now,
+                    super::ORPHANED_PUSH_REASON,
+                    stale_before
+                ])?;
                 Ok(Ok(n as u64))
             })
             .await
@@ -843,5 +874,41 @@ fn queued_event_from_row(r: &sqlx::sqlite::SqliteRow) -> QueuedEvent {
         at: r.get("at"),
         queued_at: r.get("queued_at"),
         attempts: r.get::<i64, _>("attempts") as u32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The due poller's statements run on every poll, on the writer thread: each must
+    /// reach its rows through a push index, never by walking the inbox (which holds
+    /// every retained entry).
+    #[tokio::test]
+    async fn the_due_pollers_statements_use_the_push_indexes() {
+        let tmp = crate::testing::TempDir::new("herald-plans");
+        let _store = SqliteStore::open(&tmp.0).await.unwrap();
+        let conn = rusqlite::Connection::open(tmp.0.join("herald.db")).unwrap();
+        for sql in [TAKE_DUE_SQL, FAIL_ORPHANS_SQL, ORPHAN_EVENTS_SQL.as_str()] {
+            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            // Unbound parameters are NULL: the plan does not depend on them.
+            let mut rows = stmt.raw_query();
+            let mut plan: Vec<String> = Vec::new();
+            while let Some(r) = rows.next().unwrap() {
+                plan.push(r.get(3).unwrap());
+            }
+            let inbox: Vec<&String> = plan
+                .iter()
+                .filter(|step| step.contains("deliveries ") || step.contains(" d "))
+                .collect();
+            assert!(!inbox.is_empty(), "{plan:?}");
+            for step in inbox {
+                assert!(
+                    step.contains("INDEX deliveries_push_")
+                        || step.contains("INDEX deliveries_by_device"),
+                    "{sql}\n{plan:?}"
+                );
+            }
+        }
     }
 }

@@ -1769,7 +1769,7 @@ async fn sqlite_inbox_written_before_migration_0006_survives_it() {
         .copied()
         .filter(|(name, _)| *name < "0006")
         .collect();
-    assert_eq!(before.len(), SQLITE.len() - 1, "0006 is the last migration");
+    assert_eq!(before.len(), 3, "0001, 0004 and 0005 come before 0006");
     {
         let pool = SqlitePool::connect_with(opts.clone()).await.unwrap();
         migrator(&before).run(&pool).await.unwrap();
