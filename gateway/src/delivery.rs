@@ -243,22 +243,26 @@ async fn write_sent_marks(store: &dyn Store, marks: &mut Vec<SentMark>) {
     }
 }
 
-/// The parts of `marks` their sessions have not acked, merged per device (a stable
-/// sort keeps each device's marks in the order they were written).
+/// The parts of `marks` their sessions have not acked, merged per device into
+/// disjoint ranges (two sessions of one device, an old and its replacement, may mark
+/// overlapping or out-of-order ranges).
 fn unacked_ranges(marks: &mut [SentMark]) -> Vec<(String, i64, i64)> {
-    marks.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut out: Vec<(String, i64, i64)> = Vec::new();
-    for (device_id, from, to, acks) in marks.iter_mut() {
-        let from = match acks {
-            Some(p) => (*from).max(p.acked_through() + 1),
-            None => *from,
-        };
-        if from > *to {
-            continue;
-        }
+    let mut left: Vec<(String, i64, i64)> = marks
+        .iter_mut()
+        .filter_map(|(device_id, from, to, acks)| {
+            let from = match acks {
+                Some(p) => (*from).max(p.acked_through() + 1),
+                None => *from,
+            };
+            (from <= *to).then(|| (std::mem::take(device_id), from, *to))
+        })
+        .collect();
+    left.sort_unstable_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    let mut out: Vec<(String, i64, i64)> = Vec::with_capacity(left.len());
+    for (device_id, from, to) in left {
         match out.last_mut() {
-            Some(last) if last.0 == *device_id && last.2 + 1 >= from => last.2 = last.2.max(*to),
-            _ => out.push((std::mem::take(device_id), from, *to)),
+            Some(last) if last.0 == device_id && last.2 + 1 >= from => last.2 = last.2.max(to),
+            _ => out.push((device_id, from, to)),
         }
     }
     out
@@ -288,13 +292,20 @@ mod tests {
             ("b".into(), 9, 9, None),
             // Wholly acked by its session.
             ("c".into(), 1, 2, acked_through(2)),
+            // A replaced session (acked through 6) and its successor (nothing acked
+            // yet) marked overlapping ranges, the later one lower.
+            ("d".into(), 5, 8, acked_through(6)),
+            ("d".into(), 6, 6, None),
+            ("d".into(), 3, 4, None),
         ];
         assert_eq!(
             unacked_ranges(&mut marks),
             [
                 ("a".to_owned(), 4, 6),
                 ("b".to_owned(), 1, 4),
-                ("b".to_owned(), 9, 9)
+                ("b".to_owned(), 9, 9),
+                ("d".to_owned(), 3, 4),
+                ("d".to_owned(), 6, 8)
             ]
         );
     }
