@@ -632,6 +632,9 @@ async fn run_group(
 
     let (mut ack_dev, mut ack_lo, mut ack_hi, mut ack_now) = (vec![], vec![], vec![], vec![]);
     let mut ack_live: Vec<bool> = vec![];
+    // Entries recorded as sent by this group, for their `delivered` events: the sent
+    // marks, and the ranges an ack from the session that wrote them covers.
+    let (mut dlv_dev, mut dlv_lo, mut dlv_hi, mut dlv_now) = (vec![], vec![], vec![], vec![]);
     let mut ack_results: Vec<StoreResult<i64>> = Vec::new();
     for w in batch {
         match w {
@@ -655,6 +658,12 @@ async fn run_group(
                         ack_hi.push(target);
                         ack_now.push(*now);
                         ack_live.push(*wrote_live);
+                        if *wrote_live {
+                            dlv_dev.push(device_id.as_str());
+                            dlv_lo.push(d.acked_seq + 1);
+                            dlv_hi.push(target);
+                            dlv_now.push(*now);
+                        }
                         d.acked_seq = target;
                         d.seen = d.seen.max(Some(*now));
                     }
@@ -756,13 +765,10 @@ async fn run_group(
         )
         .await?;
     }
-    // An ack from the session that wrote its entries records them as sent too.
-    let (dlv_dev, dlv_lo, dlv_hi, dlv_now) = (
-        [sent_dev.clone(), zip_live(&ack_dev, &ack_live)].concat(),
-        [sent_lo.clone(), zip_live(&ack_lo, &ack_live)].concat(),
-        [sent_hi.clone(), zip_live(&ack_hi, &ack_live)].concat(),
-        [sent_now.clone(), zip_live(&ack_now, &ack_live)].concat(),
-    );
+    dlv_dev.extend(&sent_dev);
+    dlv_lo.extend(&sent_lo);
+    dlv_hi.extend(&sent_hi);
+    dlv_now.extend(&sent_now);
     if !dlv_dev.is_empty() && events.contains(EventType::Delivered) {
         queue_range_events(
             conn,
@@ -839,15 +845,6 @@ pub(super) const EVENT_ID_SQL: &str = "'evt_' || replace(gen_random_uuid()::text
 
 /// Queues a `kind` event for every entry in the ranges `(device, lo..=hi)` that
 /// matches `cond` (on `deliveries d`); an entry in two ranges gets one event.
-/// The items of `v` whose ack was sent by the session that wrote the entries.
-fn zip_live<T: Copy>(v: &[T], live: &[bool]) -> Vec<T> {
-    v.iter()
-        .zip(live)
-        .filter(|(_, &l)| l)
-        .map(|(x, _)| *x)
-        .collect()
-}
-
 async fn queue_range_events(
     conn: &mut PgConnection,
     kind: EventType,
