@@ -700,37 +700,35 @@ fn publish_one(conn: &Connection, msg: &NewMessage) -> WriteResult<PublishOutcom
     ));
     let (push_state, push_due_at) = push_at_publish(msg);
     let always = msg.payload.push == PushPolicy::Always;
+    // Binds `(device, seq)` as row `i` of an inbox INSERT.
+    let bind_row =
+        |stmt: &mut rusqlite::Statement<'_>, i: usize, (device_id, seq): &(String, i64)| {
+            let at = i * 7;
+            stmt.raw_bind_parameter(at + 1, device_id)?;
+            stmt.raw_bind_parameter(at + 2, seq)?;
+            stmt.raw_bind_parameter(at + 3, &msg.id)?;
+            stmt.raw_bind_parameter(at + 4, msg.expires_at)?;
+            stmt.raw_bind_parameter(at + 5, push_state)?;
+            stmt.raw_bind_parameter(at + 6, push_due_at)?;
+            stmt.raw_bind_parameter(at + 7, always)
+        };
     // Many rows per INSERT: the statement's fixed cost is paid once per chunk.
     let mut chunks = recipients.chunks_exact(INSERT_CHUNK);
     if devices_len >= INSERT_CHUNK {
         static SQL: LazyLock<String> = LazyLock::new(|| insert_deliveries_sql(INSERT_CHUNK));
         let mut insert = conn.prepare_cached(&SQL)?;
         for chunk in chunks.by_ref() {
-            for (i, (device_id, seq)) in chunk.iter().enumerate() {
-                let at = i * 7;
-                insert.raw_bind_parameter(at + 1, device_id)?;
-                insert.raw_bind_parameter(at + 2, seq)?;
-                insert.raw_bind_parameter(at + 3, &msg.id)?;
-                insert.raw_bind_parameter(at + 4, msg.expires_at)?;
-                insert.raw_bind_parameter(at + 5, push_state)?;
-                insert.raw_bind_parameter(at + 6, push_due_at)?;
-                insert.raw_bind_parameter(at + 7, always)?;
+            for (i, row) in chunk.iter().enumerate() {
+                bind_row(&mut insert, i, row)?;
             }
             insert.raw_execute()?;
         }
     }
     static ONE_ROW_SQL: LazyLock<String> = LazyLock::new(|| insert_deliveries_sql(1));
     let mut insert = conn.prepare_cached(&ONE_ROW_SQL)?;
-    for (device_id, seq) in chunks.remainder() {
-        insert.execute(params![
-            device_id,
-            seq,
-            msg.id,
-            msg.expires_at,
-            push_state,
-            push_due_at,
-            always
-        ])?;
+    for row in chunks.remainder() {
+        bind_row(&mut insert, 0, row)?;
+        insert.raw_execute()?;
     }
     let entries = recipients
         .into_iter()
