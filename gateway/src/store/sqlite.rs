@@ -529,8 +529,7 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> StoreResult<Vec<InboxEntry>> {
         // On the writer thread like every hot write: through sqlx it raced the writer
-        // for the database lock (and lost under load, its deferred transaction's
-        // snapshot going stale).
+        // for the database's write lock.
         let mut out = self
             .hot
             .run(move |conn| {
@@ -888,7 +887,7 @@ mod tests {
     async fn the_due_pollers_statements_use_the_push_indexes() {
         let tmp = crate::testing::TempDir::new("herald-plans");
         let _store = SqliteStore::open(&tmp.0).await.unwrap();
-        let conn = rusqlite::Connection::open(tmp.0.join("herald.db")).unwrap();
+        let conn = rusqlite::Connection::open(tmp.0.join(SQLITE_FILE)).unwrap();
         for sql in [TAKE_DUE_SQL, FAIL_ORPHANS_SQL, ORPHAN_EVENTS_SQL.as_str()] {
             let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
             // Unbound parameters are NULL: the plan does not depend on them.
