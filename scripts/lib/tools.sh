@@ -6,6 +6,13 @@ HERALD_TOOLS="$ROOT/.tools"
 HERALD_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 KOTLIN_VERSION=2.4.20
 
+# test_work_dir NAME: prints a fresh directory for one test script's files. It lives in
+# the build directory, not /tmp: CI has twice seen the walkthrough's /tmp directory
+# removed under it mid-run by something outside the suite.
+test_work_dir() {
+    mkdir -p "$HERALD_TARGET_DIR/test-work" && mktemp -d "$HERALD_TARGET_DIR/test-work/$1.XXXXXX"
+}
+
 # kotlinc from npm (`kotlin-compiler` is the official compiler zip, repackaged).
 # Sets KOTLIN_HOME, KOTLINC, KOTLIN_STDLIB.
 ensure_kotlinc() {

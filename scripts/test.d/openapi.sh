@@ -29,7 +29,7 @@ die() {
     exit 1
 }
 
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/herald-openapi.XXXXXX")"
+WORK="$(test_work_dir herald-openapi)"
 GW_PID=""
 cleanup() {
     [[ -z "$GW_PID" ]] || { kill -TERM "$GW_PID" 2>/dev/null || true; wait "$GW_PID" 2>/dev/null || true; }

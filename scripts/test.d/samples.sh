@@ -28,7 +28,7 @@ ensure_kotlinc
 ensure_jna
 ensure_bindings
 
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/herald-samples.XXXXXX")"
+WORK="$(test_work_dir herald-samples)"
 BACKEND_PID=""
 cleanup() {
     if [[ -n "$BACKEND_PID" ]]; then

@@ -30,7 +30,7 @@ die() {
     exit 1
 }
 
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/readme-walkthrough.XXXXXX")"
+WORK="$(test_work_dir readme-walkthrough)"
 GROUPS_STARTED=()
 cleanup() {
     exec 7>&- 2>/dev/null || true
