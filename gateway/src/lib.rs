@@ -126,6 +126,7 @@ impl Application {
         let registry = Arc::new(SessionRegistry::new(
             config.delivery.session_queue,
             config.delivery.session_queue_bytes,
+            &shutdown,
         ));
         cluster.spawn_resync(registry.clone());
         let push_settings = config.push.settings();

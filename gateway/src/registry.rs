@@ -222,16 +222,25 @@ pub struct SessionRegistry {
     next_id: AtomicU64,
     queue_capacity: usize,
     queue_bytes: usize,
+    /// Each session's `kill` is a child of this: shutdown reaches every session through
+    /// the one token it already waits on, with no shared lock polled per wakeup.
+    shutdown: CancellationToken,
 }
 
 impl SessionRegistry {
     /// Each session may have `queue_capacity` entries, of `queue_bytes` in all, queued.
-    pub fn new(queue_capacity: usize, queue_bytes: usize) -> SessionRegistry {
+    /// Cancelling `shutdown` kills every session, with no kick reason.
+    pub fn new(
+        queue_capacity: usize,
+        queue_bytes: usize,
+        shutdown: &CancellationToken,
+    ) -> SessionRegistry {
         SessionRegistry {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             next_id: AtomicU64::new(1),
             queue_capacity,
             queue_bytes,
+            shutdown: shutdown.clone(),
         }
     }
 
@@ -248,7 +257,7 @@ impl SessionRegistry {
     /// Registers a new session for `device_id`, replacing (and kicking) an older one.
     pub fn register(&self, device_id: &str) -> SessionInbox {
         let (tx, rx) = mpsc::channel(self.queue_capacity);
-        let kill = CancellationToken::new();
+        let kill = self.shutdown.child_token();
         let reason = std::sync::Arc::new(Mutex::new(None));
         let session_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let progress = Arc::new(SessionProgress::default());

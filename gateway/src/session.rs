@@ -157,7 +157,9 @@ where
     let queued = inbox.queued.clone();
     // Biased: a kick cancels `kill` before the registry drops the session's sender,
     // so checking `kill` first reports why (replaced, deleted…) instead of the closed
-    // queue the session loop would see.
+    // queue the session loop would see. `kill` is a child of `shutdown` (see
+    // `SessionRegistry::new`): the loop polls one token of its own on every wakeup,
+    // not the server-wide one whose lock all sessions would share.
     let result = tokio::select! {
         biased;
         _ = kill.cancelled() => Err(match inbox.kick_reason() {
@@ -165,14 +167,21 @@ where
             Some(KickReason::Replaced) => CloseReason::Replaced,
             Some(KickReason::Deleted) => CloseReason::Deleted,
             Some(KickReason::Revoked) => CloseReason::Revoked,
+            None if shutdown.is_cancelled() => CloseReason::Shutdown,
             _ => CloseReason::Kicked,
         }),
-        r = session.run(&mut inbox, &queued, &shutdown) => r,
+        r = session.run(&mut inbox, &queued) => r,
     };
     let reason = match result {
         Ok(()) => CloseReason::ClientClosed,
         Err(r) => r,
     };
+    if reason == CloseReason::Shutdown {
+        let frame = ServerFrame::Reconnect {
+            after_ms: cfg.shutdown_reconnect_ms,
+        };
+        let _ = Box::pin(session.send_frame(&frame)).await;
+    }
     // Whatever is still queued stays in the inbox and is replayed on reconnect.
     inbox.events.close();
     while let Ok(event) = inbox.events.try_recv() {
@@ -189,12 +198,7 @@ where
     S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin,
     E: std::error::Error + 'static,
 {
-    async fn run(
-        &mut self,
-        inbox: &mut SessionInbox,
-        queued: &QueuedBytes,
-        shutdown: &CancellationToken,
-    ) -> SessionResult {
+    async fn run(&mut self, inbox: &mut SessionInbox, queued: &QueuedBytes) -> SessionResult {
         // `last_seq` was read by the connect request: a second read here could fail
         // and report 0, which a client takes for "device re-created" and resets.
         let welcome = ServerFrame::Welcome {
@@ -230,11 +234,6 @@ where
             let gap_deadline = self.gap_deadline;
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => {
-                    let frame = ServerFrame::Reconnect { after_ms: self.cfg.shutdown_reconnect_ms };
-                    let _ = Box::pin(self.send_frame(&frame)).await;
-                    return Err(CloseReason::Shutdown);
-                }
                 frame = self.socket.next() => {
                     if Box::pin(self.on_frame(frame)).await? {
                         return Ok(());
