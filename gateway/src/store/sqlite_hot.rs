@@ -29,6 +29,9 @@ use super::{
 /// Writes committed in one transaction at most.
 const MAX_GROUP: usize = 256;
 
+/// The writer connection's page cache, in KiB.
+const WRITER_CACHE_KIB: i64 = 32 * 1024;
+
 /// Outer error: the database failed and the whole group rolls back. Inner: this one
 /// write was refused (unknown device, too many recipients) and the group goes on.
 pub(super) type WriteResult<T> = Result<StoreResult<T>, rusqlite::Error>;
@@ -171,6 +174,13 @@ fn open(path: &Path, flags: OpenFlags) -> rusqlite::Result<Connection> {
     // batches, BENCHMARKS.md v5). Devices are deleted with their inbox and
     // subscriptions on the sqlx pool, where foreign keys stay on.
     conn.pragma_update(None, "foreign_keys", false)?;
+    // A statement that changes many rows inside the group's transaction (a topic
+    // publish updates every subscriber's device row) keeps a statement journal, to
+    // undo just that statement if it fails. Past 64 KiB SQLite spills it to a temp
+    // file, a pwrite per page on the writer thread (2% of the gateway's time in a 10k
+    // fan-out, BENCHMARKS.md v7). It never outlives its statement and durability does
+    // not rest on it, so it stays in memory.
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }
@@ -193,6 +203,12 @@ impl Hot {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
         )
         .map_err(db_err)?;
+        // SQLite's default page cache (2 MiB) is smaller than what a 10k fan-out
+        // touches (every subscriber's device row and new inbox row, and their
+        // indexes): the writer read ~6,600 pages back per round, a pread each
+        // (BENCHMARKS.md v7). Pages are only held once touched.
+        conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)
+            .map_err(db_err)?;
         let (writes, rx) = mpsc::channel(4096);
         std::thread::Builder::new()
             .name("herald-sqlite-writer".into())
