@@ -62,7 +62,9 @@ else
     command -v docker-compose >/dev/null || apt_install docker-compose
     COMPOSE=(docker-compose)
 fi
-"${COMPOSE[@]}" version | head -1
+# `head -1` would close the pipe while docker-compose 1.29 still writes its other
+# lines: SIGPIPE, exit 141 under pipefail (seen in CI). sed reads to the end.
+"${COMPOSE[@]}" version | sed -n 1p
 HERALD_DB_PASSWORD=ci-check timeout 60 "${COMPOSE[@]}" -f deploy/compose.yml config >"$WORK/compose.out" 2>"$WORK/compose.log" \
     || die "compose config refused deploy/compose.yml"
 python3 -c 'import yaml' 2>/dev/null || apt_install python3-yaml
@@ -141,7 +143,7 @@ getent passwd herald >/dev/null || die "postinst did not create the herald user"
 [[ "$(stat -c '%U:%G %a' /etc/herald/herald.toml)" == "root:herald 640" ]] \
     || die "/etc/herald/herald.toml is $(stat -c '%U:%G %a' /etc/herald/herald.toml), not root:herald 640"
 [[ "$(stat -c '%U' /var/lib/herald)" == herald ]] || die "/var/lib/herald is not owned by herald"
-UNIT=$(dpkg -L herald | grep '/herald.service$' | head -1)
+UNIT=$(dpkg -L herald | grep '/herald.service$' | sed -n 1p)
 [[ -n "$UNIT" ]] || die "no herald.service installed"
 command -v systemd-analyze >/dev/null || apt_install systemd
 timeout 30 systemd-analyze verify "$UNIT" >"$WORK/verify.log" 2>&1 \
