@@ -41,6 +41,40 @@ use super::{
 };
 use crate::webhooks::{EventSet, EventType, QueuedEvent};
 
+/// The due poller's take: `$1` now, `$2` the lease's end, `$3` the most rows. Public
+/// for the test that checks it reaches `deliveries_push_due` (migration 0001) rather
+/// than scanning the inbox.
+pub const TAKE_DUE_SQL: &str = "WITH taken AS (
+         UPDATE deliveries d SET push_due_at = $2
+         WHERE (d.device_id, d.seq) IN (
+             SELECT device_id, seq FROM deliveries
+             WHERE push_state = 'pending' AND push_due_at <= $1 AND expires_at > $1
+               AND (acked_at IS NULL OR push_always)
+             ORDER BY push_due_at LIMIT $3
+             FOR UPDATE SKIP LOCKED)
+         RETURNING d.device_id, d.seq, d.push_attempts, d.message_id)
+     SELECT t.device_id, t.seq, t.push_attempts, m.id, m.target_kind, m.target, m.payload, m.created_at, m.expires_at
+     FROM taken t JOIN messages m ON m.id = t.message_id
+     ORDER BY m.created_at, t.seq";
+
+/// Fails pushes left `sending` by a sender that died (`$1` now, `$2` the reason, `$3`
+/// the stale bound, `$4` whether to queue `push_failed` events), in one statement: the
+/// rows it fails are the rows it queues events for, whichever node runs it. Public for
+/// the test that checks it reaches `deliveries_push_sending` (migration 0007).
+pub static FAIL_ORPHANS_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH failed AS (
+             UPDATE deliveries SET push_state = 'failed', push_at = $1, reason = $2
+             WHERE push_state = 'sending' AND push_at < $3
+             RETURNING device_id, seq, message_id, push_provider),
+         queued AS (
+             INSERT INTO webhook_events (event_id, type, message_id, device_id, user_id, seq, provider, error, at, queued_at, next_attempt_at)
+             SELECT {EVENT_ID_SQL}, 'push_failed', f.message_id, f.device_id, v.user_id, f.seq, COALESCE(f.push_provider, v.push_provider), $2, $1, $1, $1
+             FROM failed f JOIN devices v ON v.id = f.device_id WHERE $4)
+         SELECT count(*) AS n FROM failed"
+    )
+});
+
 static MIGRATOR: std::sync::LazyLock<sqlx::migrate::Migrator> =
     std::sync::LazyLock::new(|| super::migrations::migrator(super::migrations::POSTGRES));
 
@@ -667,23 +701,13 @@ impl Store for PostgresStore {
         let queue = self.events.contains(EventType::PushFailed);
         // One statement: the rows it fails are the rows it queues events for, whichever
         // node runs it (another node's concurrent run finds them no longer 'sending').
-        let res = sqlx::query(&format!(
-            "WITH failed AS (
-                 UPDATE deliveries SET push_state = 'failed', push_at = $1, reason = $2
-                 WHERE push_state = 'sending' AND push_at < $3
-                 RETURNING device_id, seq, message_id, push_provider),
-             queued AS (
-                 INSERT INTO webhook_events (event_id, type, message_id, device_id, user_id, seq, provider, error, at, queued_at, next_attempt_at)
-                 SELECT {EVENT_ID_SQL}, 'push_failed', f.message_id, f.device_id, v.user_id, f.seq, COALESCE(f.push_provider, v.push_provider), $2, $1, $1, $1
-                 FROM failed f JOIN devices v ON v.id = f.device_id WHERE $4)
-             SELECT count(*) AS n FROM failed"
-        ))
-        .bind(now)
-        .bind(ORPHANED_PUSH_REASON)
-        .bind(stale_before)
-        .bind(queue)
-        .fetch_one(&self.pool)
-        .await?;
+        let res = sqlx::query(FAIL_ORPHANS_SQL.as_str())
+            .bind(now)
+            .bind(ORPHANED_PUSH_REASON)
+            .bind(stale_before)
+            .bind(queue)
+            .fetch_one(&self.pool)
+            .await?;
         Ok(res.get::<i64, _>("n") as u64)
     }
 
@@ -715,25 +739,12 @@ impl Store for PostgresStore {
     ) -> StoreResult<Vec<InboxEntry>> {
         // SKIP LOCKED: nodes polling at once take disjoint rows, and a row taken by
         // one no longer matches `push_due_at <= now` for the others.
-        let rows = sqlx::query(
-            "WITH taken AS (
-                 UPDATE deliveries d SET push_due_at = $2
-                 WHERE (d.device_id, d.seq) IN (
-                     SELECT device_id, seq FROM deliveries
-                     WHERE push_state = 'pending' AND push_due_at <= $1 AND expires_at > $1
-                       AND (acked_at IS NULL OR push_always)
-                     ORDER BY push_due_at LIMIT $3
-                     FOR UPDATE SKIP LOCKED)
-                 RETURNING d.device_id, d.seq, d.push_attempts, d.message_id)
-             SELECT t.device_id, t.seq, t.push_attempts, m.id, m.target_kind, m.target, m.payload, m.created_at, m.expires_at
-             FROM taken t JOIN messages m ON m.id = t.message_id
-             ORDER BY m.created_at, t.seq",
-        )
-        .bind(now)
-        .bind(lease_until)
-        .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(TAKE_DUE_SQL)
+            .bind(now)
+            .bind(lease_until)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             let message = Arc::new(message_from_row(&row)?);

@@ -1863,3 +1863,51 @@ async fn sqlite_inbox_written_before_migration_0006_survives_it() {
     let err = duplicate.expect_err("still one row per (device, seq)");
     assert!(err.to_string().contains("UNIQUE"), "{err}");
 }
+
+/// The due poller runs every `push.poll_interval_ms` on every node: its statements must
+/// reach the partial push indexes, not scan the inbox, which holds every retained entry.
+/// With sequential scans priced out, a plan that still scans `deliveries` means a
+/// statement's predicate no longer implies its index's (SQLite's twin of this test is
+/// `the_due_pollers_statements_use_the_push_indexes`).
+#[tokio::test]
+async fn postgres_due_poller_statements_use_the_push_indexes() {
+    use herald_gateway::store::postgres::{FAIL_ORPHANS_SQL, TAKE_DUE_SQL};
+    use sqlx::{Connection, Executor, Row};
+    let db = common::pg::PgDb::create().await;
+    let url = db.url.clone();
+    let result = tokio::spawn(async move {
+        let _migrated = PostgresStore::open(&url)
+            .await
+            .expect("open postgres store");
+        let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+        conn.execute("SET enable_seqscan = off").await.unwrap();
+        for (sql, args, index) in [
+            (TAKE_DUE_SQL, "(1000, 2000, 100)", "deliveries_push_due"),
+            (
+                FAIL_ORPHANS_SQL.as_str(),
+                "(1000, 'orphaned', 500, true)",
+                "deliveries_push_sending",
+            ),
+        ] {
+            conn.execute(format!("PREPARE plan_check AS {sql}").as_str())
+                .await
+                .unwrap();
+            let plan: Vec<String> = sqlx::query(&format!("EXPLAIN EXECUTE plan_check{args}"))
+                .fetch_all(&mut conn)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<String, _>(0))
+                .collect();
+            conn.execute("DEALLOCATE plan_check").await.unwrap();
+            let plan = plan.join("\n");
+            assert!(!plan.contains("Seq Scan on deliveries"), "{sql}\n{plan}");
+            assert!(plan.contains(index), "{sql}: no {index}\n{plan}");
+        }
+    })
+    .await;
+    db.drop_db().await;
+    if let Err(e) = result {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
