@@ -413,8 +413,8 @@ async fn hold_for_entries(
                 Some(_) => {}
                 None => break Ok(Vec::new()),
             },
+            // Also cancelled by shutdown: `kill` is a child of the server's token.
             _ = kill.cancelled() => break Ok(Vec::new()),
-            _ = state.shutdown.cancelled() => break Ok(Vec::new()),
             _ = tokio::time::sleep_until(deadline) => break Ok(Vec::new()),
         }
     };

@@ -356,6 +356,36 @@ async fn long_poll_answers_empty_after_its_wait_and_bounds_it() {
     assert_eq!(v["error"]["code"], "invalid_field");
 }
 
+/// A held long-poll answers (empty) as soon as the gateway starts to shut down, not
+/// when its wait or the drain runs out.
+#[tokio::test]
+async fn a_held_long_poll_answers_at_once_on_shutdown() {
+    let tg = TestGateway::start_with(|c| c.limits.shutdown_drain_ms = 30_000).await;
+    register(&tg, "u", "p5", None).await;
+    let token = tg.mint_token("u", Duration::from_secs(600));
+    let url = format!("{}/v1/me/sync?device_id=p5&after=0&wait=30", tg.base_url);
+    let poll = tokio::spawn(async move {
+        let resp = http().get(url).bearer_auth(token).send().await.unwrap();
+        (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+    });
+    eventually("the long-poll held (device online)", || async {
+        let (_, d) = get(&tg, "/v1/devices/p5", &tg.api_key).await;
+        (d["online"] == true).then_some(())
+    })
+    .await;
+    let started = Instant::now();
+    let stopping = tokio::spawn(tg.stop());
+    let (status, v) = tokio::time::timeout(WAIT, poll).await.unwrap().unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["messages"], json!([]));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    tokio::time::timeout(WAIT, stopping).await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn a_long_poll_is_replaced_by_a_websocket_session() {
     let tg = TestGateway::start().await;
