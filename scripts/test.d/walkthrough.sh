@@ -21,7 +21,13 @@ source "$ROOT/scripts/lib/tools.sh"
 step() { printf -- '--- walkthrough: %s\n' "$*"; }
 die() {
     echo "walkthrough: FAILED: $*" >&2
-    [[ -d "$WORK" ]] || echo "walkthrough: $WORK has disappeared (removed by something else?)" >&2
+    if [[ ! -d "$WORK" ]]; then
+        # Seen in CI at the herald-device step, in /tmp and in target/test-work alike, never
+        # reproduced locally: say what else was running, to find what removes it.
+        echo "walkthrough: $WORK has disappeared (removed by something else?); its parent and the processes now:" >&2
+        ls -la "$(dirname "$WORK")" >&2 || true
+        ps -eo pid,ppid,pgid,etimes,args --sort=start_time 2>/dev/null | tail -n 40 >&2 || true
+    fi
     for f in "$WORK"/*.out "$WORK"/*.log; do
         [[ -s "$f" ]] || continue
         echo "----- $f" >&2
