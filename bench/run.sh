@@ -51,6 +51,7 @@ work=$(mktemp -d /tmp/herald-bench.XXXXXX)
 server_pid=
 extra_pids=()
 cleanup() {
+    [[ $BASHPID == "$$" ]] || return 0 # not in a subshell (see main_shell_only in scripts/lib/tools.sh)
     for pid in $server_pid "${extra_pids[@]}"; do
         if kill -0 "$pid" 2>/dev/null; then
             kill "$pid" 2>/dev/null || true

@@ -14,6 +14,7 @@ TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 WORK="$(mktemp -d)"
 RECV_PID="" GW_PID=""
 cleanup() {
+    [[ $BASHPID == "$$" ]] || return 0 # not in a subshell (see main_shell_only in scripts/lib/tools.sh)
     [[ -n "$GW_PID" ]] && kill "$GW_PID" 2>/dev/null || true
     [[ -n "$RECV_PID" ]] && kill "$RECV_PID" 2>/dev/null || true
     rm -rf "$WORK"

@@ -14,6 +14,7 @@ ensure_bindings
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/herald-kotlin-tests.XXXXXX")"
 cleanup() {
+    main_shell_only || return 0
     stop_test_gateway
     rm -rf "$WORK"
 }

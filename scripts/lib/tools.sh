@@ -13,6 +13,12 @@ test_work_dir() {
     mkdir -p "$HERALD_TARGET_DIR/test-work" && mktemp -d "$HERALD_TARGET_DIR/test-work/$1.XXXXXX"
 }
 
+# main_shell_only: true in the script's own shell, false in a subshell. Every EXIT-trap
+# cleanup starts with `main_shell_only || return 0`: bash runs the parent's EXIT trap in a
+# subshell that is killed before it has reset its traps (a `( … ) &` killed just after its
+# fork), and that copy of cleanup would remove the work directory under the running script.
+main_shell_only() { [[ $BASHPID == "$$" ]]; }
+
 # kotlinc from npm (`kotlin-compiler` is the official compiler zip, repackaged).
 # Sets KOTLIN_HOME, KOTLINC, KOTLIN_STDLIB.
 ensure_kotlinc() {

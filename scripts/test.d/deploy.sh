@@ -32,6 +32,7 @@ SERVER_PID=""
 PURGE=0
 POLICY_ADDED=0
 cleanup() {
+    [[ $BASHPID == "$$" ]] || return 0 # not in a subshell (see main_shell_only in scripts/lib/tools.sh)
     [[ -n "$SERVER_PID" ]] && kill -TERM "$SERVER_PID" 2>/dev/null || true
     [[ $PURGE == 1 ]] && dpkg --purge herald >/dev/null 2>&1 || true
     [[ $POLICY_ADDED == 1 ]] && rm -f /usr/sbin/policy-rc.d

@@ -32,6 +32,7 @@ die() {
 WORK="$(test_work_dir herald-openapi)"
 GW_PID=""
 cleanup() {
+    main_shell_only || return 0
     [[ -z "$GW_PID" ]] || { kill -TERM "$GW_PID" 2>/dev/null || true; wait "$GW_PID" 2>/dev/null || true; }
     rm -rf "$WORK"
 }

@@ -31,6 +31,7 @@ ensure_bindings
 WORK="$(test_work_dir herald-samples)"
 BACKEND_PID=""
 cleanup() {
+    main_shell_only || return 0
     if [[ -n "$BACKEND_PID" ]]; then
         kill "$BACKEND_PID" 2>/dev/null || true
         wait "$BACKEND_PID" 2>/dev/null || true

@@ -21,13 +21,6 @@ source "$ROOT/scripts/lib/tools.sh"
 step() { printf -- '--- walkthrough: %s\n' "$*"; }
 die() {
     echo "walkthrough: FAILED: $*" >&2
-    if [[ ! -d "$WORK" ]]; then
-        # Seen in CI at the herald-device step, in /tmp and in target/test-work alike, never
-        # reproduced locally: say what else was running, to find what removes it.
-        echo "walkthrough: $WORK has disappeared (removed by something else?); its parent and the processes now:" >&2
-        ls -la "$(dirname "$WORK")" >&2 || true
-        ps -eo pid,ppid,pgid,etimes,args --sort=start_time 2>/dev/null | tail -n 40 >&2 || true
-    fi
     for f in "$WORK"/*.out "$WORK"/*.log; do
         [[ -s "$f" ]] || continue
         echo "----- $f" >&2
@@ -39,6 +32,7 @@ die() {
 WORK="$(test_work_dir readme-walkthrough)"
 GROUPS_STARTED=()
 cleanup() {
+    main_shell_only || return 0
     exec 7>&- 2>/dev/null || true
     # Each background step runs in its own process group (setsid), ended by its id.
     for g in "${GROUPS_STARTED[@]}"; do
@@ -60,21 +54,25 @@ wait_grep() {
 }
 
 # ctrl_c GROUP SECONDS: what the reader's Ctrl-C does (SIGINT to the foreground process
-# group); waits for the group's leader to exit, sets LAST_RC to its exit code.
+# group); waits for the group's leader to exit, sets LAST_RC to its exit code. The wait is
+# a poll in this shell, not a watchdog subshell: bash runs the parent's EXIT trap in a
+# subshell that is killed before it has reset its traps, and a watchdog killed just after
+# its fork (herald-device exits within milliseconds of SIGINT) ran `cleanup`, removing
+# $WORK under the running script (the CI failures of 2026-12-01 and -02).
 ctrl_c() {
-    local g="$1" seconds="$2" dog
+    local g="$1" seconds="$2" i
     LAST_RC=0
     kill -INT -- "-$g" 2>/dev/null || true
-    (
-        sleep "$seconds"
-        touch "$WORK/killed.$g"
-        kill -KILL -- "-$g" 2>/dev/null
-    ) &
-    dog=$!
+    for ((i = 0; i < seconds * 10; i++)); do
+        kill -0 "$g" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$g" 2>/dev/null; then
+        kill -KILL -- "-$g" 2>/dev/null || true
+        wait "$g" 2>/dev/null || true
+        die "process group $g still running ${seconds} s after Ctrl-C"
+    fi
     wait "$g" || LAST_RC=$?
-    kill "$dog" 2>/dev/null || true
-    wait "$dog" 2>/dev/null || true
-    [[ ! -e "$WORK/killed.$g" ]] || die "process group $g still running ${seconds} s after Ctrl-C"
 }
 
 step "extract the README blocks"
