@@ -91,6 +91,9 @@ impl From<crate::store::StoreError> for AppError {
                 AppError::Forbidden(format!("device {d} belongs to another user"))
             }
             StoreError::Conflict(m) => AppError::Conflict(m),
+            StoreError::DeviceCapReached { user, count, max } => AppError::Conflict(format!(
+                "user {user} already has {count} devices, the maximum (limits.max_devices_per_user = {max}); delete one with DELETE /v1/devices/{{id}}"
+            )),
             StoreError::TooManyRecipients(n) => AppError::invalid(
                 "to",
                 format!("the target has {n} recipients, more than the configured maximum"),

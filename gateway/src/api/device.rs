@@ -34,21 +34,9 @@ fn check_bound(state: &AppState, claims: &DeviceClaims, device_id: &str) -> Resu
     }
 }
 
-/// `limits.max_devices_per_user`: claiming one more device is a 409 `conflict`. A
-/// separate read before the claim: concurrent claims of new devices may overshoot
-/// the cap by the number racing, which bounds the abuse all the same.
-async fn check_device_cap(state: &AppState, user: &str, device_id: &str) -> Result<(), AppError> {
-    if state.store.device(device_id).await?.is_some() {
-        return Ok(());
-    }
-    let max = state.config.limits.max_devices_per_user;
-    let n = state.store.count_user_devices(user).await?;
-    if n >= max as u64 {
-        return Err(AppError::Conflict(format!(
-            "user {user} already has {n} devices, the maximum (limits.max_devices_per_user = {max}); delete one with DELETE /v1/devices/{{id}}"
-        )));
-    }
-    Ok(())
+/// `limits.max_devices_per_user`, which the store's claim enforces (a 409 `conflict`).
+fn device_cap(state: &AppState) -> u64 {
+    state.config.limits.max_devices_per_user as u64
 }
 
 #[derive(Debug, Deserialize)]
@@ -117,11 +105,10 @@ pub(super) async fn open_session(
         return Err(AppError::invalid("after", "must be 0 or more"));
     }
     check_bound(state, claims, device_id)?;
-    check_device_cap(state, &claims.sub, device_id).await?;
     let now = now_ms();
     let device = state
         .store
-        .claim_device(device_id, &claims.sub, now)
+        .claim_device(device_id, &claims.sub, now, device_cap(state))
         .await?;
     let topics = TopicAccess::new(state.config.auth.topic_policy, claims);
     if state.config.auth.topic_policy == TopicPolicy::Claims {
@@ -236,10 +223,9 @@ pub async fn register_device(
             "only applies to push_provider apns",
         ));
     }
-    check_device_cap(&state, &claims.sub, &device_id).await?;
     let device = state
         .store
-        .register_device(&device_id, &claims.sub, &req, now_ms())
+        .register_device(&device_id, &claims.sub, &req, now_ms(), device_cap(&state))
         .await?;
     Ok(Json(device.to_wire(state.is_online(&device_id).await)))
 }
@@ -270,7 +256,7 @@ pub async fn remove_push_token(
         };
         state
             .store
-            .register_device(&device_id, &claims.sub, &req, now_ms())
+            .register_device(&device_id, &claims.sub, &req, now_ms(), device_cap(&state))
             .await?;
     }
     Ok(StatusCode::NO_CONTENT)

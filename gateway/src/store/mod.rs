@@ -34,6 +34,9 @@ pub enum StoreError {
     DeviceOwnedByOtherUser(String),
     #[error("{0}")]
     Conflict(String),
+    /// A claim of a new device beyond the user's cap (`claim_device`'s `max_devices`).
+    #[error("user {user} already has {count} devices, the maximum ({max})")]
+    DeviceCapReached { user: String, count: u64, max: u64 },
     #[error("too many recipients: {0}")]
     TooManyRecipients(usize),
     #[error(transparent)]
@@ -345,14 +348,25 @@ pub trait Store: Send + Sync + 'static {
     async fn revoke_api_key(&self, id_or_prefix: &str, now: i64) -> StoreResult<u64>;
     async fn api_key_by_hash(&self, hash: &[u8]) -> StoreResult<Option<ApiKeyRecord>>;
 
-    /// Creates the device for `user` if new; fails if another user owns it.
-    async fn claim_device(&self, device_id: &str, user: &str, now: i64) -> StoreResult<Device>;
+    /// Creates the device for `user` if new; fails if another user owns it, or with
+    /// `DeviceCapReached` if it is new and `user` already owns `max_devices`. The count
+    /// and the insert are one step (one writer thread; on PostgreSQL under a per-user
+    /// lock), so racing claims never pass the cap, whatever node they reach.
+    async fn claim_device(
+        &self,
+        device_id: &str,
+        user: &str,
+        now: i64,
+        max_devices: u64,
+    ) -> StoreResult<Device>;
+    /// `claim_device`, then the push registration.
     async fn register_device(
         &self,
         device_id: &str,
         user: &str,
         req: &RegisterDeviceRequest,
         now: i64,
+        max_devices: u64,
     ) -> StoreResult<Device>;
     async fn device(&self, device_id: &str) -> StoreResult<Option<Device>>;
     async fn user_devices(&self, user: &str) -> StoreResult<Vec<Device>>;
@@ -370,8 +384,6 @@ pub trait Store: Send + Sync + 'static {
     async fn subscribe(&self, device_id: &str, topic: &str) -> StoreResult<()>;
     async fn unsubscribe(&self, device_id: &str, topic: &str) -> StoreResult<()>;
     async fn device_topics(&self, device_id: &str) -> StoreResult<Vec<String>>;
-    /// Devices `user` owns (the per-user cap).
-    async fn count_user_devices(&self, user: &str) -> StoreResult<u64>;
 
     /// Tokens of `user` issued at or before `before` (unix seconds) are revoked; a later
     /// revocation moves the mark forward, never back.

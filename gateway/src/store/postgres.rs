@@ -294,7 +294,13 @@ impl Store for PostgresStore {
         Ok(row.as_ref().map(key_from_row))
     }
 
-    async fn claim_device(&self, device_id: &str, user: &str, now: i64) -> StoreResult<Device> {
+    async fn claim_device(
+        &self,
+        device_id: &str,
+        user: &str,
+        now: i64,
+        max_devices: u64,
+    ) -> StoreResult<Device> {
         // Insert-if-absent, then read, in the next group: whichever node's insert won,
         // everyone reads the same owner afterwards.
         self.group
@@ -302,6 +308,7 @@ impl Store for PostgresStore {
                 device_id: device_id.to_owned(),
                 user: user.to_owned(),
                 now,
+                max_devices,
                 reply,
             })
             .await
@@ -313,8 +320,9 @@ impl Store for PostgresStore {
         user: &str,
         req: &RegisterDeviceRequest,
         now: i64,
+        max_devices: u64,
     ) -> StoreResult<Device> {
-        self.claim_device(device_id, user, now).await?;
+        self.claim_device(device_id, user, now, max_devices).await?;
         let token_state = if req.push_token.is_some() {
             PushTokenState::Active
         } else {
@@ -446,14 +454,6 @@ impl Store for PostgresStore {
         .bind(device_id)
         .fetch_all(&self.pool)
         .await?)
-    }
-
-    async fn count_user_devices(&self, user: &str) -> StoreResult<u64> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM devices WHERE user_id = $1")
-            .bind(user)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(n as u64)
     }
 
     async fn revoke_user_tokens(&self, user: &str, before: i64) -> StoreResult<()> {

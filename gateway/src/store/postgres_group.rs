@@ -7,8 +7,10 @@
 //! only then answers each caller. A group costs a fixed number of round trips however
 //! many writes it holds:
 //!
-//! 1. claims: one `INSERT … SELECT FROM unnest … ON CONFLICT DO NOTHING` (ids in
-//!    order) and one read of the claimed rows;
+//! 1. claims: the claiming users' advisory locks (the device cap, in key order), one
+//!    read of which ids exist and one count of the new ones' users' devices, one
+//!    `INSERT … SELECT FROM unnest … ON CONFLICT DO NOTHING` (ids in order) of those
+//!    within their cap, and one read of the claimed rows;
 //! 2. reads: existing idempotency keys, and the devices of user and topic targets;
 //! 3. one `SELECT … ORDER BY id FOR UPDATE` of every device the group writes
 //!    (recipients, acked, touched): the lock serialises seq assignment and acks per
@@ -76,6 +78,8 @@ pub(super) enum Write {
         device_id: String,
         user: String,
         now: i64,
+        /// The user's device cap (`limits.max_devices_per_user`).
+        max_devices: u64,
         reply: Reply<Device>,
     },
 }
@@ -300,49 +304,8 @@ async fn run_group(
         })
         .collect();
 
-    // 1. Claims, in id order (two groups claiming the same new ids cannot deadlock);
-    // among claims of one id the first in the group wins.
-    let mut claims: Vec<(&str, &str, i64)> = batch
-        .iter()
-        .filter_map(|w| match w {
-            Write::Claim {
-                device_id,
-                user,
-                now,
-                ..
-            } => Some((device_id.as_str(), user.as_str(), *now)),
-            _ => None,
-        })
-        .collect();
-    let mut claimed: HashMap<String, Device> = HashMap::new();
-    if !claims.is_empty() {
-        claims.sort_by(|a, b| a.0.cmp(b.0));
-        let ids: Vec<&str> = claims.iter().map(|c| c.0).collect();
-        let users: Vec<&str> = claims.iter().map(|c| c.1).collect();
-        let nows: Vec<i64> = claims.iter().map(|c| c.2).collect();
-        sqlx::query(
-            "INSERT INTO devices (id, user_id, created_at, last_seen)
-             SELECT t.id, t.u, t.c, t.c FROM unnest($1::TEXT[], $2::TEXT[], $3::BIGINT[])
-                  WITH ORDINALITY AS t(id, u, c, n)
-             ORDER BY t.n
-             ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(&ids)
-        .bind(&users)
-        .bind(&nows)
-        .execute(&mut *conn)
-        .await?;
-        let rows = sqlx::query(&format!(
-            "SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ANY($1)"
-        ))
-        .bind(&ids)
-        .fetch_all(&mut *conn)
-        .await?;
-        for row in &rows {
-            let d = device_from_row(row);
-            claimed.insert(d.id.clone(), d);
-        }
-    }
+    // 1. Claims.
+    let (claimed, capped) = claim_devices(conn, batch).await?;
 
     // 2a. Idempotency keys already taken.
     type Key<'a> = (&'a str, &'a str);
@@ -827,9 +790,16 @@ async fn run_group(
             Write::Claim {
                 device_id, user, ..
             } => Outcome::Device(match claimed.get(device_id) {
-                None => Err(StoreError::NotFound(format!(
-                    "device {device_id} was deleted meanwhile"
-                ))),
+                None => Err(capped
+                    .get(&(device_id.as_str(), user.as_str()))
+                    .map(|&(count, max)| StoreError::DeviceCapReached {
+                        user: user.clone(),
+                        count,
+                        max,
+                    })
+                    .unwrap_or_else(|| {
+                        StoreError::NotFound(format!("device {device_id} was deleted meanwhile"))
+                    })),
                 Some(d) if d.user_id != *user => {
                     Err(StoreError::DeviceOwnedByOtherUser(device_id.clone()))
                 }
@@ -838,6 +808,137 @@ async fn run_group(
         })
         .collect();
     Ok(Some(outcomes))
+}
+
+/// Advisory-lock class of the per-user device cap (`pg_advisory_xact_lock(class, key)`),
+/// so Herald's locks do not collide with another application's in the same database.
+const DEVICE_CAP_LOCK_CLASS: i32 = 0x4852_4c44; // "HRLD"
+
+/// The user's key in `DEVICE_CAP_LOCK_CLASS`: FNV-1a of the id, fixed so that every
+/// node and every version takes the same lock for the same user. Two users sharing a
+/// key only wait for each other.
+fn device_cap_lock_key(user: &str) -> i32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in user.bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    h as i32
+}
+
+/// Claimed device per id, and the claims refused by their user's cap
+/// (`(device, user)` → `(devices the user has, cap)`).
+type Claims<'a> = (
+    HashMap<String, Device>,
+    HashMap<(&'a str, &'a str), (u64, u64)>,
+);
+
+/// The group's device claims, in id order (two groups claiming the same new ids cannot
+/// deadlock); among claims of one id the first in the group wins. A new device counts
+/// against its user's cap: the group first takes each claiming user's advisory lock, in
+/// key order (groups cannot deadlock on them, and a group holds no row lock yet), so
+/// the count and the insert are one step across nodes; under READ COMMITTED the count
+/// after the lock sees every device of whoever held it before.
+async fn claim_devices<'a>(
+    conn: &mut PgConnection,
+    batch: &'a [Write],
+) -> Result<Claims<'a>, sqlx::Error> {
+    let mut claims: Vec<(&str, &str, i64, u64)> = batch
+        .iter()
+        .filter_map(|w| match w {
+            Write::Claim {
+                device_id,
+                user,
+                now,
+                max_devices,
+                ..
+            } => Some((device_id.as_str(), user.as_str(), *now, *max_devices)),
+            _ => None,
+        })
+        .collect();
+    let mut claimed: HashMap<String, Device> = HashMap::new();
+    let mut capped = HashMap::new();
+    if claims.is_empty() {
+        return Ok((claimed, capped));
+    }
+    claims.sort_by(|a, b| a.0.cmp(b.0));
+    let mut keys: Vec<i32> = claims.iter().map(|c| device_cap_lock_key(c.1)).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock($1, t.k)
+         FROM unnest($2::INT4[]) WITH ORDINALITY AS t(k, n) ORDER BY t.n",
+    )
+    .bind(DEVICE_CAP_LOCK_CLASS)
+    .bind(&keys)
+    .execute(&mut *conn)
+    .await?;
+
+    let ids: Vec<&str> = claims.iter().map(|c| c.0).collect();
+    let existing: std::collections::HashSet<String> =
+        sqlx::query_scalar("SELECT id FROM devices WHERE id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .collect();
+    let mut new_users: Vec<&str> = claims
+        .iter()
+        .filter(|c| !existing.contains(c.0))
+        .map(|c| c.1)
+        .collect();
+    new_users.sort_unstable();
+    new_users.dedup();
+    let mut owned: HashMap<String, u64> = HashMap::new();
+    if !new_users.is_empty() {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT user_id, COUNT(*) FROM devices WHERE user_id = ANY($1) GROUP BY user_id",
+        )
+        .bind(&new_users)
+        .fetch_all(&mut *conn)
+        .await?;
+        owned = rows.into_iter().map(|(u, n)| (u, n as u64)).collect();
+    }
+    let mut inserts: Vec<(&str, &str, i64)> = Vec::new();
+    for &(id, user, now, max) in &claims {
+        if existing.contains(id) || inserts.iter().any(|c| c.0 == id) {
+            continue;
+        }
+        let n = owned.entry(user.to_owned()).or_default();
+        if *n >= max {
+            capped.insert((id, user), (*n, max));
+        } else {
+            *n += 1;
+            inserts.push((id, user, now));
+        }
+    }
+    if !inserts.is_empty() {
+        let ids: Vec<&str> = inserts.iter().map(|c| c.0).collect();
+        let users: Vec<&str> = inserts.iter().map(|c| c.1).collect();
+        let nows: Vec<i64> = inserts.iter().map(|c| c.2).collect();
+        sqlx::query(
+            "INSERT INTO devices (id, user_id, created_at, last_seen)
+             SELECT t.id, t.u, t.c, t.c FROM unnest($1::TEXT[], $2::TEXT[], $3::BIGINT[])
+                  WITH ORDINALITY AS t(id, u, c, n)
+             ORDER BY t.n
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&ids)
+        .bind(&users)
+        .bind(&nows)
+        .execute(&mut *conn)
+        .await?;
+    }
+    let rows = sqlx::query(&format!(
+        "SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ANY($1)"
+    ))
+    .bind(&ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    for row in &rows {
+        let d = device_from_row(row);
+        claimed.insert(d.id.clone(), d);
+    }
+    Ok((claimed, capped))
 }
 
 /// SQL of a new webhook event id: `evt_` + 32 random hex digits.

@@ -255,9 +255,16 @@ impl Store for SqliteStore {
         self.hot.api_key_by_hash(hash.to_vec()).await
     }
 
-    async fn claim_device(&self, device_id: &str, user: &str, now: i64) -> StoreResult<Device> {
+    async fn claim_device(
+        &self,
+        device_id: &str,
+        user: &str,
+        now: i64,
+        max_devices: u64,
+    ) -> StoreResult<Device> {
         // Connects of known devices only read; a new device is created in the next
-        // write group instead of a transaction of its own.
+        // write group instead of a transaction of its own, where the writer thread
+        // counts the user's devices and inserts in one step.
         if let Some(d) = self.hot.device(device_id).await? {
             return if d.user_id == user {
                 Ok(d)
@@ -270,6 +277,7 @@ impl Store for SqliteStore {
                 device_id: device_id.to_owned(),
                 user: user.to_owned(),
                 now,
+                max_devices,
                 reply,
             })
             .await
@@ -281,8 +289,9 @@ impl Store for SqliteStore {
         user: &str,
         req: &RegisterDeviceRequest,
         now: i64,
+        max_devices: u64,
     ) -> StoreResult<Device> {
-        self.claim_device(device_id, user, now).await?;
+        self.claim_device(device_id, user, now, max_devices).await?;
         let token_state = if req.push_token.is_some() {
             PushTokenState::Active
         } else {
@@ -418,14 +427,6 @@ impl Store for SqliteStore {
                 device_id,
             )
             .await
-    }
-
-    async fn count_user_devices(&self, user: &str) -> StoreResult<u64> {
-        let n: Vec<i64> = self
-            .hot
-            .column("SELECT COUNT(*) FROM devices WHERE user_id = ?1", user)
-            .await?;
-        Ok(n.first().copied().unwrap_or(0) as u64)
     }
 
     async fn revoke_user_tokens(&self, user: &str, before: i64) -> StoreResult<()> {

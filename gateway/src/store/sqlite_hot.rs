@@ -65,6 +65,8 @@ pub(super) enum Write {
         device_id: String,
         user: String,
         now: i64,
+        /// The user's device cap (`limits.max_devices_per_user`).
+        max_devices: u64,
         reply: Reply<Device>,
     },
     /// Any other write (push bookkeeping): a closure run in the group's transaction.
@@ -495,8 +497,9 @@ fn commit_group(
                 device_id,
                 user,
                 now,
+                max_devices,
                 ..
-            } => Outcome::Device(claim_one(&tx, device_id, user, *now)?),
+            } => Outcome::Device(claim_one(&tx, device_id, user, *now, *max_devices)?),
             Write::Run(_) => unreachable!("ran above"),
         });
     }
@@ -504,12 +507,36 @@ fn commit_group(
     Ok(outcomes)
 }
 
-fn claim_one(conn: &Connection, device_id: &str, user: &str, now: i64) -> WriteResult<Device> {
-    conn.prepare_cached(
-        "INSERT INTO devices (id, user_id, created_at, last_seen) VALUES (?1, ?2, ?3, ?3) ON CONFLICT (id) DO NOTHING",
-    )?
-    .execute(params![device_id, user, now])?;
-    let d = device_by_id(conn, device_id)?.expect("inserted or present in this transaction");
+/// Claims `device_id` for `user`; a new device only while `user` has fewer than
+/// `max_devices`. The count and the insert share the writer's transaction, so claims
+/// racing through other requests are counted one after the other.
+fn claim_one(
+    conn: &Connection,
+    device_id: &str,
+    user: &str,
+    now: i64,
+    max_devices: u64,
+) -> WriteResult<Device> {
+    let d = match device_by_id(conn, device_id)? {
+        Some(d) => d,
+        None => {
+            let count: i64 = conn
+                .prepare_cached("SELECT COUNT(*) FROM devices WHERE user_id = ?1")?
+                .query_row(params![user], |r| r.get(0))?;
+            if count as u64 >= max_devices {
+                return Ok(Err(StoreError::DeviceCapReached {
+                    user: user.to_owned(),
+                    count: count as u64,
+                    max: max_devices,
+                }));
+            }
+            conn.prepare_cached(
+                "INSERT INTO devices (id, user_id, created_at, last_seen) VALUES (?1, ?2, ?3, ?3)",
+            )?
+            .execute(params![device_id, user, now])?;
+            device_by_id(conn, device_id)?.expect("inserted in this transaction")
+        }
+    };
     if d.user_id != user {
         return Ok(Err(StoreError::DeviceOwnedByOtherUser(device_id.into())));
     }

@@ -53,8 +53,16 @@ impl Store for TimedStore {
     async fn api_key_by_hash(&self, hash: &[u8]) -> StoreResult<Option<ApiKeyRecord>> {
         self.inner.api_key_by_hash(hash).await
     }
-    async fn claim_device(&self, device_id: &str, user: &str, now: i64) -> StoreResult<Device> {
-        self.inner.claim_device(device_id, user, now).await
+    async fn claim_device(
+        &self,
+        device_id: &str,
+        user: &str,
+        now: i64,
+        max_devices: u64,
+    ) -> StoreResult<Device> {
+        self.inner
+            .claim_device(device_id, user, now, max_devices)
+            .await
     }
     async fn register_device(
         &self,
@@ -62,8 +70,11 @@ impl Store for TimedStore {
         user: &str,
         req: &RegisterDeviceRequest,
         now: i64,
+        max_devices: u64,
     ) -> StoreResult<Device> {
-        self.inner.register_device(device_id, user, req, now).await
+        self.inner
+            .register_device(device_id, user, req, now, max_devices)
+            .await
     }
     async fn device(&self, device_id: &str) -> StoreResult<Option<Device>> {
         self.inner.device(device_id).await
@@ -95,9 +106,6 @@ impl Store for TimedStore {
     }
     async fn device_topics(&self, device_id: &str) -> StoreResult<Vec<String>> {
         self.inner.device_topics(device_id).await
-    }
-    async fn count_user_devices(&self, user: &str) -> StoreResult<u64> {
-        self.inner.count_user_devices(user).await
     }
     async fn revoke_user_tokens(&self, user: &str, before: i64) -> StoreResult<()> {
         self.inner.revoke_user_tokens(user, before).await

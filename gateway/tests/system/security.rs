@@ -97,6 +97,7 @@ both_stores!(
     tokens_act_for_their_device_only,
     user_wide_tokens_are_a_compatibility_setting,
     devices_per_user_are_capped,
+    concurrent_claims_never_pass_the_device_cap,
     claims_policy_limits_what_a_device_subscribes,
     server_policy_leaves_subscriptions_to_the_backend,
     open_policy_is_the_old_behaviour,
@@ -415,6 +416,45 @@ async fn devices_per_user_are_capped(db: Arc<Db>) {
     assert!(connect_with_token(&tg.ws_url("flo-3", None), &t("flo-3"))
         .await
         .is_ok());
+}
+
+/// Many new devices of one user claimed at once, by register and by connect: the cap
+/// is checked where the device is created, so exactly `max` of them exist afterwards
+/// (a count read before the claim let every racing claim through).
+async fn concurrent_claims_never_pass_the_device_cap(db: Arc<Db>) {
+    const MAX: usize = 3;
+    const RACING: usize = 24;
+    let tg = Arc::new(db.gateway(|c| c.limits.max_devices_per_user = MAX).await);
+    let claims = (0..RACING).map(|i| {
+        let tg = tg.clone();
+        tokio::spawn(async move {
+            let id = format!("hal-{i}");
+            let token = tg.mint_device_token("hal", &id, &[], TTL);
+            if i % 2 == 0 {
+                let (s, v) = register_with(&tg, &token, &id).await;
+                assert!(s == 200 || (s == 409 && code(&v) == "conflict"), "{s} {v}");
+                s == 200
+            } else {
+                match connect_with_token(&tg.ws_url(&id, None), &token).await {
+                    Ok(_) => true,
+                    Err(e) if e.starts_with("HTTP 409") => false,
+                    Err(e) => panic!("{id}: {e}"),
+                }
+            }
+        })
+    });
+    let mut admitted = 0;
+    for claim in futures_util::future::join_all(claims).await {
+        admitted += usize::from(claim.unwrap());
+    }
+    let (s, v) = get(&tg, "/v1/users/hal/devices", &tg.api_key).await;
+    assert_eq!(s, 200, "{v}");
+    let stored = v["devices"].as_array().expect("a devices list").len();
+    assert_eq!(
+        (admitted, stored),
+        (MAX, MAX),
+        "admitted {admitted}, stored {stored}: {v}"
+    );
 }
 
 // ---------------------------------------------------------------------------------

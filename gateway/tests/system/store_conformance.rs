@@ -30,6 +30,9 @@ const T0: i64 = 1_700_000_000_000;
 const DAY: i64 = 24 * 3600 * 1000;
 /// The ack timeout the tests' publishes schedule fallback pushes with.
 const ACK: i64 = 5_000;
+/// The per-user device cap of claims that are not about the cap: none (some fixtures
+/// give one user more devices than the default cap of 100).
+const CAP: u64 = u64::MAX;
 
 // ---------------------------------------------------------------------------------
 // Fixtures
@@ -97,7 +100,7 @@ conformance!(
     concurrent_claims_have_one_winner,
     register_and_invalidate_token,
     subscriptions,
-    user_device_count,
+    claims_stop_at_the_user_device_cap,
     token_revocations_only_move_forward,
     publish_assigns_increasing_seqs_per_device,
     concurrent_publishes_to_one_device_are_gapless,
@@ -181,7 +184,7 @@ async fn publish_ok(store: &Arc<dyn Store>, msg: NewMessage) -> Vec<InboxEntry> 
 
 async fn device(store: &Arc<dyn Store>, id: &str, user: &str) {
     store
-        .claim_device(id, user, T0)
+        .claim_device(id, user, T0, CAP)
         .await
         .expect("claim device");
 }
@@ -270,21 +273,24 @@ async fn api_keys_create_find_revoke(store: Arc<dyn Store>) {
 }
 
 async fn claim_device_ownership(store: Arc<dyn Store>) {
-    let d = store.claim_device("d1", "alice", T0).await.unwrap();
+    let d = store.claim_device("d1", "alice", T0, CAP).await.unwrap();
     assert_eq!(d.user_id, "alice");
     assert_eq!((d.last_seq, d.acked_seq), (0, 0));
     assert_eq!(d.token_state, PushTokenState::None);
     assert_eq!(d.last_seen, Some(T0));
     // Idempotent for the owner.
-    let again = store.claim_device("d1", "alice", T0 + 10).await.unwrap();
+    let again = store
+        .claim_device("d1", "alice", T0 + 10, CAP)
+        .await
+        .unwrap();
     assert_eq!(again.id, "d1");
-    let err = store.claim_device("d1", "bob", T0).await.unwrap_err();
+    let err = store.claim_device("d1", "bob", T0, CAP).await.unwrap_err();
     assert!(
         matches!(err, StoreError::DeviceOwnedByOtherUser(ref id) if id == "d1"),
         "{err:?}"
     );
     let err = store
-        .register_device("d1", "bob", &ios(Some("t")), T0)
+        .register_device("d1", "bob", &ios(Some("t")), T0, CAP)
         .await
         .unwrap_err();
     assert!(
@@ -318,7 +324,10 @@ async fn concurrent_claims_have_one_winner(store: Arc<dyn Store>) {
         for user in ["alice", "bob", "carol"] {
             let (store, id) = (store.clone(), id.clone());
             tasks.push(tokio::spawn(async move {
-                store.claim_device(&id, user, T0).await.map(|d| d.user_id)
+                store
+                    .claim_device(&id, user, T0, CAP)
+                    .await
+                    .map(|d| d.user_id)
             }));
         }
         let mut winners = Vec::new();
@@ -337,7 +346,7 @@ async fn concurrent_claims_have_one_winner(store: Arc<dyn Store>) {
 
 async fn register_and_invalidate_token(store: Arc<dyn Store>) {
     let d = store
-        .register_device("d1", "alice", &ios(Some("tok1")), T0)
+        .register_device("d1", "alice", &ios(Some("tok1")), T0, CAP)
         .await
         .unwrap();
     assert_eq!(d.platform, Some(Platform::Ios));
@@ -364,7 +373,7 @@ async fn register_and_invalidate_token(store: Arc<dyn Store>) {
 
     // Re-registering revives it; invalidating the old token then does nothing.
     let d = store
-        .register_device("d1", "alice", &ios(Some("tok2")), T0 + 1)
+        .register_device("d1", "alice", &ios(Some("tok2")), T0 + 1, CAP)
         .await
         .unwrap();
     assert_eq!(d.token_state, PushTokenState::Active);
@@ -378,7 +387,7 @@ async fn register_and_invalidate_token(store: Arc<dyn Store>) {
     assert_eq!(d.push_token.as_deref(), Some("tok2"));
 
     let d = store
-        .register_device("d1", "alice", &ios(None), T0 + 2)
+        .register_device("d1", "alice", &ios(None), T0 + 2, CAP)
         .await
         .unwrap();
     assert_eq!(d.token_state, PushTokenState::None);
@@ -395,15 +404,60 @@ async fn subscriptions(store: Arc<dyn Store>) {
     assert_eq!(store.device_topics("d1").await.unwrap(), ["Alerts"]);
 }
 
-async fn user_device_count(store: Arc<dyn Store>) {
-    assert_eq!(store.count_user_devices("alice").await.unwrap(), 0);
-    device(&store, "d1", "alice").await;
-    device(&store, "d2", "alice").await;
-    device(&store, "d3", "bob").await;
-    assert_eq!(store.count_user_devices("alice").await.unwrap(), 2);
+async fn claims_stop_at_the_user_device_cap(store: Arc<dyn Store>) {
+    let claim = |id: &'static str, user: &'static str| {
+        let store = store.clone();
+        async move { store.claim_device(id, user, T0, 2).await }
+    };
+    claim("d1", "alice").await.unwrap();
+    claim("d2", "alice").await.unwrap();
+    claim("b1", "bob").await.unwrap();
+    let err = claim("d3", "alice").await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::DeviceCapReached { ref user, count: 2, max: 2 } if user == "alice"),
+        "{err:?}"
+    );
+    let err = store
+        .register_device("d3", "alice", &ios(Some("t")), T0, 2)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::DeviceCapReached { .. }),
+        "{err:?}"
+    );
+    assert!(store.device("d3").await.unwrap().is_none());
+    // At the cap, the devices the user has still claim; others' do not count.
+    assert_eq!(claim("d1", "alice").await.unwrap().id, "d1");
+    claim("b2", "bob").await.unwrap();
+    // Deleting one makes room.
     assert!(store.delete_device("d1").await.unwrap());
-    assert_eq!(store.count_user_devices("alice").await.unwrap(), 1);
-    assert_eq!(store.count_user_devices("bob").await.unwrap(), 1);
+    claim("d3", "alice").await.unwrap();
+    let ids: Vec<String> = store
+        .user_devices("alice")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(ids, ["d2", "d3"]);
+
+    // Claims of new devices racing each other: exactly the cap gets through.
+    let tasks: Vec<_> = (0..24)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { store.claim_device(&format!("c{i}"), "carol", T0, 5).await })
+        })
+        .collect();
+    let mut admitted = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => admitted += 1,
+            Err(StoreError::DeviceCapReached { .. }) => {}
+            Err(e) => panic!("unexpected error: {e:?}"),
+        }
+    }
+    assert_eq!(admitted, 5);
+    assert_eq!(store.user_devices("carol").await.unwrap().len(), 5);
 }
 
 async fn token_revocations_only_move_forward(store: Arc<dyn Store>) {
@@ -1288,7 +1342,7 @@ async fn delete_device_removes_inbox(store: Arc<dyn Store>) {
     assert!(publish_ok(&store, new_msg(Target::Topic("t".into()), T0))
         .await
         .is_empty());
-    let d = store.claim_device("d1", "bob", T0).await.unwrap();
+    let d = store.claim_device("d1", "bob", T0, CAP).await.unwrap();
     assert_eq!((d.user_id.as_str(), d.last_seq), ("bob", 0));
 }
 
@@ -1517,6 +1571,39 @@ mod two_nodes {
             }
             panic!("test task: {e}");
         }
+    }
+
+    /// New devices of one user claimed on both nodes at once: the per-user lock makes
+    /// the cap hold across nodes (each node's count alone misses the other's claims).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn claims_on_two_nodes_stop_at_the_user_device_cap() {
+        with_two_stores(|a, b| async move {
+            let nodes = [a, b];
+            for round in 0..5 {
+                let user = format!("u{round}");
+                let tasks: Vec<_> = (0..30)
+                    .map(|i| {
+                        let (store, user) = (nodes[i % 2].clone(), user.clone());
+                        tokio::spawn(async move {
+                            store
+                                .claim_device(&format!("{user}-{i}"), &user, T0, 4)
+                                .await
+                        })
+                    })
+                    .collect();
+                let mut admitted = 0;
+                for t in tasks {
+                    match t.await.unwrap() {
+                        Ok(_) => admitted += 1,
+                        Err(StoreError::DeviceCapReached { .. }) => {}
+                        Err(e) => panic!("unexpected error: {e:?}"),
+                    }
+                }
+                let stored = nodes[0].user_devices(&user).await.unwrap().len();
+                assert_eq!((admitted, stored), (4, 4), "round {round}");
+            }
+        })
+        .await;
     }
 
     const DEVICES: usize = 8;
