@@ -189,6 +189,26 @@ async fn device(store: &Arc<dyn Store>, id: &str, user: &str) {
         .expect("claim device");
 }
 
+async fn device_ids(store: &Arc<dyn Store>, user: &str) -> Vec<String> {
+    let devices = store.user_devices(user).await.unwrap();
+    devices.into_iter().map(|d| d.id).collect()
+}
+
+/// How many of the racing claims got their device; the others must have hit the cap.
+async fn admitted_claims(
+    tasks: Vec<tokio::task::JoinHandle<Result<herald_gateway::store::Device, StoreError>>>,
+) -> usize {
+    let mut admitted = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => admitted += 1,
+            Err(StoreError::DeviceCapReached { .. }) => {}
+            Err(e) => panic!("unexpected error: {e:?}"),
+        }
+    }
+    admitted
+}
+
 /// Publishes one message to `d` with the given push policy, device offline.
 async fn one_entry(store: &Arc<dyn Store>, d: &str, push: PushPolicy, now: i64) -> InboxEntry {
     let mut m = new_msg(to_device(d), now);
@@ -302,14 +322,7 @@ async fn claim_device_ownership(store: Arc<dyn Store>) {
 
     device(&store, "d0", "alice").await;
     device(&store, "x", "bob").await;
-    let ids: Vec<String> = store
-        .user_devices("alice")
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|d| d.id)
-        .collect();
-    assert_eq!(ids, ["d0", "d1"]);
+    assert_eq!(device_ids(&store, "alice").await, ["d0", "d1"]);
     store.touch_device("d1", T0 + 99).await.unwrap();
     assert_eq!(
         store.device("d1").await.unwrap().unwrap().last_seen,
@@ -432,14 +445,7 @@ async fn claims_stop_at_the_user_device_cap(store: Arc<dyn Store>) {
     // Deleting one makes room.
     assert!(store.delete_device("d1").await.unwrap());
     claim("d3", "alice").await.unwrap();
-    let ids: Vec<String> = store
-        .user_devices("alice")
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|d| d.id)
-        .collect();
-    assert_eq!(ids, ["d2", "d3"]);
+    assert_eq!(device_ids(&store, "alice").await, ["d2", "d3"]);
 
     // Claims of new devices racing each other: exactly the cap gets through.
     let tasks: Vec<_> = (0..24)
@@ -448,15 +454,7 @@ async fn claims_stop_at_the_user_device_cap(store: Arc<dyn Store>) {
             tokio::spawn(async move { store.claim_device(&format!("c{i}"), "carol", T0, 5).await })
         })
         .collect();
-    let mut admitted = 0;
-    for t in tasks {
-        match t.await.unwrap() {
-            Ok(_) => admitted += 1,
-            Err(StoreError::DeviceCapReached { .. }) => {}
-            Err(e) => panic!("unexpected error: {e:?}"),
-        }
-    }
-    assert_eq!(admitted, 5);
+    assert_eq!(admitted_claims(tasks).await, 5);
     assert_eq!(store.user_devices("carol").await.unwrap().len(), 5);
 }
 
@@ -1591,14 +1589,7 @@ mod two_nodes {
                         })
                     })
                     .collect();
-                let mut admitted = 0;
-                for t in tasks {
-                    match t.await.unwrap() {
-                        Ok(_) => admitted += 1,
-                        Err(StoreError::DeviceCapReached { .. }) => {}
-                        Err(e) => panic!("unexpected error: {e:?}"),
-                    }
-                }
+                let admitted = admitted_claims(tasks).await;
                 let stored = nodes[0].user_devices(&user).await.unwrap().len();
                 assert_eq!((admitted, stored), (4, 4), "round {round}");
             }
