@@ -761,6 +761,14 @@ fn tree_sum(roots: &[u32], f: impl Fn(u32) -> Option<u64>) -> Option<u64> {
 /// USER_HZ: the unit of /proc/PID/stat's times (100 on Linux).
 const CLOCK_TICKS: f64 = 100.0;
 
+/// The host's CPU as `/proc/cpuinfo` names it: the same build needed ~2.8x the CPU per
+/// message on one VM host as on another (BENCHMARKS.md, v8), so reports say which.
+fn cpu_model() -> Option<String> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("model name"))?;
+    Some(line.split_once(':')?.1.trim().to_owned())
+}
+
 /// utime + stime of one process (all its threads), in clock ticks.
 fn process_cpu_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -1311,6 +1319,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         "server_rss_baseline_kib": baseline_rss,
         "unix_time": SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs(),
         "load_average": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_owned(),
+        "cpu_model": cpu_model(),
     });
     let r = report.as_object_mut().unwrap();
 
