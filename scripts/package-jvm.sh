@@ -49,7 +49,7 @@ LIB_PATH="$HERALD_TARGET_DIR/$PROFILE/$LIB"
 
 DIR="$REPO/dev/herald/herald-jvm/$VERSION"
 STAGE="$(mktemp -d "${TMPDIR:-/tmp}/herald-jvm.XXXXXX")"
-trap 'rm -rf "$STAGE"' EXIT
+trap '[[ $BASHPID != "$$" ]] || rm -rf "$STAGE"' EXIT
 mkdir -p "$DIR" "$STAGE/classes/$PREFIX"
 "$KOTLINC" -nowarn -cp "$JNA_JAR" -d "$STAGE/classes" "$GEN_KT" 2>&1 | grep -v '^warning:' || true
 [[ -f "$STAGE/classes/dev/herald/sdk/HeraldClient.class" ]] || { echo "package-jvm: kotlinc failed on $GEN_KT" >&2; exit 1; }

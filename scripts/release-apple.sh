@@ -35,7 +35,7 @@ VERSION="$(sed -n '/^\[workspace.package\]/,/^\[/s/^version = "\(.*\)"/\1/p' Car
 
 if ((DRY_RUN)); then
     OUT="$(mktemp -d "${TMPDIR:-/tmp}/herald-release.XXXXXX")"
-    trap 'rm -rf "$OUT"' EXIT
+    trap '[[ $BASHPID != "$$" ]] || rm -rf "$OUT"' EXIT
     URL_BASE="https://example.invalid/releases/download"
     PKG_ROOT="$OUT/pkg"
     mkdir -p "$PKG_ROOT"

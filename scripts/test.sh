@@ -16,7 +16,7 @@ end_step() {
     printf '<== %s: %ss\n' "$STEP_NAME" "$took"
     TIMINGS+=$(printf '%6ss  %s' "$took" "$STEP_NAME")$'\n'
 }
-trap 'rc=$?; if [ $rc -ne 0 ]; then end_step; printf "\n==> FAILED (exit %s) after %ss\n%s" "$rc" "$((SECONDS - SUITE_START))" "$TIMINGS"; fi' EXIT
+trap 'rc=$?; if [ $rc -ne 0 ] && [ "$BASHPID" = "$$" ]; then end_step; printf "\n==> FAILED (exit %s) after %ss\n%s" "$rc" "$((SECONDS - SUITE_START))" "$TIMINGS"; fi' EXIT
 step() {
     end_step
     STEP_NAME="$*" STEP_START=$SECONDS

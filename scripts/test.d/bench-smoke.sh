@@ -16,7 +16,7 @@ if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
 fi
 
 out=$(mktemp -d /tmp/bench-smoke.XXXXXX)
-trap 'rm -rf "$out"' EXIT
+trap '[[ $BASHPID != "$$" ]] || rm -rf "$out"' EXIT
 export BENCH_PROFILE=debug BENCH_OUT=$out BENCH_MAX_SECONDS=40
 export BENCH_LOADGEN_ARGS="--source-addrs 8 --device-prefix smoke"
 

@@ -22,7 +22,7 @@ for tool in python3 node; do
 done
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/webhooks-verify.XXXXXX")"
-trap 'rm -rf "$WORK"' EXIT
+trap '[[ $BASHPID != "$$" ]] || rm -rf "$WORK"' EXIT
 
 HERALD_WEBHOOK_FIXTURE_DIR="$WORK/fixture" timeout 600 \
     cargo nextest run --workspace --no-fail-fast \
