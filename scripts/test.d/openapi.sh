@@ -144,11 +144,15 @@ bearer = "${HERALD_DEVICE_TOKEN}"
 [parameters]
 "query.wait" = 0
 EOF
+# One worker: with two, hypothesis parses source (`ast.parse`) from two threads, and
+# CPython 3.11 (3.11.7 here) then fails now and then with "SystemError: AST constructor
+# recursion depth mismatch" (seen in threaded programs, cpython gh-106905): a schemathesis
+# runtime error that failed this step in a clean-clone run with every test case passed.
 (cd "$WORK" && timeout $((MAX_TIME + 45)) "$VENV/bin/schemathesis" --config-file "$WORK/schemathesis.toml" run \
     "$H/openapi.json" \
     --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,response_headers_conformance \
     --max-examples "$MAX_EXAMPLES" --max-time "$MAX_TIME" --request-timeout 10 \
-    --phases examples,coverage,fuzzing --seed 16 --workers 2 --no-color) \
+    --phases examples,coverage,fuzzing --seed 16 --workers 1 --no-color) \
     >"$WORK/schemathesis.out" 2>&1 || { cat "$WORK/schemathesis.out"; die "schemathesis found answers the spec does not describe (above)"; }
 sed -n "/SUMMARY/,\$p" "$WORK/schemathesis.out"
 kill -0 "$GW_PID" 2>/dev/null || die "the gateway died under the fuzzer"
