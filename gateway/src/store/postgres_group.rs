@@ -27,7 +27,7 @@
 //! deadlock rolls the whole group back and runs it again; any other database error
 //! fails every caller of the group, and nothing of it is stored.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use herald_protocol::{PushPolicy, Target};
@@ -874,13 +874,12 @@ async fn claim_devices<'a>(
     .await?;
 
     let ids: Vec<&str> = claims.iter().map(|c| c.0).collect();
-    let existing: std::collections::HashSet<String> =
-        sqlx::query_scalar("SELECT id FROM devices WHERE id = ANY($1)")
-            .bind(&ids)
-            .fetch_all(&mut *conn)
-            .await?
-            .into_iter()
-            .collect();
+    let existing: HashSet<String> = sqlx::query_scalar("SELECT id FROM devices WHERE id = ANY($1)")
+        .bind(&ids)
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .collect();
     let mut new_users: Vec<&str> = claims
         .iter()
         .filter(|c| !existing.contains(c.0))
@@ -900,7 +899,8 @@ async fn claim_devices<'a>(
     }
     let mut inserts: Vec<(&str, &str, i64)> = Vec::new();
     for &(id, user, now, max) in &claims {
-        if existing.contains(id) || inserts.iter().any(|c| c.0 == id) {
+        // Claims are in id order, so an earlier claim of this id is the last insert.
+        if existing.contains(id) || inserts.last().is_some_and(|c| c.0 == id) {
             continue;
         }
         let n = owned.entry(user.to_owned()).or_default();
