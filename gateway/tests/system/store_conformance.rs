@@ -130,6 +130,7 @@ conformance!(
     message_status_rows,
     ack_from_the_writing_session_records_sent,
     concurrent_writes_with_refused_items_commit_the_others,
+    concurrent_acks_of_many_devices_each_ack_their_own,
 );
 
 // ---------------------------------------------------------------------------------
@@ -1535,6 +1536,108 @@ async fn concurrent_writes_with_refused_items_commit_the_others(store: Arc<dyn S
         m.idempotency_key = Some(format!("k{i}"));
         assert_eq!(publish_ok(&store, m).await.len(), 1);
     }
+}
+
+/// A fan-out's acks arrive at once, one per device, and share commit groups (PostgreSQL
+/// writes a group's acks with one statement per step): each must still ack exactly its
+/// own device's entries, cancel their fallback pushes, record `sent` only for a live
+/// ack, and answer its own acked seq; an unknown device or a second ack of a device in
+/// the same group must not disturb the others.
+async fn concurrent_acks_of_many_devices_each_ack_their_own(store: Arc<dyn Store>) {
+    const N: usize = 150;
+    let ids: Vec<String> = (0..N).map(|i| format!("a{i:03}")).collect();
+    for d in &ids {
+        device(&store, d, "fleet").await;
+    }
+    let mut msgs = Vec::new();
+    for i in 0..3 {
+        let mut m = new_msg(Target::User("fleet".into()), T0 + i);
+        m.max_recipients = N;
+        set_push(&mut m, PushPolicy::Fallback);
+        msgs.push(m.id.clone());
+        assert_eq!(publish_ok(&store, m).await.len(), N);
+    }
+    // Device i acks seq i % 4 (0 acks nothing; 3 is the last); every tenth device
+    // (i % 10 == 5) acks a second time, seq 3, at once; even devices ack live.
+    let expected = |i: usize| if i % 10 == 5 { 3 } else { (i % 4) as i64 };
+    let now = |i: usize| T0 + 100 + i as i64;
+    let mut tasks = Vec::new();
+    for (i, d) in ids.iter().enumerate() {
+        let mut acks = vec![(i % 4) as i64];
+        if i % 10 == 5 {
+            acks.push(3);
+        }
+        for seq in acks {
+            let (store, d) = (store.clone(), d.clone());
+            tasks.push(tokio::spawn(async move {
+                let r = store.ack(&d, seq, now(i), i % 2 == 0).await;
+                (i, seq, r)
+            }));
+        }
+        if i % 15 == 0 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                (
+                    usize::MAX,
+                    1,
+                    store.ack(&format!("ghost{i}"), 1, T0, true).await,
+                )
+            }));
+        }
+    }
+    for t in tasks {
+        let (i, seq, r) = t.await.unwrap();
+        if i == usize::MAX {
+            assert!(matches!(r, Err(StoreError::NotFound(_))), "{r:?}");
+            continue;
+        }
+        let acked = r.expect("ack");
+        // Its own ack is in, and nothing past what the device's acks asked for.
+        assert!(
+            acked >= seq && acked <= expected(i),
+            "{i}: ack {seq} → {acked}"
+        );
+    }
+    for (i, d) in ids.iter().enumerate() {
+        let dev = store.device(d).await.unwrap().unwrap();
+        assert_eq!((dev.acked_seq, dev.last_seq), (expected(i), 3), "{d}");
+    }
+    for (j, id) in msgs.iter().enumerate() {
+        let seq = j as i64 + 1;
+        let (_, rows) = store.message(id).await.unwrap().unwrap();
+        assert_eq!(rows.len(), N);
+        for r in rows {
+            let i: usize = r.device_id[1..].parse().unwrap();
+            let acked = seq <= expected(i);
+            let at = acked.then(|| now(i));
+            assert_eq!(r.acked_at, at, "{} seq {seq}", r.device_id);
+            assert_eq!(
+                r.sent_at,
+                at.filter(|_| i.is_multiple_of(2)),
+                "{} seq {seq}",
+                r.device_id
+            );
+            let push = (!acked).then(|| "pending".to_owned());
+            assert_eq!(r.push_state, push, "{} seq {seq}", r.device_id);
+        }
+    }
+    // Only the unacked entries are still due for a push (the last was due at T0 + 2 + ACK).
+    let t = T0 + 2 + ACK;
+    let mut due: Vec<(String, i64)> = store
+        .take_due_pushes(t, t + ACK, 1_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.device_id, e.seq))
+        .collect();
+    due.sort();
+    let mut want: Vec<(String, i64)> = ids
+        .iter()
+        .enumerate()
+        .flat_map(|(i, d)| (expected(i) + 1..=3).map(move |s| (d.clone(), s)))
+        .collect();
+    want.sort();
+    assert_eq!(due, want);
 }
 
 /// Two gateway nodes on one PostgreSQL database: two stores, each with its own group
