@@ -9,11 +9,21 @@
 //! backends (from /proc, between the first publish and the last delivery).
 //!
 //! cargo build --release -p herald-gateway --bin herald -p herald-bench --bin cluster_rate
-//! target/release/cluster_rate [devices=300] [messages=20000] [publishers=64] [--same-node] [--batch=N]
+//! target/release/cluster_rate [devices=300] [messages=20000] [publishers=64] [--same-node] [--batch=N] [--push=fallback]
 //!
 //! `--batch=N`: each publisher takes N messages at a time and sends them as
 //! `POST /v1/messages/batch`, one request per node they go to (default 1: one
 //! `POST /v1/messages` per message).
+//!
+//! `--push=fallback`: messages carry `"push": "fallback"` (default `never`), so their
+//! inbox rows hold a scheduled push that each ack cancels (no provider is configured
+//! and the ack timeout is 60 s: nothing is pushed).
+//!
+//! `HERALD_BENCH_PG_SETUP=<sql>`: run on the fresh database once the nodes have
+//! migrated it and before anything is published, to measure a storage setting (say
+//! `ALTER TABLE deliveries SET (fillfactor = 70)`) against the same binary.
+//! After the run it prints the WAL written and the inbox's updates (all, and how many
+//! were HOT: written beside the old row version without touching an index).
 //!
 //! Needs PostgreSQL (HERALD_BENCH_DATABASE_URL, default
 //! postgres://postgres@127.0.0.1:5432/test, a role that may CREATE DATABASE) and NATS
@@ -136,6 +146,13 @@ async fn main() -> anyhow::Result<()> {
     let batch: usize = std::env::args()
         .find_map(|a| a.strip_prefix("--batch=").map(str::to_owned))
         .map_or(Ok(1), |n| n.parse())?;
+    let push: &'static str =
+        match std::env::args().find_map(|a| a.strip_prefix("--push=").map(str::to_owned)) {
+            None => "never",
+            Some(p) if p == "never" => "never",
+            Some(p) if p == "fallback" => "fallback",
+            Some(p) => anyhow::bail!("--push={p}: give never or fallback"),
+        };
     let args: Vec<u64> = std::env::args()
         .skip(1)
         .filter_map(|a| a.parse().ok())
@@ -167,16 +184,15 @@ async fn main() -> anyhow::Result<()> {
     let mut db_url = url::Url::parse(&admin_url)?;
     db_url.set_path(&format!("/{db}"));
 
-    let result = run(
+    let load = Load {
         devices,
         messages,
         publishers,
         same_node,
         batch,
-        db_url.as_str(),
-        &nats_url,
-    )
-    .await;
+        push,
+    };
+    let result = run(&load, db_url.as_str(), &nats_url).await;
     let _ = admin
         .execute(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)").as_str())
         .await;
@@ -185,15 +201,25 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(
+/// What one run sends: the command line's numbers and flags.
+struct Load {
     devices: usize,
     messages: usize,
     publishers: usize,
     same_node: bool,
     batch: usize,
-    db_url: &str,
-    nats_url: &str,
-) -> anyhow::Result<()> {
+    push: &'static str,
+}
+
+async fn run(load: &Load, db_url: &str, nats_url: &str) -> anyhow::Result<()> {
+    let &Load {
+        devices,
+        messages,
+        publishers,
+        same_node,
+        batch,
+        push,
+    } = load;
     let tmp = TempDir::new("herald-bench-cluster");
     let config = tmp.0.join("herald.toml");
     std::fs::write(
@@ -285,6 +311,13 @@ async fn run(
     let next = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let mut pg = PgConnection::connect(db_url).await?;
+    if let Ok(setup) = std::env::var("HERALD_BENCH_PG_SETUP") {
+        eprintln!("storage setup: {setup}");
+        pg.execute(setup.as_str()).await?;
+    }
+    let wal0: i64 = sqlx::query_scalar("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::BIGINT")
+        .fetch_one(&mut pg)
+        .await?;
     let herald_cpu0: f64 = nodes.iter().filter_map(|n| cpu_seconds(n.child.id())).sum();
     let pg_cpu0 = pg_backends(&mut pg).await?;
     let t0 = Instant::now();
@@ -306,7 +339,7 @@ async fn run(
                     } else {
                         (d + 1) % NODES
                     };
-                    per_node[node].push(json!({"to": {"device": format!("d{d}")}, "data": {"t": now_us()}, "push": "never"}));
+                    per_node[node].push(json!({"to": {"device": format!("d{d}")}, "data": {"t": now_us()}, "push": push}));
                 }
                 for (node, mut items) in per_node.into_iter().enumerate() {
                     let failed = match items.len() {
@@ -396,6 +429,20 @@ async fn run(
         errors.load(Ordering::Relaxed),
         per_msg(herald_cpu),
         per_msg(pg_cpu),
+    );
+    // Acks of the last deliveries may still be on their way; the statistics are
+    // flushed by each backend at most once a second.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (wal1, upd, hot): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::BIGINT, n_tup_upd, n_tup_hot_upd
+         FROM pg_stat_user_tables WHERE relname = 'deliveries'",
+    )
+    .fetch_one(&mut pg)
+    .await?;
+    println!(
+        "PostgreSQL: WAL {:.0} bytes/msg (the whole server's); inbox updates {upd}, HOT {hot} ({:.0}%)",
+        (wal1 - wal0) as f64 / n.max(1) as f64,
+        hot as f64 * 100.0 / upd.max(1) as f64
     );
     drop(nodes);
     Ok(())

@@ -1396,6 +1396,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             r.insert("connect_seconds".into(), json!(fleet.connect_seconds));
             let mut round_seconds = vec![];
+            // Until the publish's answer: its commit, before any delivery.
+            let mut accepted_seconds = vec![];
             let cpu = CpuWindow::start(&common.server_pid);
             for _ in 0..rounds {
                 let before = stats.delivered.load(Ordering::Relaxed);
@@ -1405,6 +1407,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .await
                 {
                     Ok(n) => {
+                        accepted_seconds.push(started.elapsed().as_secs_f64());
                         let (all, at) =
                             wait_delivered(&stats, before + n, wait_limit, stall_limit).await;
                         round_seconds.push(all.then(|| (at - started).as_secs_f64()));
@@ -1420,6 +1423,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 stats.delivered.load(Ordering::Relaxed),
             );
             r.insert("round_seconds".into(), json!(round_seconds));
+            r.insert("accepted_seconds".into(), json!(accepted_seconds));
             r.insert("server_rss_kib".into(), json!(rss_kib(&common.server_pid)));
             fleet.close().await;
         }
