@@ -193,7 +193,8 @@ enum Scenario {
         seconds: u64,
     },
     /// N devices subscribed to one topic; one publish per round, timed until every
-    /// subscriber has it.
+    /// subscriber has it (`round_seconds`) and until the publish was answered
+    /// (`accepted_seconds`).
     Fanout {
         #[arg(long, default_value_t = 100_000)]
         subscribers: usize,
