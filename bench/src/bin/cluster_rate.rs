@@ -142,29 +142,30 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let same_node = std::env::args().any(|a| a == "--same-node");
-    let batch: usize = std::env::args()
-        .find_map(|a| a.strip_prefix("--batch=").map(str::to_owned))
-        .map_or(Ok(1), |n| n.parse())?;
-    let push: &'static str =
-        match std::env::args().find_map(|a| a.strip_prefix("--push=").map(str::to_owned)) {
-            None => "never",
-            Some(p) if p == "never" => "never",
-            Some(p) if p == "fallback" => "fallback",
-            Some(p) => anyhow::bail!("--push={p}: give never or fallback"),
-        };
     let args: Vec<u64> = std::env::args()
         .skip(1)
         .filter_map(|a| a.parse().ok())
         .collect();
-    let devices = *args.first().unwrap_or(&300) as usize;
-    let messages = *args.get(1).unwrap_or(&20_000) as usize;
-    let publishers = *args.get(2).unwrap_or(&64) as usize;
+    let load = Load {
+        devices: *args.first().unwrap_or(&300) as usize,
+        messages: *args.get(1).unwrap_or(&20_000) as usize,
+        publishers: *args.get(2).unwrap_or(&64) as usize,
+        same_node: std::env::args().any(|a| a == "--same-node"),
+        batch: std::env::args()
+            .find_map(|a| a.strip_prefix("--batch=").map(str::to_owned))
+            .map_or(Ok(1), |n| n.parse())?,
+        push: match std::env::args().find_map(|a| a.strip_prefix("--push=").map(str::to_owned)) {
+            None => "never",
+            Some(p) if p == "never" => "never",
+            Some(p) if p == "fallback" => "fallback",
+            Some(p) => anyhow::bail!("--push={p}: give never or fallback"),
+        },
+    };
     anyhow::ensure!(
-        (1..=20_000).contains(&devices)
-            && messages <= 1_000_000
-            && publishers >= 1
-            && (1..=500).contains(&batch),
+        (1..=20_000).contains(&load.devices)
+            && load.messages <= 1_000_000
+            && load.publishers >= 1
+            && (1..=500).contains(&load.batch),
         "bounded: 1..=20000 devices, at most 1,000,000 messages, batches of 1..=500"
     );
     let started = Instant::now();
@@ -184,14 +185,6 @@ async fn main() -> anyhow::Result<()> {
     let mut db_url = url::Url::parse(&admin_url)?;
     db_url.set_path(&format!("/{db}"));
 
-    let load = Load {
-        devices,
-        messages,
-        publishers,
-        same_node,
-        batch,
-        push,
-    };
     let result = run(&load, db_url.as_str(), &nats_url).await;
     let _ = admin
         .execute(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)").as_str())
