@@ -49,6 +49,8 @@ fn spawn_gateway(dir: &std::path::Path) -> anyhow::Result<Gateway> {
     let mut child = Command::new(bin)
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir)
+        // Our own setting, not the gateway's: it would warn of an unknown HERALD_ variable.
+        .env_remove("HERALD_BIN")
         .env("HERALD_LOG", "warn")
         .env("HERALD_LIMITS__PUBLISH_RATE_PER_KEY", "1000000")
         .env("HERALD_LIMITS__PUBLISH_BURST_PER_KEY", "1000000")

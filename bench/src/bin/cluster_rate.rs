@@ -86,6 +86,8 @@ fn spawn_node(config: &std::path::Path, dir: &std::path::Path) -> anyhow::Result
         .arg(config)
         .arg("--data-dir")
         .arg(dir)
+        // Our own setting, not the gateway's: it would warn of an unknown HERALD_ variable.
+        .env_remove("HERALD_BIN")
         .env("HERALD_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
