@@ -171,8 +171,8 @@ fn open(path: &Path, flags: OpenFlags) -> rusqlite::Result<Connection> {
     // FULL: a 202 means the commit reached the disk, not just the OS cache.
     conn.pragma_update(None, "synchronous", "FULL")?;
     // Off on the hot connections: their only writes to a child table are inbox rows,
-    // each after the `UPDATE devices … RETURNING` of the same transaction found its
-    // device, so the parent check repeated that lookup (−8% CPU per message with
+    // each after a read or update of its device row in the same transaction found
+    // the device, so the parent check repeated that lookup (−8% CPU per message with
     // batches, BENCHMARKS.md v5). Devices are deleted with their inbox and
     // subscriptions on the sqlx pool, where foreign keys stay on.
     conn.pragma_update(None, "foreign_keys", false)?;
@@ -667,16 +667,21 @@ fn publish_one(conn: &Connection, msg: &NewMessage) -> WriteResult<PublishOutcom
         Target::Device(_) if msg.max_recipients < 1 => {
             return Ok(Err(StoreError::TooManyRecipients(1)))
         }
-        // The update doubles as the existence check (one statement instead of a
-        // lookup and an update), and writes nothing when the device is unknown.
+        // A read then an update, not `UPDATE … RETURNING`: SQLite collects RETURNING
+        // rows in an ephemeral table, a temporary B-tree opened and closed on every
+        // execution, and this runs once per message (−4% CPU per message with batches,
+        // BENCHMARKS.md v11). The writer's transaction holds the database, so nothing
+        // can change the seq between the two.
         Target::Device(d) => match conn
-            .prepare_cached(
-                "UPDATE devices SET last_seq = last_seq + 1 WHERE id = ?1 RETURNING last_seq",
-            )?
-            .query_row(params![d], |r| r.get(0))
+            .prepare_cached("SELECT last_seq + 1 FROM devices WHERE id = ?1")?
+            .query_row(params![d], |r| r.get::<_, i64>(0))
             .optional()?
         {
-            Some(seq) => vec![(d.clone(), seq)],
+            Some(seq) => {
+                conn.prepare_cached("UPDATE devices SET last_seq = ?2 WHERE id = ?1")?
+                    .execute(params![d, seq])?;
+                vec![(d.clone(), seq)]
+            }
             None => {
                 return Ok(Err(StoreError::NotFound(format!(
                     "device {d} is not registered"
