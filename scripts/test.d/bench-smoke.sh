@@ -42,6 +42,8 @@ run socketio fanout --subscribers 300 --rounds 2
 for t in herald floor socketio; do
     run_with batch "--batch 50" "$t" throughput --connections 200 --messages 2000 --rate 4000
 done
+# publishes addressed to users instead of devices
+run_with batch-user "--batch 50 --to user" herald throughput --connections 200 --messages 2000 --rate 4000
 # Server-Sent Events with acks over HTTP
 run_with sse "--transport sse" herald idle --connections 300 --hold-seconds 1
 run_with sse "--transport sse" herald throughput --connections 200 --messages 2000 --rate 2000
@@ -54,7 +56,8 @@ reports = sorted(pathlib.Path(sys.argv[1]).glob("*.json"))
 expected = {"herald-idle", "herald-throughput", "herald-latency", "herald-fanout", "herald-reconnect",
             "herald-reconnect-restart", "floor-throughput", "floor-fanout", "socketio-throughput",
             "socketio-fanout", "herald-throughput-batch", "floor-throughput-batch",
-            "socketio-throughput-batch", "herald-idle-sse", "herald-throughput-sse"}
+            "socketio-throughput-batch", "herald-throughput-batch-user", "herald-idle-sse",
+            "herald-throughput-sse"}
 found = {p.stem for p in reports}
 if found != expected:
     failures.append(f"reports {sorted(found)} != expected {sorted(expected)}")
@@ -67,6 +70,7 @@ for path in reports:
     check(r["errors"] == 0, f"{r['errors']} errors, first: {r['first_error']}")
     check(r["gaps"] == 0, f"{r['gaps']} seq gaps")
     scenario = r["scenario"]
+    check(r["to"] == ("user" if name.endswith("-user") else "device"), f"publishes went to {r['to']}")
     if scenario == "Idle":
         check(r["connections_held"] == 300, "not all 300 connections held")
         check(r.get("server_rss_per_connection_kib") is not None, "no RSS per connection")

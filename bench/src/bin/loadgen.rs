@@ -96,6 +96,15 @@ enum TargetKind {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
+enum Addressee {
+    /// `{"device": …}`.
+    Device,
+    /// `{"user": …}`: the device's user, who has that one device.
+    User,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
 enum Transport {
     /// WebSocket (every target).
     Ws,
@@ -146,6 +155,10 @@ struct Common {
     /// Prefix of device ids (devices are PREFIX-0 … PREFIX-(N-1), each its own user).
     #[arg(long, default_value = "bench")]
     device_prefix: String,
+    /// Whom throughput and latency publishes address: a device, or its user (each
+    /// device is its own user, so the same device receives it; `--target herald` only).
+    #[arg(long, value_enum, default_value = "device")]
+    to: Addressee,
     /// Hard wall-clock bound of the whole run; it exits (code 3) when it is reached.
     #[arg(long, default_value_t = 300)]
     max_seconds: u64,
@@ -1304,6 +1317,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     {
         bail!("--transport sse runs the idle, throughput and latency scenarios");
     }
+    if common.to == Addressee::User && common.target != TargetKind::Herald {
+        bail!("--to user needs --target herald (the peers only know devices)");
+    }
     let target = Arc::new(Target::new(&common)?);
     let stats = Stats::new();
     let baseline_rss = rss_kib(&common.server_pid);
@@ -1315,6 +1331,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         "args": format!("{:?}", cli.scenario),
         "payload_bytes": common.payload_bytes,
         "batch": common.batch,
+        "to": common.to,
         "transport": common.transport,
         "acks": !common.no_ack,
         "server_rss_baseline_kib": baseline_rss,
@@ -1581,6 +1598,10 @@ async fn targeted(
     );
     r.insert("connect_seconds".into(), json!(fleet.connect_seconds));
     let prefix = common.device_prefix.clone();
+    let key = match common.to {
+        Addressee::Device => "device",
+        Addressee::User => "user",
+    };
     let n = connections.max(1) as u64;
     let cpu = CpuWindow::start(&common.server_pid);
     // A fixed multiplicative step spreads consecutive messages over the devices.
@@ -1591,7 +1612,7 @@ async fn targeted(
         common.publish_concurrency,
         messages,
         rate,
-        |i| json!({"device": format!("{prefix}-{}", i.wrapping_mul(7_919) % n)}),
+        |i| json!({key: format!("{prefix}-{}", i.wrapping_mul(7_919) % n)}),
     )
     .await;
     let (all, last_delivery) = wait_delivered(stats, published, wait_limit, stall_limit).await;
