@@ -688,29 +688,42 @@ fn publish_one(conn: &Connection, msg: &NewMessage) -> WriteResult<PublishOutcom
                 ))))
             }
         },
-        Target::User(_) | Target::Topic(_) => {
-            let (count_sql, assign_sql) = match &msg.target {
-                Target::User(_) => (
-                    "SELECT count(*) FROM devices WHERE user_id = ?1",
-                    "UPDATE devices SET last_seq = last_seq + 1 WHERE user_id = ?1 RETURNING id, last_seq",
-                ),
-                _ => (
-                    "SELECT count(*) FROM subscriptions WHERE topic = ?1",
-                    "UPDATE devices SET last_seq = last_seq + 1
-                     WHERE id IN (SELECT device_id FROM subscriptions WHERE topic = ?1)
-                     RETURNING id, last_seq",
-                ),
-            };
-            let key = msg.target.value();
+        // A user has a few devices (`limits.max_devices_per_user`): like one device, its
+        // next seqs are read (the read doubles as the count), then written.
+        Target::User(user) => {
+            let mut assigned = conn
+                .prepare_cached("SELECT id, last_seq + 1 FROM devices WHERE user_id = ?1")?
+                .query_map(params![user], |r| Ok((r.get::<_, String>(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<Vec<(String, i64)>>>()?;
+            if assigned.len() > msg.max_recipients {
+                return Ok(Err(StoreError::TooManyRecipients(assigned.len())));
+            }
+            if !assigned.is_empty() {
+                conn.prepare_cached(
+                    "UPDATE devices SET last_seq = last_seq + 1 WHERE user_id = ?1",
+                )?
+                .execute(params![user])?;
+            }
+            // The inbox index takes them best in key order.
+            assigned.sort_unstable();
+            assigned
+        }
+        // A topic may have 10,000s of subscribers: one statement gives them all their
+        // seqs, and its ephemeral RETURNING table is paid once for all of them.
+        Target::Topic(topic) => {
             let count: i64 = conn
-                .prepare_cached(count_sql)?
-                .query_row(params![key], |r| r.get(0))?;
+                .prepare_cached("SELECT count(*) FROM subscriptions WHERE topic = ?1")?
+                .query_row(params![topic], |r| r.get(0))?;
             if count as usize > msg.max_recipients {
                 return Ok(Err(StoreError::TooManyRecipients(count as usize)));
             }
             let mut assigned = Vec::with_capacity(count as usize);
-            let mut stmt = conn.prepare_cached(assign_sql)?;
-            let mut rows = stmt.query(params![key])?;
+            let mut stmt = conn.prepare_cached(
+                "UPDATE devices SET last_seq = last_seq + 1
+                 WHERE id IN (SELECT device_id FROM subscriptions WHERE topic = ?1)
+                 RETURNING id, last_seq",
+            )?;
+            let mut rows = stmt.query(params![topic])?;
             while let Some(r) = rows.next()? {
                 assigned.push((r.get::<_, String>(0)?, r.get::<_, i64>(1)?));
             }
