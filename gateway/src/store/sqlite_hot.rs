@@ -661,8 +661,9 @@ fn publish_one(conn: &Connection, msg: &NewMessage) -> WriteResult<PublishOutcom
     }
 
     // Each recipient's next seq, `(device, seq)`. A user's or a topic's recipients are
-    // counted first, so a refused publish writes nothing, then all of them get their
-    // seq in one statement: one per recipient was half of a large fan-out's time.
+    // counted (a user's by reading them) before anything is written, so a refused
+    // publish writes nothing; then all of them get their seq in one statement: one per
+    // recipient was half of a large fan-out's time.
     let recipients: Vec<(String, i64)> = match &msg.target {
         Target::Device(_) if msg.max_recipients < 1 => {
             return Ok(Err(StoreError::TooManyRecipients(1)))
