@@ -126,12 +126,58 @@ impl utoipa::ToSchema for RawJson {}
 
 /// Where a message goes. Exactly one of the three.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Target {
     User(String),
     Device(String),
     Topic(String),
+}
+
+/// What `to` must be, for the errors that name it: serde's derived enum answered an
+/// empty object, `null` and two keys alike with "expected value".
+const TARGET_SHAPE: &str =
+    r#"an object with exactly one of `user`, `device`, `topic`, e.g. {"user": "alice"}"#;
+
+impl<'de> Deserialize<'de> for Target {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct TargetVisitor;
+        impl<'de> serde::de::Visitor<'de> for TargetVisitor {
+            type Value = Target;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(TARGET_SHAPE)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Target, A::Error> {
+                use serde::de::Error;
+                const KINDS: &[&str] = &["user", "device", "topic"];
+                // Read as text, not as an enum, so that an unknown kind is an error of
+                // `to` itself rather than of a key path that cannot be named.
+                let Some(kind) = map.next_key::<String>()? else {
+                    return Err(A::Error::custom(format_args!(
+                        "empty; expected {TARGET_SHAPE}"
+                    )));
+                };
+                let make = match kind.as_str() {
+                    "user" => Target::User,
+                    "device" => Target::Device,
+                    "topic" => Target::Topic,
+                    other => return Err(A::Error::unknown_variant(other, KINDS)),
+                };
+                let target = make(map.next_value()?);
+                if let Some(other) = map.next_key::<String>()? {
+                    return Err(A::Error::custom(format_args!(
+                        "has both `{}` and `{other}`; expected {TARGET_SHAPE}",
+                        target.kind()
+                    )));
+                }
+                Ok(target)
+            }
+        }
+        d.deserialize_map(TargetVisitor)
+    }
 }
 
 impl Target {

@@ -62,11 +62,12 @@ async fn items_get_their_own_results_in_order(tg: &TestGateway) {
         {"to": {"device": "bo-phone"}, "data": {"n": 6}, "idempotency_key": "k4"},
         {"to": {"device": "bo-phone"}, "data": {"n": 7}, "push": "never", "ttl_seconds": 0},
         {"to": {"device": "bo-phone"}, "data": {"n": 8}, "push": "never"},
+        {"to": {"device": "bo-phone", "user": "bo"}, "data": {"n": 9}},
     ]});
     let (s, v) = batch(tg, &body.to_string()).await;
     assert_eq!(s, 202, "{v}");
     let r = v["results"].as_array().unwrap();
-    assert_eq!(r.len(), 8, "{v}");
+    assert_eq!(r.len(), 9, "{v}");
     assert_eq!(
         (r[0]["recipients"].as_u64(), &r[0]["duplicate"]),
         (Some(1), &json!(false))
@@ -90,6 +91,14 @@ async fn items_get_their_own_results_in_order(tg: &TestGateway) {
     assert_eq!(r[5]["message_id"], r[3]["message_id"], "{v}");
     assert_eq!(r[6]["error"]["code"], "invalid_field", "{v}");
     assert_eq!(r[7]["duplicate"], false, "{v}");
+    assert_eq!(r[8]["error"]["code"], "invalid_field", "{v}");
+    assert!(
+        r[8]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("to: has both `device` and `user`"),
+        "{v}"
+    );
 
     // The accepted items arrive live, in request order, and nothing else does.
     for (seq, (n, item)) in [(1, 0), (4, 3), (8, 7)].into_iter().enumerate() {
