@@ -248,8 +248,8 @@ pub struct LimitsConfig {
     pub connect_burst_per_ip: u32,
     /// Recipients one publish may fan out to (topics).
     pub max_recipients: usize,
-    /// Longest a REST request may take; past it the answer is 408 (a `/v1/me/sync`
-    /// long-poll gets this plus its wait).
+    /// Longest a REST request may take; past it the answer is 408 `timeout` (a
+    /// `/v1/me/sync` long-poll gets this plus its wait).
     pub request_timeout_ms: u64,
     /// A request head (request line and headers) must be complete this long after the
     /// connection is ready for it: after it opens, or after the previous response on a

@@ -27,6 +27,9 @@ pub enum AppError {
     RateLimited { retry_after_s: u64 },
     #[error("the server is shutting down")]
     Unavailable,
+    /// `limits.request_timeout_ms` passed before the answer was ready.
+    #[error("the request did not complete within {after_ms} ms (limits.request_timeout_ms); a publish answered so may still have been stored: retry it with the same idempotency_key")]
+    Timeout { after_ms: u64 },
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
 }
@@ -51,6 +54,7 @@ impl AppError {
             AppError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             AppError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             AppError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::Timeout { .. } => StatusCode::REQUEST_TIMEOUT,
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -77,6 +81,7 @@ impl AppError {
             AppError::Invalid { .. } => "invalid_field",
             AppError::RateLimited { .. } => "rate_limited",
             AppError::Unavailable => "unavailable",
+            AppError::Timeout { .. } => "timeout",
             AppError::Internal(_) => "internal",
         }
     }

@@ -109,16 +109,16 @@ pub fn app(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
         .merge(publish)
         .merge(batch)
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
+        .layer(axum::middleware::from_fn_with_state(
             Duration::from_millis(limits.request_timeout_ms),
+            request_deadline,
         ));
     // A long-poll is held up to MAX_SYNC_WAIT_S on purpose: its own, longer bound.
     let long_poll = Router::new().route("/v1/me/sync", get(device::sync)).layer(
-        tower_http::timeout::TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
+        axum::middleware::from_fn_with_state(
             Duration::from_millis(limits.request_timeout_ms)
                 + Duration::from_secs(device::MAX_SYNC_WAIT_S),
+            request_deadline,
         ),
     );
     let mut router = Router::new()
@@ -154,6 +154,22 @@ pub fn ops_app(state: AppState) -> Router {
         .method_not_allowed_fallback(ops::method_not_allowed)
         .with_state(state);
     access::layer(router, metrics, proxies)
+}
+
+/// Answers `408 timeout` (a JSON error like every other) when the inner route has not
+/// answered within the limit; the route's future is dropped there, as a client that
+/// gave up would drop it.
+async fn request_deadline(
+    axum::extract::State(limit): axum::extract::State<Duration>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => axum::response::IntoResponse::into_response(AppError::Timeout {
+            after_ms: limit.as_millis() as u64,
+        }),
+    }
 }
 
 pub use herald_protocol::validate_id;

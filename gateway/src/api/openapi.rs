@@ -133,20 +133,7 @@ error_responses! {
     Unavailable => "unavailable", "The gateway is shutting down or at its connection cap; retry against another node.",
         "Retry-After" = "Seconds to wait.";
     Internal => "internal", "The store failed; nothing of the request was stored.";
-}
-
-/// 408: `limits.request_timeout_ms` passed; no body.
-pub struct Timeout;
-impl<'s> ToResponse<'s> for Timeout {
-    fn response() -> (&'s str, RefOr<Response>) {
-        (
-            "Timeout",
-            ResponseBuilder::new()
-                .description("The request took longer than `limits.request_timeout_ms` (no body).")
-                .build()
-                .into(),
-        )
-    }
+    Timeout => "timeout", "The request took longer than `limits.request_timeout_ms`. A publish answered so may still have been stored: retry it with the same `idempotency_key`.";
 }
 
 /// One event of `GET /v1/connect/sse` (besides `: heartbeat` comment lines).

@@ -497,6 +497,33 @@ async fn raw_request(tg: &TestGateway, head: &[u8]) -> (u16, Value) {
 }
 
 #[tokio::test]
+async fn a_request_past_its_deadline_is_a_json_408_and_stores_nothing() {
+    let tg = TestGateway::start_with(|c| c.limits.request_timeout_ms = 300).await;
+    register(&tg, "u", "d", None).await;
+    let body = r#"{"to":{"device":"d"},"data":{"n":1}}"#;
+    // The headers and a third of the body, then nothing more.
+    let head = format!(
+        "POST /v1/messages HTTP/1.1\r\nHost: herald\r\nConnection: close\r\n\
+         Authorization: Bearer {}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{}",
+        tg.api_key,
+        body.len(),
+        &body[..body.len() / 3]
+    );
+    let started = std::time::Instant::now();
+    let (s, v) = raw_request(&tg, head.as_bytes()).await;
+    assert_eq!((s, code(&v)), (408, "timeout"), "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("300 ms") && message.contains("idempotency_key"),
+        "{v}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    let (_, d) = get(&tg, "/v1/devices/d", &tg.api_key).await;
+    assert_eq!(d["last_seq"], 0, "{d}");
+}
+
+#[tokio::test]
 async fn a_percent_before_a_multibyte_character_is_not_a_panic() {
     let tg = TestGateway::start().await;
     let mut head = b"GET /v1/connect?device_id=d&access_token=%a".to_vec();
