@@ -28,7 +28,7 @@ pub enum AppError {
     #[error("the server is shutting down")]
     Unavailable,
     /// `limits.request_timeout_ms` passed before the answer was ready.
-    #[error("the request did not complete within {after_ms} ms (limits.request_timeout_ms); a publish answered so may still have been stored: retry it with the same idempotency_key")]
+    #[error("the request did not complete within {after_ms} ms (see limits.request_timeout_ms); a publish answered so may still have been stored: retry it with the same idempotency_key")]
     Timeout { after_ms: u64 },
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
